@@ -1,0 +1,5 @@
+//! The pure protocol layer: no I/O, no clocks, no panics on peer data.
+
+pub mod backend;
+pub mod frontend;
+pub mod replication;

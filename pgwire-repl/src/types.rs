@@ -1,0 +1,1 @@
+//! LSN, timeline and system-identifier types.

@@ -1,0 +1,1 @@
+//! Throwaway real PostgreSQL clusters for tests.
