@@ -18,4 +18,5 @@ pub mod types;
 pub use client::{QueryResult, SqlClient};
 pub use config::Config;
 pub use error::{DbError, Error, ErrorKind, Notice, Result};
+pub use types::{Lsn, SystemId, TimelineId, WalSegmentSize};
 
