@@ -72,7 +72,11 @@ pub struct DbError {
 
 impl fmt::Display for DbError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {} (SQLSTATE {})", self.severity, self.message, self.code)?;
+        write!(
+            f,
+            "{}: {} (SQLSTATE {})",
+            self.severity, self.message, self.code
+        )?;
         if let Some(detail) = &self.detail {
             write!(f, "; detail: {detail}")?;
         }
@@ -258,7 +262,8 @@ fn advice_for_server_error(db: &DbError) -> Option<String> {
     if db.code == "28000" && msg.contains("no pg_hba.conf entry") {
         let user = between(msg, "user \"", "\"").unwrap_or("<user>");
         let host = between(msg, "host \"", "\"");
-        let ssl = if msg.contains("no encryption") {
+        // 14+ say "no encryption", 13 says "SSL off".
+        let ssl = if msg.contains("no encryption") || msg.contains("SSL off") {
             "host"
         } else {
             "hostssl"
@@ -388,21 +393,37 @@ mod tests {
             ),
         );
         let advice = err.advice().unwrap();
-        assert!(advice.contains("host  replication  repl  10.1.2.3/32  scram-sha-256"), "{advice}");
+        assert!(
+            advice.contains("host  replication  repl  10.1.2.3/32  scram-sha-256"),
+            "{advice}"
+        );
         assert!(err.is_fatal());
+        let pg13 = Error::server(
+            "connecting",
+            db("28000", "no pg_hba.conf entry for replication connection from host \"::1\", user \"r\", SSL off"),
+        );
+        assert!(pg13
+            .advice()
+            .unwrap()
+            .contains("host  replication  r  ::1/128  scram-sha-256"));
     }
 
     #[test]
     fn missing_replication_attribute_gets_alter_role() {
         let mut e = db("42501", "permission denied to start WAL sender");
-        e.detail = Some("Only roles with the REPLICATION attribute may start a WAL sender process.".into());
+        e.detail = Some(
+            "Only roles with the REPLICATION attribute may start a WAL sender process.".into(),
+        );
         let err = Error::server("connecting", e);
         assert!(err.advice().unwrap().contains("ALTER ROLE"));
     }
 
     #[test]
     fn display_includes_sqlstate_and_advice() {
-        let err = Error::server("authenticating", db("28P01", "password authentication failed for user \"x\""));
+        let err = Error::server(
+            "authenticating",
+            db("28P01", "password authentication failed for user \"x\""),
+        );
         let text = err.to_string();
         assert!(text.contains("28P01"), "{text}");
         assert!(text.contains("what to do"), "{text}");

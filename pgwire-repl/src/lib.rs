@@ -11,12 +11,14 @@
 
 pub mod client;
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod proto;
+pub mod tls;
 pub mod types;
 
-pub use client::{QueryResult, SqlClient};
+pub use client::{IdentifySystem, QueryResult, ReplicationClient, SqlClient};
 pub use config::Config;
+pub use connection::{ConnectOptions, Connection};
 pub use error::{DbError, Error, ErrorKind, Notice, Result};
 pub use types::{Lsn, SystemId, TimelineId, WalSegmentSize};
-

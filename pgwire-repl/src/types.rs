@@ -109,7 +109,10 @@ pub fn parse_wal_file_name(name: &str, segment_size: WalSegmentSize) -> Option<(
     if seg >= per_id || timeline == 0 {
         return None;
     }
-    Some((TimelineId(timeline), log.checked_mul(per_id)?.checked_add(seg)?))
+    Some((
+        TimelineId(timeline),
+        log.checked_mul(per_id)?.checked_add(seg)?,
+    ))
 }
 
 impl fmt::Display for Lsn {
@@ -217,9 +220,10 @@ impl WalSegmentSize {
         } else {
             (value, 1)
         };
-        let number: u64 = number.trim().parse().map_err(|_| {
-            Error::protocol(format!("cannot parse wal_segment_size {value:?}"))
-        })?;
+        let number: u64 = number
+            .trim()
+            .parse()
+            .map_err(|_| Error::protocol(format!("cannot parse wal_segment_size {value:?}")))?;
         let bytes = number
             .checked_mul(multiplier)
             .ok_or_else(|| Error::protocol(format!("wal_segment_size {value:?} overflows")))?;
@@ -257,7 +261,18 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        for bad in ["", "/", "0/", "/0", "1/2/3", "g/0", "0/123456789", " 0/0", "-1/0", "+1/0"] {
+        for bad in [
+            "",
+            "/",
+            "0/",
+            "/0",
+            "1/2/3",
+            "g/0",
+            "0/123456789",
+            " 0/0",
+            "-1/0",
+            "+1/0",
+        ] {
             assert!(bad.parse::<Lsn>().is_err(), "{bad:?} should be rejected");
         }
     }
@@ -266,9 +281,15 @@ mod tests {
     fn segment_names_for_other_sizes() {
         let one_gb = WalSegmentSize::new(1 << 30).unwrap();
         assert_eq!(one_gb.segments_per_xlog_id(), 4);
-        assert_eq!(Lsn(0x1_C000_0000).wal_file_name(TimelineId(1), one_gb), "000000010000000100000003");
+        assert_eq!(
+            Lsn(0x1_C000_0000).wal_file_name(TimelineId(1), one_gb),
+            "000000010000000100000003"
+        );
         let one_mb = WalSegmentSize::new(1 << 20).unwrap();
-        assert_eq!(Lsn(0x2_0010_0000).wal_file_name(TimelineId(1), one_mb), "000000010000000200000001");
+        assert_eq!(
+            Lsn(0x2_0010_0000).wal_file_name(TimelineId(1), one_mb),
+            "000000010000000200000001"
+        );
         assert!(parse_wal_file_name("000000010000000100000004", one_gb).is_none());
         assert!(parse_wal_file_name("000000000000000100000000", one_gb).is_none());
     }

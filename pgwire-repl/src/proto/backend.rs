@@ -787,7 +787,9 @@ mod tests {
         let mut wire = BytesMut::new();
         BackendMessage::CopyData(Bytes::from(vec![7u8; 1000])).encode(&mut wire);
         let base = wire.as_ptr() as usize;
-        let Some(BackendMessage::CopyData(payload)) = decode(&mut wire, &DecodeLimits::default()).unwrap() else {
+        let Some(BackendMessage::CopyData(payload)) =
+            decode(&mut wire, &DecodeLimits::default()).unwrap()
+        else {
             panic!("expected CopyData");
         };
         // The payload points into the original allocation, 5 bytes past the header.
@@ -798,10 +800,15 @@ mod tests {
     fn error_response_fields() {
         let body = b"SFATAL\0VFATAL\0C28P01\0Mpassword authentication failed for user \"x\"\0Fauth.c\0L326\0Rauth_failed\0\0";
         let msg = parse_body(b'E', Bytes::from_static(body)).unwrap();
-        let BackendMessage::ErrorResponse(db) = msg else { panic!() };
+        let BackendMessage::ErrorResponse(db) = msg else {
+            panic!()
+        };
         assert_eq!(db.code, "28P01");
         assert_eq!(db.severity, "FATAL");
-        assert_eq!(db.source_location.as_deref(), Some("auth.c:326 auth_failed"));
+        assert_eq!(
+            db.source_location.as_deref(),
+            Some("auth.c:326 auth_failed")
+        );
     }
 
     #[test]
@@ -815,7 +822,10 @@ mod tests {
         let msg = parse_body(b'W', Bytes::from_static(&[0, 0, 0])).unwrap();
         assert_eq!(
             msg,
-            BackendMessage::CopyBothResponse(CopyResponse { format: 0, column_formats: vec![] })
+            BackendMessage::CopyBothResponse(CopyResponse {
+                format: 0,
+                column_formats: vec![]
+            })
         );
     }
 
@@ -859,42 +869,67 @@ mod tests {
     }
 
     fn field() -> impl Strategy<Value = FieldDescription> {
-        (text(), any::<u32>(), any::<i16>(), any::<u32>(), any::<i16>(), any::<i32>(), 0i16..2).prop_map(
-            |(name, table_oid, column_id, type_oid, type_size, type_modifier, format)| FieldDescription {
-                name,
-                table_oid,
-                column_id,
-                type_oid,
-                type_size,
-                type_modifier,
-                format,
-            },
+        (
+            text(),
+            any::<u32>(),
+            any::<i16>(),
+            any::<u32>(),
+            any::<i16>(),
+            any::<i32>(),
+            0i16..2,
         )
+            .prop_map(
+                |(name, table_oid, column_id, type_oid, type_size, type_modifier, format)| {
+                    FieldDescription {
+                        name,
+                        table_oid,
+                        column_id,
+                        type_oid,
+                        type_size,
+                        type_modifier,
+                        format,
+                    }
+                },
+            )
     }
 
     fn copy_response() -> impl Strategy<Value = CopyResponse> {
-        (0u8..2, vec(0i16..2, 0..4)).prop_map(|(format, column_formats)| CopyResponse { format, column_formats })
+        (0u8..2, vec(0i16..2, 0..4)).prop_map(|(format, column_formats)| CopyResponse {
+            format,
+            column_formats,
+        })
     }
 
     /// Every message type this decoder knows.
     pub(crate) fn backend_message() -> impl Strategy<Value = BackendMessage> {
         prop_oneof![
             auth_request().prop_map(BackendMessage::Authentication),
-            (text(), text()).prop_map(|(name, value)| BackendMessage::ParameterStatus { name, value }),
-            (any::<i32>(), vec(any::<u8>(), 4..=32)).prop_map(|(process_id, key)| BackendMessage::BackendKeyData {
-                process_id,
-                secret_key: key.into()
+            (text(), text())
+                .prop_map(|(name, value)| BackendMessage::ParameterStatus { name, value }),
+            (any::<i32>(), vec(any::<u8>(), 4..=32)).prop_map(|(process_id, key)| {
+                BackendMessage::BackendKeyData {
+                    process_id,
+                    secret_key: key.into(),
+                }
             }),
-            prop_oneof![Just(b'I'), Just(b'T'), Just(b'E')].prop_map(|status| BackendMessage::ReadyForQuery { status }),
+            prop_oneof![Just(b'I'), Just(b'T'), Just(b'E')]
+                .prop_map(|status| BackendMessage::ReadyForQuery { status }),
             vec(field(), 0..4).prop_map(BackendMessage::RowDescription),
-            vec(proptest::option::of(vec(any::<u8>(), 0..30).prop_map(Bytes::from)), 0..5)
-                .prop_map(BackendMessage::DataRow),
+            vec(
+                proptest::option::of(vec(any::<u8>(), 0..30).prop_map(Bytes::from)),
+                0..5
+            )
+            .prop_map(BackendMessage::DataRow),
             text().prop_map(|tag| BackendMessage::CommandComplete { tag }),
             Just(BackendMessage::EmptyQueryResponse),
             db_error().prop_map(BackendMessage::ErrorResponse),
             db_error().prop_map(BackendMessage::NoticeResponse),
             (any::<i32>(), text(), text()).prop_map(|(process_id, channel, payload)| {
-                BackendMessage::NotificationResponse { process_id, channel, payload }
+                BackendMessage::NotificationResponse {
+                    process_id,
+                    channel,
+                    payload,
+                }
             }),
             copy_response().prop_map(BackendMessage::CopyInResponse),
             copy_response().prop_map(BackendMessage::CopyOutResponse),
@@ -902,10 +937,19 @@ mod tests {
             vec(any::<u8>(), 0..300).prop_map(|d| BackendMessage::CopyData(d.into())),
             Just(BackendMessage::CopyDone),
             (any::<i32>(), vec(text(), 0..3)).prop_map(|(newest_minor, unrecognized_options)| {
-                BackendMessage::NegotiateProtocolVersion { newest_minor, unrecognized_options }
+                BackendMessage::NegotiateProtocolVersion {
+                    newest_minor,
+                    unrecognized_options,
+                }
             }),
-            (prop_oneof![Just(b'1'), Just(b'2'), Just(b'n'), Just(b's')], vec(any::<u8>(), 0..10))
-                .prop_map(|(tag, body)| BackendMessage::Unknown { tag, body: body.into() }),
+            (
+                prop_oneof![Just(b'1'), Just(b'2'), Just(b'n'), Just(b's')],
+                vec(any::<u8>(), 0..10)
+            )
+                .prop_map(|(tag, body)| BackendMessage::Unknown {
+                    tag,
+                    body: body.into()
+                }),
         ]
     }
 

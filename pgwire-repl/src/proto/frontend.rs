@@ -30,8 +30,12 @@ pub fn startup(parameters: &[(&str, &str)], out: &mut BytesMut) -> Result<()> {
             ));
         }
     }
-    frontend::startup_message(parameters.iter().copied(), out)
-        .map_err(|e| Error::usage(format!("cannot encode the startup message: {e}"), "shorten the connection parameters"))
+    frontend::startup_message(parameters.iter().copied(), out).map_err(|e| {
+        Error::usage(
+            format!("cannot encode the startup message: {e}"),
+            "shorten the connection parameters",
+        )
+    })
 }
 
 /// Appends an SSLRequest.
@@ -47,20 +51,32 @@ pub fn password(password: &[u8], out: &mut BytesMut) -> Result<()> {
             "PostgreSQL passwords cannot contain NUL characters",
         ));
     }
-    frontend::password_message(password, out)
-        .map_err(|e| Error::usage(format!("cannot encode the password message: {e}"), "use a shorter password"))
+    frontend::password_message(password, out).map_err(|e| {
+        Error::usage(
+            format!("cannot encode the password message: {e}"),
+            "use a shorter password",
+        )
+    })
 }
 
 /// Appends a SASLInitialResponse.
 pub fn sasl_initial_response(mechanism: &str, data: &[u8], out: &mut BytesMut) -> Result<()> {
-    frontend::sasl_initial_response(mechanism, data, out)
-        .map_err(|e| Error::usage(format!("cannot encode the SASL initial response: {e}"), "report this as a bug"))
+    frontend::sasl_initial_response(mechanism, data, out).map_err(|e| {
+        Error::usage(
+            format!("cannot encode the SASL initial response: {e}"),
+            "report this as a bug",
+        )
+    })
 }
 
 /// Appends a SASLResponse.
 pub fn sasl_response(data: &[u8], out: &mut BytesMut) -> Result<()> {
-    frontend::sasl_response(data, out)
-        .map_err(|e| Error::usage(format!("cannot encode the SASL response: {e}"), "report this as a bug"))
+    frontend::sasl_response(data, out).map_err(|e| {
+        Error::usage(
+            format!("cannot encode the SASL response: {e}"),
+            "report this as a bug",
+        )
+    })
 }
 
 /// Appends a simple Query. The text must not contain a NUL byte.
@@ -71,8 +87,12 @@ pub fn query(sql: &str, out: &mut BytesMut) -> Result<()> {
             "remove NUL characters from the command",
         ));
     }
-    frontend::query(sql, out)
-        .map_err(|e| Error::usage(format!("cannot encode the query: {e}"), "shorten the command"))
+    frontend::query(sql, out).map_err(|e| {
+        Error::usage(
+            format!("cannot encode the query: {e}"),
+            "shorten the command",
+        )
+    })
 }
 
 /// Appends a CopyData message carrying `payload`.

@@ -221,7 +221,9 @@ impl HotStandbyFeedback {
 }
 
 fn short(what: &str, need: usize, got: usize) -> Error {
-    Error::protocol(format!("{what} message has {got} bytes, needs at least {need}"))
+    Error::protocol(format!(
+        "{what} message has {got} bytes, needs at least {need}"
+    ))
 }
 
 fn be_u64(b: &[u8]) -> u64 {
@@ -246,7 +248,10 @@ mod tests {
         let epoch = UNIX_EPOCH + Duration::from_secs(POSTGRES_EPOCH_UNIX_SECONDS);
         assert_eq!(to_postgres_timestamp(epoch), 0);
         assert_eq!(to_postgres_timestamp(epoch + Duration::from_micros(5)), 5);
-        assert_eq!(to_postgres_timestamp(epoch - Duration::from_secs(1)), -1_000_000);
+        assert_eq!(
+            to_postgres_timestamp(epoch - Duration::from_secs(1)),
+            -1_000_000
+        );
     }
 
     #[test]
@@ -260,7 +265,8 @@ mod tests {
         });
         msg.encode(&mut wire);
         let wire = wire.freeze();
-        let ReplicationMessage::XLogData(parsed) = ReplicationMessage::parse(wire.clone()).unwrap() else {
+        let ReplicationMessage::XLogData(parsed) = ReplicationMessage::parse(wire.clone()).unwrap()
+        else {
             panic!()
         };
         assert_eq!(parsed.data.as_ptr(), wire[25..].as_ptr());

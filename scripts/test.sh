@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs what the tests need, then runs every test: lints, unit and doc tests once,
+# and the real-server integration tests once per PostgreSQL major version (13-18).
+#
+#   scripts/test.sh                 # everything
+#   PGREPL_TEST_VERSIONS="15 17" scripts/test.sh   # only some server versions
+#
+# It is what .ci/run runs. It exits non-zero if anything failed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+versions=${PGREPL_TEST_VERSIONS:-13 14 15 16 17 18}
+
+step() { printf '\n==== %s ====\n' "$*"; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo is not installed: install a Rust toolchain (https://rustup.rs, or Debian's cargo) and run this again" >&2
+    exit 1
+fi
+
+step "installing PostgreSQL servers (scripts/install-postgres.sh)"
+scripts/install-postgres.sh
+
+step "formatting and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "building tests"
+cargo test --workspace --locked --no-run
+
+step "unit, property and doc tests"
+cargo test --workspace --locked --lib --bins
+cargo test --workspace --locked --doc
+
+failed=()
+for version in $versions; do
+    step "integration tests against PostgreSQL $version"
+    if ! PGREPL_TEST_PG=$version cargo test --workspace --locked --test '*'; then
+        failed+=("$version")
+    fi
+done
+
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "integration tests FAILED on PostgreSQL ${failed[*]}" >&2
+    exit 1
+fi
+step "all tests passed on PostgreSQL $versions"
