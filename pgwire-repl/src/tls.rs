@@ -161,13 +161,20 @@ fn load_certs(path: &Path, option: &str) -> Result<Vec<CertificateDer<'static>>>
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore> {
-    if path.as_os_str() == "system" {
-        return Err(Error::config(
-            "sslrootcert=system is not supported yet",
-            "give the path of a PEM file with the CA certificates to trust",
-        ));
-    }
     let mut roots = RootCertStore::empty();
+    if path.as_os_str() == "system" {
+        // libpq 16+: trust the operating system's CA store.
+        let found = rustls_native_certs::load_native_certs();
+        let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            let errors: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
+            return Err(Error::config(
+                format!("sslrootcert=system, but no trusted CA certificate could be loaded from the system store ({})", errors.join("; ")),
+                "install the ca-certificates package, or give sslrootcert the path of a PEM file",
+            ));
+        }
+        return Ok(roots);
+    }
     for cert in load_certs(path, "sslrootcert")? {
         roots.add(cert).map_err(|e| {
             Error::config(

@@ -261,3 +261,35 @@ fn startup_failure_panics_with_the_log() {
     assert!(message.contains("exited during startup"), "{message}");
     assert!(message.contains("shared_buffers"), "{message}");
 }
+
+#[tokio::test]
+async fn sql_helpers_use_our_client() {
+    let cluster = Cluster::start(ClusterOptions::new());
+    cluster
+        .execute("create table t (x int); insert into t values (1), (2)")
+        .await;
+    assert_eq!(
+        cluster.query_value("select sum(x) from t").await.as_deref(),
+        Some("3")
+    );
+    assert_eq!(cluster.query_value("select null").await, None);
+    let mut sql = cluster.sql().await;
+    assert_eq!(sql.server_major(), cluster.major());
+    let result = sql.query("select x from t order by x").await.unwrap();
+    assert_eq!(
+        result.rows,
+        vec![vec![Some("1".to_string())], vec![Some("2".to_string())]]
+    );
+    sql.close().await.unwrap();
+    let config = cluster.config("postgres");
+    assert_eq!(config.ports, vec![cluster.port()]);
+    // The data is also visible to psql.
+    assert_eq!(psql(&cluster, "select count(*) from t"), "2");
+}
+
+#[tokio::test]
+#[should_panic(expected = "SQL: select * from no_such_table")]
+async fn execute_panics_naming_the_sql() {
+    let cluster = Cluster::start(ClusterOptions::new());
+    cluster.execute("select * from no_such_table").await;
+}

@@ -146,7 +146,7 @@ mod tests {
 
     #[test]
     fn query_rejects_nul() {
-        assert!(query("SELECT\01", &mut BytesMut::new()).is_err());
+        assert!(query("SELECT\0 1", &mut BytesMut::new()).is_err());
     }
 
     #[test]
