@@ -32,6 +32,7 @@
 
 mod cluster;
 mod env;
+pub mod fake;
 mod template;
 mod tls;
 
