@@ -1,0 +1,89 @@
+//! `clone-standby check` against real primaries that can and cannot serve a standby.
+
+use std::process::Command;
+
+use clone_standby::check::{check, Level};
+use pgwire_repl::Config;
+use testkit::{Cluster, ClusterOptions};
+
+fn run_check(conninfo: &str) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_clone-standby"))
+        .args(["check", "--source", conninfo])
+        .output()
+        .expect("run clone-standby");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+#[tokio::test]
+async fn a_healthy_primary_passes_with_warnings_for_risky_settings() {
+    let cluster = Cluster::start(
+        ClusterOptions::new()
+            .setting("fsync", "off")
+            .setting("synchronous_commit", "off"),
+    );
+    let conninfo = cluster.tcp_conninfo(cluster.superuser()) + " sslmode=disable";
+    let findings = check(&Config::parse(&conninfo).unwrap()).await;
+    let problems: Vec<_> = findings
+        .iter()
+        .filter(|f| f.level == Level::Problem)
+        .collect();
+    assert!(problems.is_empty(), "unexpected problems: {problems:?}");
+    let warning = |text: &str| {
+        findings
+            .iter()
+            .any(|f| f.level == Level::Warning && f.what.contains(text))
+    };
+    assert!(warning("fsync = off"), "{findings:?}");
+    assert!(warning("synchronous_commit = off"), "{findings:?}");
+    assert!(
+        warning("trust"),
+        "trust over TCP must be a warning: {findings:?}"
+    );
+    assert!(warning("does not use TLS"), "{findings:?}");
+    let (ok, text) = run_check(&conninfo);
+    assert!(ok, "check must exit 0:\n{text}");
+    assert!(text.contains("fix: ALTER SYSTEM SET fsync = on"), "{text}");
+}
+
+#[tokio::test]
+async fn a_primary_with_minimal_wal_cannot_serve_and_gets_the_fix() {
+    let cluster = Cluster::start(
+        ClusterOptions::new()
+            .setting("wal_level", "minimal")
+            .setting("max_wal_senders", "0")
+            .setting("max_replication_slots", "0"),
+    );
+    let conninfo = cluster.tcp_conninfo(cluster.superuser()) + " sslmode=disable";
+    let findings = check(&Config::parse(&conninfo).unwrap()).await;
+    let problem = |text: &str| {
+        findings
+            .iter()
+            .find(|f| f.level == Level::Problem && f.what.contains(text))
+    };
+    let minimal = problem("wal_level = minimal").unwrap_or_else(|| panic!("{findings:?}"));
+    assert!(minimal
+        .fix
+        .as_deref()
+        .unwrap()
+        .contains("ALTER SYSTEM SET wal_level = replica"));
+    let senders = problem("max_wal_senders = 0").unwrap_or_else(|| panic!("{findings:?}"));
+    assert!(senders
+        .fix
+        .as_deref()
+        .unwrap()
+        .contains("max_wal_senders = 10"));
+    assert!(
+        problem("replication connection fails").is_some(),
+        "{findings:?}"
+    );
+    assert!(
+        problem("max_replication_slots = 0").is_some(),
+        "{findings:?}"
+    );
+    let (ok, text) = run_check(&conninfo);
+    assert!(!ok, "check must exit non-zero:\n{text}");
+    assert!(text.contains("PROBLEM wal_level = minimal"), "{text}");
+    assert!(text.contains("cannot serve a standby"), "{text}");
+}
