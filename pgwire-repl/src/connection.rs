@@ -13,15 +13,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use postgres_protocol::authentication::sasl::{
-    ChannelBinding as ScramBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
-};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::config::{ChannelBinding, Config, Host, ReplicationMode, SslMode, SslNegotiation};
+use crate::config::{Config, Host, ReplicationMode, SslMode, SslNegotiation};
 use crate::error::{Error, ErrorKind, Notice, Result};
-use crate::proto::backend::{self, AuthRequest, BackendMessage, DecodeLimits};
+pub use crate::proto::auth::AuthMethod;
+use crate::proto::auth::{AuthSettings, Authenticator};
+use crate::proto::backend::{self, BackendMessage, DecodeLimits};
 use crate::proto::frontend;
 
 /// Receive-buffer growth step. Large enough that one read usually takes several
@@ -112,22 +111,6 @@ pub struct TlsInfo {
     pub cipher: String,
     /// Whether the handshake was direct (PG17+) rather than after an SSLRequest.
     pub direct: bool,
-}
-
-/// How the client authenticated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum AuthMethod {
-    /// No password was asked for (`trust`, `peer`, or `cert`).
-    None,
-    /// Clear-text password.
-    Cleartext,
-    /// MD5.
-    Md5,
-    /// SCRAM-SHA-256.
-    ScramSha256,
-    /// SCRAM-SHA-256-PLUS with `tls-server-end-point` channel binding.
-    ScramSha256Plus,
 }
 
 /// An authenticated connection, ready for simple queries.
@@ -644,23 +627,21 @@ async fn connect_once(
         (_, None) => user.clone(),
     };
     let mut read_buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut auth = Authenticator {
-        config,
-        user: &user,
-        password_lookup: (host, port, pgpass_db.as_str()),
+    let mut auth = Authenticator::new(AuthSettings {
+        user: user.clone(),
+        password: config.password_for(host, port, &pgpass_db, &user),
+        channel_binding: config.channel_binding,
         tls_in_use: tls.is_some(),
         server_cert_hash,
-        method: AuthMethod::None,
-        scram: None,
-        target: &target,
-    };
+        target: target.clone(),
+    });
     let mut parameters_seen = HashMap::new();
     let mut process_id = 0;
     loop {
         let message = read_message(&mut stream, &mut read_buf, &options.limits, &target)
             .await
             .map_err(|e| {
-                if e.kind() == ErrorKind::Io && auth.method != AuthMethod::None {
+                if e.kind() == ErrorKind::Io && auth.method() != AuthMethod::None {
                     e.with_advice(
                         "the server closed the connection during authentication; its log says why",
                     )
@@ -677,7 +658,7 @@ async fn connect_once(
                 }
             }
             BackendMessage::ErrorResponse(db) => {
-                let context = if auth.method == AuthMethod::None {
+                let context = if auth.method() == AuthMethod::None {
                     format!("connecting to {target} as {user}")
                 } else {
                     format!("authenticating to {target} as {user}")
@@ -713,14 +694,7 @@ async fn connect_once(
             }
         }
     }
-    if config.channel_binding == ChannelBinding::Require
-        && auth.method != AuthMethod::ScramSha256Plus
-    {
-        return Err(Error::auth(
-            format!("channel binding is required, but {target} authenticated the client without it"),
-            "use an scram-sha-256 pg_hba entry over TLS (hostssl) with a password stored as SCRAM, or drop channel_binding=require",
-        ));
-    }
+    auth.finish()?;
     let version = parameters_seen
         .get("server_version")
         .cloned()
@@ -751,7 +725,7 @@ async fn connect_once(
         server_major,
         process_id,
         tls,
-        auth_method: auth.method,
+        auth_method: auth.method(),
         target,
     })
 }
@@ -775,177 +749,6 @@ pub fn parse_server_major(version: &str) -> Option<u32> {
         .take_while(|c| c.is_ascii_digit())
         .collect();
     digits.parse().ok().filter(|&major: &u32| major > 0)
-}
-
-/// The client side of the authentication exchange.
-struct Authenticator<'a> {
-    config: &'a Config,
-    user: &'a str,
-    password_lookup: (&'a Host, u16, &'a str),
-    tls_in_use: bool,
-    /// `Some(None)`: TLS, but no usable digest for channel binding.
-    server_cert_hash: Option<Option<Vec<u8>>>,
-    method: AuthMethod,
-    scram: Option<ScramSha256>,
-    target: &'a str,
-}
-
-impl Authenticator<'_> {
-    fn password(&self, method: &str) -> Result<String> {
-        let (host, port, db) = self.password_lookup;
-        self.config.password_for(host, port, db, self.user).ok_or_else(|| {
-            Error::auth(
-                format!("{} asked for a password ({method}) for user {:?}, but none was given", self.target, self.user),
-                "set the password in the connection string, in PGPASSWORD, or in ~/.pgpass (mode 0600)",
-            )
-        })
-    }
-
-    fn refuse_without_binding(&self, what: &str) -> Result<()> {
-        if self.config.channel_binding == ChannelBinding::Require {
-            return Err(Error::auth(
-                format!("channel binding is required, but {} asked for {what}", self.target),
-                "configure the server's pg_hba.conf with scram-sha-256 over hostssl, or drop channel_binding=require",
-            ));
-        }
-        Ok(())
-    }
-
-    /// Handles one authentication request; returns the bytes to send, if any.
-    fn respond(&mut self, request: AuthRequest) -> Result<Option<BytesMut>> {
-        let mut out = BytesMut::new();
-        match request {
-            AuthRequest::Ok => {
-                if self.scram.is_some() {
-                    return Err(Error::protocol(format!(
-                        "{} ended SCRAM authentication before its final message",
-                        self.target
-                    )));
-                }
-                return Ok(None);
-            }
-            AuthRequest::CleartextPassword => {
-                self.refuse_without_binding("a clear-text password")?;
-                let password = self.password("password")?;
-                frontend::password(password.as_bytes(), &mut out)?;
-                self.method = AuthMethod::Cleartext;
-            }
-            AuthRequest::Md5Password { salt } => {
-                self.refuse_without_binding("MD5 authentication")?;
-                let password = self.password("md5")?;
-                let hashed = postgres_protocol::authentication::md5_hash(
-                    self.user.as_bytes(),
-                    password.as_bytes(),
-                    salt,
-                );
-                frontend::password(hashed.as_bytes(), &mut out)?;
-                self.method = AuthMethod::Md5;
-            }
-            AuthRequest::Sasl { mechanisms } => {
-                let offers_plus = mechanisms.iter().any(|m| m == SCRAM_SHA_256_PLUS);
-                let offers_plain = mechanisms.iter().any(|m| m == SCRAM_SHA_256);
-                let binding_wanted = self.config.channel_binding != ChannelBinding::Disable;
-                let (mechanism, binding, method) = if self.tls_in_use
-                    && offers_plus
-                    && binding_wanted
-                {
-                    match &self.server_cert_hash {
-                        Some(Some(hash)) => (
-                            SCRAM_SHA_256_PLUS,
-                            ScramBinding::tls_server_end_point(hash.clone()),
-                            AuthMethod::ScramSha256Plus,
-                        ),
-                        _ if self.config.channel_binding == ChannelBinding::Require => {
-                            return Err(Error::auth(
-                                "channel binding is required, but the server certificate's signature algorithm has no hash usable for tls-server-end-point (e.g. Ed25519)",
-                                "give the server a certificate signed with RSA or ECDSA and SHA-2, or drop channel_binding=require",
-                            ));
-                        }
-                        // No usable digest: take plain SCRAM and tell the server we cannot bind.
-                        _ => (
-                            SCRAM_SHA_256,
-                            ScramBinding::unsupported(),
-                            AuthMethod::ScramSha256,
-                        ),
-                    }
-                } else if offers_plain {
-                    if self.config.channel_binding == ChannelBinding::Require {
-                        return Err(Error::auth(
-                            format!("channel binding is required, but {} did not offer SCRAM-SHA-256-PLUS{}", self.target, if self.tls_in_use { "" } else { " (the connection does not use TLS)" }),
-                            "connect with TLS (sslmode=require or stricter) to a server with ssl=on and an scram-sha-256 pg_hba entry",
-                        ));
-                    }
-                    let binding = if self.tls_in_use && binding_wanted {
-                        // We could bind, but the server did not offer it.
-                        ScramBinding::unrequested()
-                    } else {
-                        ScramBinding::unsupported()
-                    };
-                    (SCRAM_SHA_256, binding, AuthMethod::ScramSha256)
-                } else {
-                    return Err(Error::auth(
-                        format!("{} offered only the SASL mechanisms {mechanisms:?}, none of which this client supports", self.target),
-                        "configure the server's pg_hba.conf with scram-sha-256 for this user",
-                    ));
-                };
-                let password = self.password(mechanism)?;
-                let scram = ScramSha256::new(password.as_bytes(), binding);
-                frontend::sasl_initial_response(mechanism, scram.message(), &mut out)?;
-                self.scram = Some(scram);
-                self.method = method;
-            }
-            AuthRequest::SaslContinue(data) => {
-                let scram = self.scram.as_mut().ok_or_else(|| {
-                    Error::protocol("SASL continue message without a SASL exchange")
-                })?;
-                scram.update(&data).map_err(|e| {
-                    Error::auth(
-                        format!(
-                            "invalid SCRAM server-first-message from {}: {e}",
-                            self.target
-                        ),
-                        "the server's SCRAM data is malformed; check for a proxy in between",
-                    )
-                })?;
-                frontend::sasl_response(scram.message(), &mut out)?;
-            }
-            AuthRequest::SaslFinal(data) => {
-                let mut scram = self
-                    .scram
-                    .take()
-                    .ok_or_else(|| Error::protocol("SASL final message without a SASL exchange"))?;
-                scram.finish(&data).map_err(|e| {
-                    Error::auth(
-                        format!("the server's SCRAM signature did not verify: {e}"),
-                        "the server does not know the password, or something between client and server altered the exchange; do not trust this connection",
-                    )
-                })?;
-                return Ok(None);
-            }
-            AuthRequest::Gss | AuthRequest::GssContinue(_) => {
-                return Err(unsupported_method(self.target, "GSSAPI"))
-            }
-            AuthRequest::Sspi => return Err(unsupported_method(self.target, "SSPI")),
-            AuthRequest::KerberosV5 => return Err(unsupported_method(self.target, "Kerberos V5")),
-            AuthRequest::ScmCredential => {
-                return Err(unsupported_method(self.target, "SCM credentials"))
-            }
-            AuthRequest::Other { code } => {
-                return Err(unsupported_method(
-                    self.target,
-                    &format!("authentication request code {code}"),
-                ))
-            }
-        }
-        Ok(Some(out))
-    }
-}
-
-fn unsupported_method(target: &str, method: &str) -> Error {
-    Error::auth(
-        format!("{target} asked for {method} authentication, which this client does not support"),
-        "change the server's pg_hba.conf entry for this user to scram-sha-256, md5, password, cert or trust",
-    )
 }
 
 #[cfg(test)]
