@@ -33,6 +33,7 @@
 mod cluster;
 mod env;
 pub mod fake;
+pub mod proxy;
 mod template;
 mod tls;
 
