@@ -62,14 +62,23 @@ impl WalVerifier {
     /// Starts at `start`, which must be a segment start (streaming always starts there;
     /// the first record may be a continuation, which is skipped).
     pub fn new(start: Lsn, config: VerifierConfig) -> WalVerifier {
-        WalVerifier { config, position: start, verified: start }
+        WalVerifier {
+            config,
+            position: start,
+            verified: start,
+        }
     }
 
     /// Feeds the bytes at `lsn` (which must equal [`WalVerifier::position`]). Returns an
     /// error as soon as anything in them is invalid; nothing after it is accepted.
     pub fn feed(&mut self, lsn: Lsn, data: &[u8]) -> Result<(), WalVerifyError> {
         if lsn != self.position {
-            return Err(WalVerifyError { lsn, kind: WalVerifyErrorKind::Discontinuity { expected: self.position } });
+            return Err(WalVerifyError {
+                lsn,
+                kind: WalVerifyErrorKind::Discontinuity {
+                    expected: self.position,
+                },
+            });
         }
         let _ = &self.config;
         self.position = Lsn(self.position.0 + data.len() as u64);
