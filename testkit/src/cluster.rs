@@ -15,6 +15,10 @@ use crate::env::{self, ServerUser};
 use crate::template::{self, TemplateKey};
 use crate::tls::{KeyAlgorithm, TlsFiles};
 
+/// `Cluster::start_on_data_dir` (a child module, to build a `Cluster`).
+#[path = "restore.rs"]
+mod restore;
+
 /// How long the postmaster may take to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a fast shutdown may take before escalating to an immediate one.

@@ -14,7 +14,10 @@ fn thread_cpu_ns() -> Option<u64> {
 }
 
 fn main() {
-    for (name, fpi_every) in [("mixed (8 KiB FPI every 16th record)", 16u32), ("~100-byte records only", 0)] {
+    for (name, fpi_every) in [
+        ("mixed (8 KiB FPI every 16th record)", 16u32),
+        ("~100-byte records only", 0),
+    ] {
         let mut wal = WalBuilder::new(Lsn(1 << 32), SynthOptions::new(WalSegmentSize::DEFAULT, 16));
         let mut i = 0u32;
         while wal.bytes().len() < 64 << 20 {

@@ -1,0 +1,731 @@
+//! Where the backup goes: the [`BackupSink`] trait, a plain data directory
+//! ([`PlainDirSink`]) and tar archives ([`TarSink`]).
+//!
+//! Sinks run on the writer thread, never on the async runtime, so they may block.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use pgwire_repl::{Lsn, TimelineId};
+
+use crate::command::CompressionMethod;
+use crate::error::{Error, Result};
+use crate::tar::{display, TarEvent};
+
+/// One row of the server's tablespace list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tablespace {
+    /// The tablespace OID; `None` for the base directory.
+    pub oid: Option<u32>,
+    /// The location on the server; `None` for the base directory. Relative for in-place
+    /// tablespaces (`pg_tblspc/<oid>`).
+    pub location: Option<String>,
+    /// The server's size estimate in bytes (only with PROGRESS).
+    pub size_estimate: Option<u64>,
+}
+
+/// What a sink learns before the first archive.
+#[derive(Debug, Clone)]
+pub struct BackupInfo {
+    /// The server's major version.
+    pub server_major: u32,
+    /// Where the backup starts.
+    pub start_lsn: Lsn,
+    /// The timeline at the start.
+    pub timeline: TimelineId,
+    /// The tablespaces, base directory last.
+    pub tablespaces: Vec<Tablespace>,
+}
+
+/// One archive (the base directory or a tablespace).
+#[derive(Debug, Clone)]
+pub struct ArchiveInfo {
+    /// The name the server gave it (`base.tar`, `16385.tar.zst`…). On 13/14 it is derived
+    /// from the tablespace list.
+    pub name: String,
+    /// The tablespace (with `oid: None` for the base directory).
+    pub tablespace: Tablespace,
+    /// Server-side compression of the stream (already undone before the sink sees bytes).
+    pub compression: Option<CompressionMethod>,
+}
+
+impl ArchiveInfo {
+    /// True for the base directory's archive.
+    pub fn is_base(&self) -> bool {
+        self.tablespace.oid.is_none()
+    }
+
+    /// `base.tar` or `<oid>.tar`, without any compression suffix.
+    pub fn tar_name(&self) -> String {
+        match self.tablespace.oid {
+            Some(oid) => format!("{oid}.tar"),
+            None => "base.tar".into(),
+        }
+    }
+}
+
+/// A destination for a base backup. Embedding services implement this to send a backup
+/// elsewhere (object storage, a pipe…); the crate provides [`PlainDirSink`] and [`TarSink`].
+///
+/// The calls come in this order: `begin_backup`, then for each archive `begin_archive`,
+/// any mix of `archive_bytes` and `entry` (each uncompressed chunk goes first to
+/// `archive_bytes`, then its parsed entries to `entry`), `end_archive`; finally `commit`
+/// (only after the manifest was verified and the server reported success) or `abort`.
+///
+/// ```
+/// use basebackup::{BackupSink, ArchiveInfo, BackupInfo, Result};
+/// use basebackup::tar::TarEvent;
+/// /// Counts bytes, writes nothing.
+/// struct Count(u64);
+/// impl BackupSink for Count {
+///     fn begin_backup(&mut self, _: &BackupInfo) -> Result<()> { Ok(()) }
+///     fn begin_archive(&mut self, _: &ArchiveInfo) -> Result<()> { Ok(()) }
+///     fn entry(&mut self, e: &TarEvent) -> Result<()> {
+///         if let TarEvent::Data(d) = e { self.0 += d.len() as u64 }
+///         Ok(())
+///     }
+///     fn end_archive(&mut self, _trailer: bool) -> Result<()> { Ok(()) }
+///     fn commit(&mut self, _manifest: Option<&[u8]>) -> Result<()> { Ok(()) }
+///     fn abort(&mut self) {}
+/// }
+/// ```
+pub trait BackupSink: Send {
+    /// Called once before any archive.
+    fn begin_backup(&mut self, info: &BackupInfo) -> Result<()>;
+    /// A new archive starts.
+    fn begin_archive(&mut self, archive: &ArchiveInfo) -> Result<()>;
+    /// Uncompressed tar bytes of the current archive, in order (a zero-copy slice).
+    fn archive_bytes(&mut self, data: &Bytes) -> Result<()> {
+        let _ = data;
+        Ok(())
+    }
+    /// A parsed, already safety-checked archive entry or file data chunk.
+    fn entry(&mut self, event: &TarEvent) -> Result<()> {
+        let _ = event;
+        Ok(())
+    }
+    /// The archive is complete; `trailer_present` says whether the stream carried the
+    /// end-of-archive blocks (15+) or not (13/14).
+    fn end_archive(&mut self, trailer_present: bool) -> Result<()>;
+    /// Everything was received and verified: make it durable and write the manifest
+    /// (last, so that nothing looks finished before this point).
+    fn commit(&mut self, manifest: Option<&[u8]>) -> Result<()>;
+    /// The backup failed: remove what this sink created (unless told to keep it).
+    fn abort(&mut self);
+}
+
+/// Tablespace mapping `OLDDIR=NEWDIR`, as `pg_basebackup -T`.
+///
+/// ```
+/// let mut m = basebackup::TablespaceMapping::default();
+/// m.parse_arg(r"/srv/a\=b=/new/ts").unwrap();
+/// assert_eq!(m.apply("/srv/a=b/"), std::path::PathBuf::from("/new/ts"));
+/// assert!(m.parse_arg("relative=/x").is_err());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TablespaceMapping(Vec<(String, PathBuf)>);
+
+impl TablespaceMapping {
+    /// Adds a mapping given as `OLDDIR=NEWDIR` (`\=` for a literal `=`).
+    pub fn parse_arg(&mut self, arg: &str) -> Result<()> {
+        let bad = |why: &str| {
+            Error::usage(
+                format!("invalid tablespace mapping {arg:?}: {why}"),
+                "write it as OLDDIR=NEWDIR with two absolute paths; escape an = in a path as \\=",
+            )
+        };
+        let (mut old, mut new, mut seen_eq) = (String::new(), String::new(), false);
+        let mut chars = arg.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '\\' && chars.peek() == Some(&'=') {
+                chars.next();
+                if seen_eq {
+                    new.push('=')
+                } else {
+                    old.push('=')
+                }
+            } else if c == '=' {
+                if seen_eq {
+                    return Err(bad("multiple = signs"));
+                }
+                seen_eq = true;
+            } else if seen_eq {
+                new.push(c);
+            } else {
+                old.push(c);
+            }
+        }
+        if !seen_eq {
+            return Err(bad("no ="));
+        }
+        if old.is_empty() || new.is_empty() {
+            return Err(bad("an empty directory"));
+        }
+        if !old.starts_with('/') || !new.starts_with('/') {
+            return Err(bad("both directories must be absolute"));
+        }
+        self.add(&old, new);
+        Ok(())
+    }
+
+    /// Adds a mapping.
+    pub fn add(&mut self, old: &str, new: impl Into<PathBuf>) {
+        self.0.push((canonical(old), new.into()));
+    }
+
+    /// Where a server tablespace location goes (itself when not mapped).
+    pub fn apply(&self, location: &str) -> PathBuf {
+        let c = canonical(location);
+        self.0
+            .iter()
+            .find(|(old, _)| *old == c)
+            .map(|(_, new)| new.clone())
+            .unwrap_or_else(|| PathBuf::from(c))
+    }
+}
+
+/// Collapses repeated slashes and removes a trailing slash (`canonicalize_path`, simplified).
+fn canonical(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        if c == '/' && out.ends_with('/') {
+            continue;
+        }
+        out.push(c);
+    }
+    while out.len() > 1 && out.ends_with('/') {
+        out.pop();
+    }
+    out
+}
+
+/// Options shared by the built-in sinks.
+#[derive(Debug, Clone, Default)]
+pub struct SinkOptions {
+    /// Accept a target directory that is not empty.
+    pub allow_non_empty: bool,
+    /// Keep what was written when the backup fails (for inspection).
+    pub keep_on_failure: bool,
+    /// Skip all fsyncs (faster, not durable).
+    pub no_sync: bool,
+}
+
+/// Creates `dir` if missing, or checks it is empty. Returns true if it was created.
+fn prepare_dir(dir: &Path, allow_non_empty: bool) -> Result<bool> {
+    match fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if !allow_non_empty && entries.next().is_some() {
+                return Err(Error::usage(
+                    format!("target directory {} is not empty", dir.display()),
+                    "choose an empty or new directory, remove its contents, or allow a non-empty target explicitly",
+                ));
+            }
+            Ok(false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
+            Ok(true)
+        }
+        Err(e) => Err(Error::io("reading directory", dir, e)),
+    }
+}
+
+/// Starts writeback of a finished file so that the final fsync finds it mostly clean.
+fn start_writeback(file: &File) {
+    // SAFETY: sync_file_range on a valid open descriptor; only a hint, errors are ignored
+    // because the final fdatasync reports any real problem.
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
+}
+
+fn fsync_path(path: &Path, data_only: bool) -> Result<()> {
+    let f = File::open(path).map_err(|e| Error::io("opening for fsync", path, e))?;
+    let r = if data_only {
+        f.sync_data()
+    } else {
+        f.sync_all()
+    };
+    r.map_err(|e| Error::io("fsync of", path, e))
+}
+
+fn write_manifest(dir: &Path, manifest: &[u8], no_sync: bool) -> Result<()> {
+    let tmp = dir.join("backup_manifest.tmp");
+    let fin = dir.join("backup_manifest");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| Error::io("creating", &tmp, e))?;
+    f.write_all(manifest)
+        .map_err(|e| Error::io("writing", &tmp, e))?;
+    if !no_sync {
+        f.sync_all().map_err(|e| Error::io("fsync of", &tmp, e))?;
+    }
+    drop(f);
+    fs::rename(&tmp, &fin).map_err(|e| Error::io("renaming to backup_manifest", &tmp, e))?;
+    if !no_sync {
+        fsync_path(dir, false)?;
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+enum Created {
+    File(PathBuf),
+    Dir(PathBuf),
+    Link(PathBuf),
+    Tree(PathBuf),
+}
+
+/// Extracts the backup into a data directory as the bytes arrive (pg_basebackup `-Fp`):
+/// no temporary copy, no second pass. Tablespaces go to their original locations or as
+/// mapped; `pg_tblspc/<oid>` becomes a link to the tablespace's (mapped) directory.
+///
+/// ```no_run
+/// # async fn demo() -> basebackup::Result<()> {
+/// let config = pgwire_repl::Config::parse_with_env("host=primary user=replicator")?;
+/// let mut mapping = basebackup::TablespaceMapping::default();
+/// mapping.parse_arg("/srv/ts1=/backup/ts1")?;
+/// let sink = basebackup::PlainDirSink::new("/backup/data").tablespace_mapping(mapping);
+/// let result = basebackup::backup(&config, basebackup::BackupOptions::default().wal(true), Box::new(sink)).await?;
+/// println!("backup ends at {}", result.end_lsn);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct PlainDirSink {
+    target: PathBuf,
+    mapping: TablespaceMapping,
+    options: SinkOptions,
+    dir_mode: u32,
+    root: PathBuf,
+    tablespace_dirs: HashMap<u32, PathBuf>,
+    current: Option<(File, PathBuf)>,
+    created: Vec<Created>,
+    sync_files: Vec<PathBuf>,
+    sync_dirs: Vec<PathBuf>,
+}
+
+impl PlainDirSink {
+    /// A sink that extracts into `target` (created if missing; must be empty).
+    pub fn new(target: impl Into<PathBuf>) -> PlainDirSink {
+        let target = target.into();
+        PlainDirSink {
+            root: target.clone(),
+            target,
+            mapping: TablespaceMapping::default(),
+            options: SinkOptions::default(),
+            dir_mode: 0o700,
+            tablespace_dirs: HashMap::new(),
+            current: None,
+            created: Vec::new(),
+            sync_files: Vec::new(),
+            sync_dirs: Vec::new(),
+        }
+    }
+
+    /// Sets the tablespace mapping.
+    pub fn tablespace_mapping(mut self, mapping: TablespaceMapping) -> Self {
+        self.mapping = mapping;
+        self
+    }
+
+    /// Sets the sink options.
+    pub fn options(mut self, options: SinkOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Sets the data directory's mode (0700 by default; 0750 for group access).
+    pub fn data_directory_mode(mut self, mode: u32) -> Self {
+        self.dir_mode = mode & 0o777;
+        self
+    }
+
+    fn full(&self, path: &[u8]) -> PathBuf {
+        self.root.join(OsStr::from_bytes(path))
+    }
+
+    fn tablespace_dir(&self, ts: &Tablespace) -> Option<PathBuf> {
+        let location = ts.location.as_deref()?;
+        Some(if location.starts_with('/') {
+            self.mapping.apply(location)
+        } else {
+            // In-place tablespace: relative to the data directory.
+            self.target.join(location)
+        })
+    }
+
+    fn finish_file(&mut self) -> Result<()> {
+        if let Some((file, path)) = self.current.take() {
+            if !self.options.no_sync {
+                start_writeback(&file);
+                self.sync_files.push(path);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BackupSink for PlainDirSink {
+    fn begin_backup(&mut self, info: &BackupInfo) -> Result<()> {
+        let mut dirs = vec![self.target.clone()];
+        for ts in &info.tablespaces {
+            if let (Some(oid), Some(dir)) = (ts.oid, self.tablespace_dir(ts)) {
+                if ts.location.as_deref().is_some_and(|l| !l.starts_with('/')) {
+                    self.tablespace_dirs.insert(oid, dir);
+                    continue;
+                }
+                if dirs.contains(&dir) {
+                    return Err(Error::usage(
+                        format!("tablespace {oid} would be written to {}, which another part of the backup uses", dir.display()),
+                        "map each tablespace to its own directory outside the data directory",
+                    ));
+                }
+                self.tablespace_dirs.insert(oid, dir.clone());
+                dirs.push(dir);
+            }
+        }
+        for dir in dirs {
+            if prepare_dir(&dir, self.options.allow_non_empty)? {
+                self.created.push(Created::Tree(dir.clone()));
+            }
+            self.sync_dirs.push(dir);
+        }
+        fs::set_permissions(&self.target, fs::Permissions::from_mode(self.dir_mode))
+            .map_err(|e| Error::io("setting the mode of", &self.target, e))?;
+        Ok(())
+    }
+
+    fn begin_archive(&mut self, archive: &ArchiveInfo) -> Result<()> {
+        self.root = match archive.tablespace.oid {
+            None => self.target.clone(),
+            Some(oid) => {
+                let dir = self.tablespace_dirs.get(&oid).cloned().ok_or_else(|| {
+                    Error::protocol(format!(
+                        "archive {} is for tablespace {oid}, which was not in the tablespace list",
+                        archive.name
+                    ))
+                })?;
+                if !dir.exists() {
+                    // In-place tablespace under pg_tblspc, which the base archive creates later.
+                    fs::create_dir_all(&dir)
+                        .map_err(|e| Error::io("creating directory", &dir, e))?;
+                    self.created.push(Created::Tree(dir.clone()));
+                    self.sync_dirs.push(dir.clone());
+                }
+                dir
+            }
+        };
+        Ok(())
+    }
+
+    fn entry(&mut self, event: &TarEvent) -> Result<()> {
+        match event {
+            TarEvent::Directory { path, mode } => {
+                let full = self.full(path);
+                match fs::create_dir(&full) {
+                    Ok(()) => self.created.push(Created::Dir(full.clone())),
+                    // Allowed like pg_basebackup (pg_wal, pg_tblspc/<oid> of in-place
+                    // tablespaces…), as long as it is a real directory and not a link.
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::AlreadyExists
+                            && fs::symlink_metadata(&full).is_ok_and(|m| m.is_dir()) => {}
+                    Err(e) => return Err(Error::io("creating directory", &full, e)),
+                }
+                fs::set_permissions(&full, fs::Permissions::from_mode(*mode))
+                    .map_err(|e| Error::io("setting the mode of", &full, e))?;
+                if !self.options.no_sync {
+                    self.sync_dirs.push(full);
+                }
+            }
+            TarEvent::File { path, mode, .. } => {
+                let full = self.full(path);
+                let mut open = OpenOptions::new();
+                open.write(true).mode(*mode).custom_flags(libc::O_NOFOLLOW);
+                if self.options.allow_non_empty {
+                    open.create(true).truncate(true);
+                } else {
+                    open.create_new(true);
+                }
+                let file = open
+                    .open(&full)
+                    .map_err(|e| Error::io("creating", &full, e))?;
+                self.created.push(Created::File(full.clone()));
+                file.set_permissions(fs::Permissions::from_mode(*mode))
+                    .map_err(|e| Error::io("setting the mode of", &full, e))?;
+                self.current = Some((file, full));
+            }
+            TarEvent::Data(data) => {
+                let (file, path) = self
+                    .current
+                    .as_mut()
+                    .ok_or_else(|| Error::protocol("file data outside a file"))?;
+                file.write_all(data)
+                    .map_err(|e| Error::io("writing", path, e))?;
+            }
+            TarEvent::FileEnd => self.finish_file()?,
+            TarEvent::Symlink { path, target } => {
+                let oid: Option<u32> = path
+                    .strip_prefix(b"pg_tblspc/")
+                    .and_then(|o| std::str::from_utf8(o).ok())
+                    .and_then(|o| o.parse().ok());
+                let mapped = std::str::from_utf8(target)
+                    .ok()
+                    .map(|t| self.mapping.apply(t));
+                let expected = oid.and_then(|o| self.tablespace_dirs.get(&o));
+                match (mapped, expected) {
+                    (Some(m), Some(e)) if &m == e && self.root == self.target => {
+                        let full = self.full(path);
+                        std::os::unix::fs::symlink(&m, &full)
+                            .map_err(|e| Error::io("creating the tablespace link", &full, e))?;
+                        self.created.push(Created::Link(full));
+                    }
+                    _ => {
+                        return Err(Error::unsafe_entry(
+                            display(path),
+                            format!(
+                            "tablespace link to {:?} does not point at a tablespace of this backup",
+                            display(target)
+                        ),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn end_archive(&mut self, _trailer_present: bool) -> Result<()> {
+        self.finish_file()
+    }
+
+    fn commit(&mut self, manifest: Option<&[u8]>) -> Result<()> {
+        self.finish_file()?;
+        if !self.options.no_sync {
+            for f in &self.sync_files {
+                fsync_path(f, true)?;
+            }
+            for d in &self.sync_dirs {
+                fsync_path(d, false)?;
+            }
+            for d in self.tablespace_dirs.values().chain([&self.target]) {
+                if let Some(parent) = d.parent() {
+                    let _ = fsync_path(parent, false);
+                }
+            }
+        }
+        if let Some(m) = manifest {
+            write_manifest(&self.target, m, self.options.no_sync)?;
+        }
+        self.created.clear();
+        Ok(())
+    }
+
+    fn abort(&mut self) {
+        self.current = None;
+        if self.options.keep_on_failure {
+            return;
+        }
+        remove_created(&mut self.created);
+    }
+}
+
+fn remove_created(created: &mut Vec<Created>) {
+    while let Some(c) = created.pop() {
+        let _ = match c {
+            Created::File(p) | Created::Link(p) => fs::remove_file(p),
+            Created::Dir(p) => fs::remove_dir(p),
+            Created::Tree(p) => fs::remove_dir_all(p),
+        };
+    }
+}
+
+enum TarOut {
+    Plain(File),
+    Zstd(zstd::stream::write::Encoder<'static, File>),
+}
+
+/// Writes `base.tar`, `<oid>.tar` (optionally `.tar.zst`) and `backup_manifest`, as
+/// `pg_basebackup -Ft` does; adds the end-of-archive blocks that 13/14 servers leave out.
+///
+/// Use it with [`BackupOptions::tablespace_map`](crate::BackupOptions) set, as
+/// pg_basebackup does for tar format, so that restoring does not need the links.
+pub struct TarSink {
+    dir: PathBuf,
+    options: SinkOptions,
+    zstd_level: Option<i32>,
+    current: Option<(TarOut, PathBuf)>,
+    created: Vec<Created>,
+    files: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for TarSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TarSink")
+            .field("dir", &self.dir)
+            .field("zstd_level", &self.zstd_level)
+            .finish()
+    }
+}
+
+impl TarSink {
+    /// A sink writing archives into `dir` (created if missing; must be empty).
+    ///
+    /// ```
+    /// let sink = basebackup::TarSink::new("/backup/2026-11-26").zstd(Some(3));
+    /// ```
+    pub fn new(dir: impl Into<PathBuf>) -> TarSink {
+        TarSink {
+            dir: dir.into(),
+            options: SinkOptions::default(),
+            zstd_level: None,
+            current: None,
+            created: Vec::new(),
+            files: Vec::new(),
+        }
+    }
+
+    /// Compresses each archive on the client with zstd at `level` (`.tar.zst`).
+    pub fn zstd(mut self, level: Option<i32>) -> Self {
+        self.zstd_level = level;
+        self
+    }
+
+    /// Sets the sink options.
+    pub fn options(mut self, options: SinkOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<()> {
+        let (out, path) = self
+            .current
+            .as_mut()
+            .ok_or_else(|| Error::protocol("archive data outside an archive"))?;
+        let r = match out {
+            TarOut::Plain(f) => f.write_all(data),
+            TarOut::Zstd(z) => z.write_all(data),
+        };
+        r.map_err(|e| Error::io("writing", path, e))
+    }
+}
+
+impl BackupSink for TarSink {
+    fn begin_backup(&mut self, _info: &BackupInfo) -> Result<()> {
+        if prepare_dir(&self.dir, self.options.allow_non_empty)? {
+            self.created.push(Created::Tree(self.dir.clone()));
+        }
+        Ok(())
+    }
+
+    fn begin_archive(&mut self, archive: &ArchiveInfo) -> Result<()> {
+        let mut name = archive.tar_name();
+        if self.zstd_level.is_some() {
+            name.push_str(".zst");
+        }
+        let path = self.dir.join(name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(!self.options.allow_non_empty)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Error::io("creating", &path, e))?;
+        self.created.push(Created::File(path.clone()));
+        let out = match self.zstd_level {
+            None => TarOut::Plain(file),
+            Some(level) => TarOut::Zstd(
+                zstd::stream::write::Encoder::new(file, level)
+                    .map_err(|e| Error::io("starting zstd compression of", &path, e))?,
+            ),
+        };
+        self.current = Some((out, path));
+        Ok(())
+    }
+
+    fn archive_bytes(&mut self, data: &Bytes) -> Result<()> {
+        self.write(data)
+    }
+
+    fn end_archive(&mut self, trailer_present: bool) -> Result<()> {
+        if !trailer_present {
+            self.write(&[0u8; 1024])?;
+        }
+        if let Some((out, path)) = self.current.take() {
+            let file = match out {
+                TarOut::Plain(f) => f,
+                TarOut::Zstd(z) => z
+                    .finish()
+                    .map_err(|e| Error::io("finishing zstd compression of", &path, e))?,
+            };
+            if !self.options.no_sync {
+                start_writeback(&file);
+            }
+            self.files.push(path);
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, manifest: Option<&[u8]>) -> Result<()> {
+        if !self.options.no_sync {
+            for f in &self.files {
+                fsync_path(f, true)?;
+            }
+        }
+        if let Some(m) = manifest {
+            write_manifest(&self.dir, m, self.options.no_sync)?;
+        } else if !self.options.no_sync {
+            fsync_path(&self.dir, false)?;
+        }
+        self.created.clear();
+        Ok(())
+    }
+
+    fn abort(&mut self) {
+        self.current = None;
+        if !self.options.keep_on_failure {
+            remove_created(&mut self.created);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_parse() {
+        let mut m = TablespaceMapping::default();
+        for bad in [
+            "=/foo",
+            "/foo=",
+            "/foo=/bar=/baz",
+            "foo=/bar",
+            "/foo=bar",
+            "/foo",
+        ] {
+            assert_eq!(
+                m.parse_arg(bad).unwrap_err().kind(),
+                crate::ErrorKind::Usage,
+                "{bad}"
+            );
+        }
+        m.parse_arg("/a//b/=/c").unwrap();
+        assert_eq!(m.apply("/a/b"), PathBuf::from("/c"));
+        assert_eq!(m.apply("/other"), PathBuf::from("/other"));
+    }
+}
