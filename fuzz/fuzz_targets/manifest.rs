@@ -1,0 +1,8 @@
+//! backup_manifest parsing: arbitrary bytes never panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = basebackup::Manifest::parse(data);
+});
