@@ -34,9 +34,11 @@ mod cluster;
 mod env;
 pub mod fake;
 pub mod proxy;
+mod standby;
 mod template;
 mod tls;
 
 pub use cluster::{Cluster, ClusterOptions};
 pub use env::{bin_dir_from_env, cache_dir, pg_major_from_env, DEFAULT_MAJOR};
+pub use standby::Standby;
 pub use tls::{KeyAlgorithm, TlsFiles};

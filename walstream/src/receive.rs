@@ -1,0 +1,689 @@
+//! [`receive_wal`]: the whole WAL receiver, equivalent to pg_receivewal.
+//!
+//! It connects, picks the start (the directory, else the slot, else the server's
+//! position), fetches missing timeline history files, streams through
+//! [`WalStream`], verifies every byte with [`WalVerifier`] before it is written, writes
+//! with a [`SegmentWriter`] on a dedicated thread (the network side never waits for
+//! the disk, and the channel between them is bounded), follows timeline switches and
+//! reconnects with exponential backoff after a lost connection.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pgwire_repl::{Config, Lsn, ReplicationClient, SystemId, TimelineId, WalSegmentSize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::decode::{VerifierConfig, WalVerifier};
+use crate::error::{Error, Result};
+use crate::stream::{StreamOptions, WalStream, DEFAULT_IDLE_TIMEOUT, DEFAULT_STATUS_INTERVAL};
+use crate::waldir::{SegmentWriter, WalDir, WalDirOptions};
+use crate::StreamEvent;
+
+/// Messages queued for the writer thread at most: with XLogData of at most 128 KiB,
+/// this bounds the WAL held in memory to 8 MiB (plus the receive buffer).
+const WRITER_QUEUE: usize = 64;
+
+/// How long a stop after an error may take before the connection is just dropped.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Options of [`receive_wal`]; start from [`ReceiveOptions::new`] and set fields.
+///
+/// ```
+/// use pgwire_repl::Lsn;
+/// use walstream::ReceiveOptions;
+///
+/// let mut options = ReceiveOptions::new("/var/lib/wal-archive");
+/// options.slot = Some("archive".into());
+/// options.create_slot = true;
+/// options.endpos = Some(Lsn(0x9000000));
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ReceiveOptions {
+    /// The WAL directory (created if missing).
+    pub directory: PathBuf,
+    /// Stream from this physical slot (its restart_lsn follows the flushed position).
+    pub slot: Option<String>,
+    /// Create the slot (with RESERVE_WAL) if it does not exist.
+    pub create_slot: bool,
+    /// Stop once everything up to here is written and flushed (pg_receivewal
+    /// `--endpos`). The segment holding it stays `.partial`.
+    pub endpos: Option<Lsn>,
+    /// fsync and report the flush position after every write (pg_receivewal
+    /// `--synchronous`); needed to act as a synchronous standby.
+    pub synchronous: bool,
+    /// fsync and compression (pg_receivewal `--no-sync`, `--compress`).
+    pub dir_options: WalDirOptions,
+    /// Report the flushed position to the server. `None` (the default) does as
+    /// pg_receivewal: report it with a slot or in synchronous mode, else report 0, so
+    /// that this receiver never counts as a synchronous standby by accident.
+    pub report_flush: Option<bool>,
+    /// Periodic status updates (default 10 s).
+    pub status_interval: Option<Duration>,
+    /// Fail (and reconnect) when the server sends nothing for this long (default 60 s).
+    pub idle_timeout: Option<Duration>,
+    /// Return instead of reconnecting when the connection is lost or the server shuts
+    /// down (pg_receivewal `--no-loop`).
+    pub no_loop: bool,
+    /// Decode and CRC-check every record (default true). Off, WAL is only checked for
+    /// continuity.
+    pub verify_records: bool,
+    /// The first reconnection delay (default 1 s), doubled after each failure.
+    pub reconnect_delay: Duration,
+    /// The longest reconnection delay (default 60 s).
+    pub max_reconnect_delay: Duration,
+}
+
+impl ReceiveOptions {
+    /// Defaults for receiving into `directory`.
+    pub fn new(directory: impl Into<PathBuf>) -> ReceiveOptions {
+        ReceiveOptions {
+            directory: directory.into(),
+            slot: None,
+            create_slot: false,
+            endpos: None,
+            synchronous: false,
+            dir_options: WalDirOptions::default(),
+            report_flush: None,
+            status_interval: Some(DEFAULT_STATUS_INTERVAL),
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            no_loop: false,
+            verify_records: true,
+            reconnect_delay: Duration::from_secs(1),
+            max_reconnect_delay: Duration::from_secs(60),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.synchronous && !self.dir_options.sync {
+            return Err(Error::usage(
+                "synchronous mode and no-sync contradict each other",
+                "choose one: synchronous mode reports only fsynced WAL",
+            ));
+        }
+        if self.create_slot && self.slot.is_none() {
+            return Err(Error::usage(
+                "create_slot is set but no slot is named",
+                "set slot to the name of the slot to create",
+            ));
+        }
+        if self.endpos.is_some_and(Lsn::is_invalid) {
+            return Err(Error::usage(
+                "endpos 0/0 is not a position",
+                "leave endpos unset to stream without end",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why [`receive_wal`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EndReason {
+    /// Everything up to the end position is written and flushed.
+    EndPos,
+    /// The shutdown future completed; streaming was stopped with CopyDone.
+    Shutdown,
+    /// The server shut down (`COPY 0`) and `no_loop` is set.
+    ServerShutdown,
+}
+
+/// What [`receive_wal`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiveSummary {
+    /// Why it returned.
+    pub end_reason: EndReason,
+    /// The timeline streamed last.
+    pub timeline: TimelineId,
+    /// The end of the WAL written.
+    pub written: Lsn,
+    /// The end of the WAL flushed and verified.
+    pub flushed: Lsn,
+    /// WAL bytes received (including bytes received again after a reconnection).
+    pub bytes_received: u64,
+    /// Segments completed (renamed to their final names).
+    pub segments_completed: u64,
+    /// Timeline switches followed.
+    pub timeline_switches: u32,
+    /// Reconnections after a lost connection.
+    pub reconnects: u32,
+}
+
+/// Receives WAL into a directory until the end position, a shutdown request, or (with
+/// `no_loop`) the loss of the connection.
+///
+/// `shutdown` is any future; when it completes, streaming stops cleanly (CopyDone, the
+/// current segment flushed and left `.partial`) and the summary says
+/// [`EndReason::Shutdown`]. Pass `std::future::pending()` to run until the end
+/// position, or e.g. `async { tokio::signal::ctrl_c().await.ok(); }`.
+///
+/// Retryable failures (a lost connection, a timeout, a server shutting down) lead to a
+/// new connection after a delay that doubles up to `max_reconnect_delay`, resuming
+/// from the directory without a gap. Other failures (server errors such as a missing
+/// slot, verification errors, local I/O errors) are returned.
+///
+/// ```no_run
+/// # async fn demo() -> walstream::Result<()> {
+/// use walstream::{receive_wal, ReceiveOptions};
+///
+/// let config = pgwire_repl::Config::parse_with_env("host=primary user=repl")?;
+/// let mut options = ReceiveOptions::new("/var/lib/wal-archive");
+/// options.slot = Some("archive".into());
+/// options.create_slot = true;
+/// let summary = receive_wal(&config, &options, async {
+///     let _ = tokio::signal::ctrl_c().await;
+/// })
+/// .await?;
+/// println!("stopped at {} ({:?})", summary.flushed, summary.end_reason);
+/// # Ok(()) }
+/// ```
+pub async fn receive_wal(
+    config: &Config,
+    options: &ReceiveOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ReceiveSummary> {
+    options.validate()?;
+    let shutdown = std::pin::pin!(shutdown);
+    let mut receiver = Receiver {
+        config,
+        options,
+        shutdown,
+        system_id: None,
+        slot_checked: false,
+        summary: ReceiveSummary {
+            end_reason: EndReason::Shutdown,
+            timeline: TimelineId(1),
+            written: Lsn::INVALID,
+            flushed: Lsn::INVALID,
+            bytes_received: 0,
+            segments_completed: 0,
+            timeline_switches: 0,
+            reconnects: 0,
+        },
+    };
+    let mut delay = options.reconnect_delay;
+    loop {
+        let received_before = receiver.summary.bytes_received;
+        let error = match receiver.session().await {
+            Ok(EndReason::ServerShutdown) if !options.no_loop => {
+                tracing::info!("the server shut down; reconnecting");
+                None
+            }
+            Ok(reason) => {
+                receiver.summary.end_reason = reason;
+                return Ok(receiver.summary);
+            }
+            Err(err) if err.is_retryable() && !options.no_loop => Some(err),
+            Err(err) => return Err(err),
+        };
+        if receiver.summary.bytes_received > received_before {
+            delay = options.reconnect_delay;
+        }
+        match &error {
+            Some(err) => {
+                tracing::warn!(error = %err, delay_ms = delay.as_millis() as u64, "streaming failed; reconnecting")
+            }
+            None => tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = receiver.shutdown.as_mut() => {
+                receiver.summary.end_reason = EndReason::Shutdown;
+                return Ok(receiver.summary);
+            }
+        }
+        delay = (delay * 2).min(options.max_reconnect_delay);
+        receiver.summary.reconnects += 1;
+    }
+}
+
+struct Receiver<'a, F: Future<Output = ()>> {
+    config: &'a Config,
+    options: &'a ReceiveOptions,
+    shutdown: Pin<&'a mut F>,
+    system_id: Option<SystemId>,
+    slot_checked: bool,
+    summary: ReceiveSummary,
+}
+
+/// How one timeline's streaming ended.
+enum TimelineOutcome {
+    Switched {
+        next_timeline: TimelineId,
+        next_start: Lsn,
+    },
+    Ended(EndReason),
+}
+
+/// What a session knows about the server.
+struct ServerInfo {
+    system_id: SystemId,
+    segment_size: WalSegmentSize,
+    major: u32,
+}
+
+impl<F: Future<Output = ()>> Receiver<'_, F> {
+    /// One connection (plus one more per timeline switch): from the directory's state
+    /// to the end, a shutdown, or an error.
+    async fn session(&mut self) -> Result<EndReason> {
+        let options = self.options;
+        let mut client = ReplicationClient::connect(self.config).await?;
+        let id = client.identify_system().await?;
+        if let Some(previous) = self.system_id {
+            if previous != id.system_id {
+                return Err(Error::state(
+                    format!(
+                        "the server's system identifier changed from {previous} to {} between connections",
+                        id.system_id
+                    ),
+                    "the connection now reaches a different cluster; point the receiver at the original one or use a new directory",
+                ));
+            }
+        }
+        self.system_id = Some(id.system_id);
+        let segment_size = client.wal_segment_size().await?;
+        let server = ServerInfo {
+            system_id: id.system_id,
+            segment_size,
+            major: client.server_major(),
+        };
+        if let (Some(slot), true, false) = (&options.slot, options.create_slot, self.slot_checked) {
+            crate::slot::create_physical_slot_if_not_exists(&mut client, slot).await?;
+        }
+        self.slot_checked = true;
+        let dir = WalDir::open(&options.directory, segment_size, options.dir_options)?;
+
+        let (mut start, mut timeline) = match dir.find_streaming_start()? {
+            Some(resume) => {
+                if let Some(found) = dir.file_system_id(&resume.file)? {
+                    if found != id.system_id {
+                        return Err(Error::state(
+                            format!(
+                                "{} belongs to database system {found}, but the server is system {}",
+                                resume.file.display(),
+                                id.system_id
+                            ),
+                            "the WAL directory holds another cluster's WAL; use a new directory for this server",
+                        ));
+                    }
+                }
+                (resume.lsn, resume.timeline)
+            }
+            None => self.start_without_files(&mut client, &id).await?,
+        };
+        start = start.segment_start(segment_size);
+        if timeline > id.timeline {
+            return Err(Error::state(
+                format!(
+                    "the WAL directory is on timeline {timeline} but the server only on {}",
+                    id.timeline
+                ),
+                "the directory holds WAL from another server or from a newer timeline; use a new directory",
+            ));
+        }
+        let mut client = Some(client);
+        loop {
+            if options.endpos.is_some_and(|end| start >= end) {
+                return Ok(EndReason::EndPos);
+            }
+            let mut current = match client.take() {
+                Some(c) => c,
+                None => ReplicationClient::connect(self.config).await?,
+            };
+            if timeline.0 > 1 && !dir.has_history(timeline) {
+                let history = current.timeline_history(timeline).await?;
+                dir.write_history(timeline, &history.content)?;
+            }
+            self.summary.timeline = timeline;
+            match self
+                .stream_timeline(current, &dir, &server, timeline, start)
+                .await?
+            {
+                TimelineOutcome::Ended(reason) => return Ok(reason),
+                TimelineOutcome::Switched {
+                    next_timeline,
+                    next_start,
+                } => {
+                    tracing::info!(%timeline, %next_timeline, %next_start, "timeline switch");
+                    self.summary.timeline_switches += 1;
+                    timeline = next_timeline;
+                    start = next_start.segment_start(segment_size);
+                }
+            }
+        }
+    }
+
+    /// The start when the directory holds no segment: the slot's restart_lsn (15+),
+    /// else the server's current position.
+    async fn start_without_files(
+        &mut self,
+        client: &mut ReplicationClient,
+        id: &pgwire_repl::IdentifySystem,
+    ) -> Result<(Lsn, TimelineId)> {
+        if let Some(slot) = &self.options.slot {
+            if client.server_major() >= 15 {
+                match client.read_replication_slot(slot).await? {
+                    None => return Err(Error::state(
+                        format!("replication slot {slot:?} does not exist"),
+                        "create it (set create_slot, or CREATE_REPLICATION_SLOT) or fix the name",
+                    )),
+                    Some(info) if info.slot_type != "physical" => {
+                        return Err(Error::state(
+                            format!(
+                                "replication slot {slot:?} is {}, not physical",
+                                info.slot_type
+                            ),
+                            "use a physical slot",
+                        ))
+                    }
+                    Some(info) => {
+                        if let Some(lsn) = info.restart_lsn.filter(|l| !l.is_invalid()) {
+                            return Ok((lsn, info.restart_tli.unwrap_or(id.timeline)));
+                        }
+                    }
+                }
+            }
+        }
+        Ok((id.xlog_pos, id.timeline))
+    }
+
+    async fn stream_timeline(
+        &mut self,
+        client: ReplicationClient,
+        dir: &WalDir,
+        server: &ServerInfo,
+        timeline: TimelineId,
+        start: Lsn,
+    ) -> Result<TimelineOutcome> {
+        let options = self.options;
+        let report_flush = options
+            .report_flush
+            .unwrap_or(options.slot.is_some() || options.synchronous);
+        let mut verifier = WalVerifier::new(
+            start,
+            VerifierConfig {
+                segment_size: server.segment_size,
+                server_major: Some(server.major),
+                system_id: Some(server.system_id),
+                timeline,
+                verify_records: options.verify_records,
+            },
+        );
+        let mut stream_options = StreamOptions::new(start)
+            .timeline(timeline)
+            .status_interval(options.status_interval)
+            .idle_timeout(options.idle_timeout);
+        if let Some(slot) = &options.slot {
+            stream_options = stream_options.slot(slot.clone());
+        }
+        tracing::info!(%start, %timeline, "starting to stream WAL");
+        let mut stream = WalStream::start(client, stream_options).await?;
+        let mut writer = WriterHandle::spawn(dir.writer(timeline, start)?);
+        let feedback = stream.feedback().clone();
+        feedback.set_write(start);
+        if report_flush {
+            feedback.set_flush(start);
+        }
+        let result = self
+            .pump(&mut stream, &mut writer, &mut verifier, report_flush)
+            .await;
+        // Whatever happened, flush what was written; segments not complete stay .partial.
+        let closed = writer.close().await;
+        match closed {
+            Ok((written, flushed, completed)) => {
+                self.summary.written = written;
+                self.summary.flushed = flushed;
+                self.summary.segments_completed += completed;
+            }
+            Err(err) if result.is_ok() => return Err(err),
+            Err(err) => tracing::warn!(error = %err, "closing the WAL files failed too"),
+        }
+        let outcome = result?;
+        let conn = stream.into_connection();
+        let _ = conn.close().await;
+        if let TimelineOutcome::Switched {
+            next_timeline,
+            next_start,
+        } = &outcome
+        {
+            if *next_timeline <= timeline {
+                return Err(Error::state(
+                    format!("the server switched from timeline {timeline} to {next_timeline}, which is not newer"),
+                    "the server's timeline history is inconsistent; check it with TIMELINE_HISTORY",
+                ));
+            }
+            if *next_start > self.summary.written {
+                return Err(Error::state(
+                    format!(
+                        "timeline {next_timeline} starts at {next_start}, after the end of what timeline {timeline} sent ({})",
+                        self.summary.written
+                    ),
+                    "the server's timeline history is inconsistent; check it with TIMELINE_HISTORY",
+                ));
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Moves events from the stream through the verifier to the writer.
+    async fn pump(
+        &mut self,
+        stream: &mut WalStream,
+        writer: &mut WriterHandle,
+        verifier: &mut WalVerifier,
+        report_flush: bool,
+    ) -> Result<TimelineOutcome> {
+        let options = self.options;
+        let feedback = stream.feedback().clone();
+        loop {
+            let event = tokio::select! {
+                biased;
+                () = self.shutdown.as_mut() => {
+                    let flushed = writer.flush().await?;
+                    if report_flush {
+                        feedback.set_flush(flushed);
+                    }
+                    feedback.set_write(writer.written());
+                    stream.stop().await?;
+                    return Ok(TimelineOutcome::Ended(EndReason::Shutdown));
+                }
+                event = stream.next_event() => event?,
+            };
+            feedback.set_write(writer.written());
+            match event {
+                None => return Ok(TimelineOutcome::Ended(EndReason::Shutdown)),
+                Some(StreamEvent::XLogData(x)) => {
+                    let len = x.data.len() as u64;
+                    if let Err(bad) = verifier.feed(x.wal_start, &x.data) {
+                        let context = format!("WAL streamed from {}", stream.target());
+                        let _ = tokio::time::timeout(STOP_TIMEOUT, stream.stop()).await;
+                        return Err(Error::verify(bad, context));
+                    }
+                    self.summary.bytes_received += len;
+                    let end = Lsn(x.wal_start.0 + len);
+                    writer
+                        .write(x.wal_start, x.data, verifier.verified_up_to())
+                        .await?;
+                    let at_end = options.endpos.is_some_and(|endpos| end >= endpos);
+                    if options.synchronous || at_end {
+                        let flushed = writer.flush().await?;
+                        feedback.set_write(writer.written());
+                        if report_flush {
+                            feedback.set_flush(flushed);
+                        }
+                        if at_end {
+                            if let Some(StreamEvent::EndOfTimeline {
+                                next_timeline,
+                                next_start,
+                            }) = stream.stop().await?
+                            {
+                                tracing::debug!(%next_timeline, %next_start, "the timeline ended while stopping at endpos");
+                            }
+                            return Ok(TimelineOutcome::Ended(EndReason::EndPos));
+                        }
+                        stream.send_status(false).await?;
+                    }
+                }
+                Some(StreamEvent::Keepalive(k)) => {
+                    if k.reply_requested && report_flush {
+                        // The reply goes out on the next read; make it say what is durable.
+                        let flushed = writer.flush().await?;
+                        feedback.set_flush(flushed);
+                        feedback.set_write(writer.written());
+                    }
+                }
+                Some(StreamEvent::EndOfTimeline {
+                    next_timeline,
+                    next_start,
+                }) => {
+                    return Ok(TimelineOutcome::Switched {
+                        next_timeline,
+                        next_start,
+                    })
+                }
+                Some(StreamEvent::ServerShutdown) => {
+                    return Ok(TimelineOutcome::Ended(EndReason::ServerShutdown))
+                }
+            }
+        }
+    }
+}
+
+enum WriterCommand {
+    Write {
+        lsn: Lsn,
+        data: Bytes,
+        verified: Lsn,
+    },
+    Flush(oneshot::Sender<Lsn>),
+}
+
+#[derive(Default)]
+struct WriterProgress {
+    written: AtomicU64,
+}
+
+/// The async side of the writer thread.
+struct WriterHandle {
+    tx: Option<mpsc::Sender<WriterCommand>>,
+    progress: Arc<WriterProgress>,
+    task: Option<tokio::task::JoinHandle<Result<(Lsn, Lsn, u64)>>>,
+}
+
+impl WriterHandle {
+    fn spawn(mut writer: SegmentWriter) -> WriterHandle {
+        let (tx, mut rx) = mpsc::channel(WRITER_QUEUE);
+        let progress = Arc::new(WriterProgress::default());
+        progress
+            .written
+            .store(writer.written().0, Ordering::Release);
+        let shared = progress.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            while let Some(command) = rx.blocking_recv() {
+                match command {
+                    WriterCommand::Write {
+                        lsn,
+                        data,
+                        verified,
+                    } => {
+                        writer.write(lsn, &data, verified)?;
+                        shared.written.store(writer.written().0, Ordering::Release);
+                    }
+                    WriterCommand::Flush(reply) => {
+                        let flushed = writer.flush()?;
+                        let _ = reply.send(flushed);
+                    }
+                }
+            }
+            let completed = writer.completed_segments();
+            let written = writer.written();
+            let flushed = writer.close()?;
+            Ok((written, flushed, completed))
+        });
+        WriterHandle {
+            tx: Some(tx),
+            progress,
+            task: Some(task),
+        }
+    }
+
+    fn written(&self) -> Lsn {
+        Lsn(self.progress.written.load(Ordering::Acquire))
+    }
+
+    async fn write(&mut self, lsn: Lsn, data: Bytes, verified: Lsn) -> Result<()> {
+        let sent = match &self.tx {
+            Some(tx) => tx
+                .send(WriterCommand::Write {
+                    lsn,
+                    data,
+                    verified,
+                })
+                .await
+                .is_ok(),
+            None => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            Err(self.failure().await)
+        }
+    }
+
+    async fn flush(&mut self) -> Result<Lsn> {
+        let (reply, answer) = oneshot::channel();
+        let sent = match &self.tx {
+            Some(tx) => tx.send(WriterCommand::Flush(reply)).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            if let Ok(lsn) = answer.await {
+                return Ok(lsn);
+            }
+        }
+        Err(self.failure().await)
+    }
+
+    /// Closes the queue and waits for the thread: (written, flushed, completed).
+    async fn close(&mut self) -> Result<(Lsn, Lsn, u64)> {
+        self.tx = None;
+        match self.task.take() {
+            Some(task) => match task.await {
+                Ok(result) => result,
+                Err(join) => Err(writer_gone(&join.to_string())),
+            },
+            None => Err(writer_gone("it was already closed")),
+        }
+    }
+
+    /// The writer thread stopped: its error.
+    async fn failure(&mut self) -> Error {
+        match self.close().await {
+            Err(err) => err,
+            Ok(_) => writer_gone("it ended early"),
+        }
+    }
+}
+
+fn writer_gone(why: &str) -> Error {
+    Error::state(
+        format!("the WAL writer thread stopped unexpectedly: {why}"),
+        "this is a bug; the directory is consistent (incomplete segments stay .partial), start again",
+    )
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EndReason::EndPos => "reached the end position",
+            EndReason::Shutdown => "stopped on request",
+            EndReason::ServerShutdown => "the server shut down",
+        })
+    }
+}

@@ -1,0 +1,553 @@
+//! [`WalStream`]: `START_REPLICATION … PHYSICAL` as a stream of typed events, with
+//! standby status updates. The thin tokio layer over [`crate::protocol`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use pgwire_repl::proto::frontend;
+use pgwire_repl::proto::replication::{postgres_now, HotStandbyFeedback, StandbyStatusUpdate};
+use pgwire_repl::{Connection, Lsn, ReplicationClient, TimelineId};
+use tokio::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::protocol::{CopyBoth, StatusSchedule, Step, StreamEvent};
+
+/// The default interval of periodic status updates (pg_receivewal's
+/// `--status-interval` default).
+pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The default limit on silence from the server (PostgreSQL's default
+/// `wal_sender_timeout`).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How to start streaming.
+///
+/// ```
+/// use std::time::Duration;
+/// use pgwire_repl::{Lsn, TimelineId};
+/// use walstream::StreamOptions;
+///
+/// let options = StreamOptions::new(Lsn(0x3000000))
+///     .slot("standby1")
+///     .timeline(TimelineId(1))
+///     .status_interval(Some(Duration::from_secs(5)));
+/// assert_eq!(options.start_command(), "START_REPLICATION SLOT \"standby1\" PHYSICAL 0/3000000 TIMELINE 1");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamOptions {
+    start: Lsn,
+    slot: Option<String>,
+    timeline: Option<TimelineId>,
+    status_interval: Option<Duration>,
+    idle_timeout: Option<Duration>,
+}
+
+impl StreamOptions {
+    /// Streams from `start` (pg_receivewal always starts at a segment start; the server
+    /// accepts any position).
+    pub fn new(start: Lsn) -> StreamOptions {
+        StreamOptions {
+            start,
+            slot: None,
+            timeline: None,
+            status_interval: Some(DEFAULT_STATUS_INTERVAL),
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+        }
+    }
+
+    /// Streams from this physical replication slot; the flush positions reported
+    /// advance its `restart_lsn`.
+    pub fn slot(mut self, name: impl Into<String>) -> StreamOptions {
+        self.slot = Some(name.into());
+        self
+    }
+
+    /// Streams this timeline (default: the server's current one).
+    pub fn timeline(mut self, timeline: TimelineId) -> StreamOptions {
+        self.timeline = Some(timeline);
+        self
+    }
+
+    /// How often to send a status update unasked (default 10 s; `None` only answers
+    /// the server's requests). Keep it below half the server's `wal_sender_timeout`.
+    pub fn status_interval(mut self, interval: Option<Duration>) -> StreamOptions {
+        self.status_interval = interval;
+        self
+    }
+
+    /// Fail with [`crate::ErrorKind::Timeout`] when the server sends nothing for this
+    /// long (default 60 s; `None` waits forever). The server sends keepalives at least
+    /// every `wal_sender_timeout / 2`, so a live but idle server never trips it if this
+    /// is at least `wal_sender_timeout`.
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> StreamOptions {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// The start position.
+    pub fn start(&self) -> Lsn {
+        self.start
+    }
+
+    /// The `START_REPLICATION` command these options make.
+    pub fn start_command(&self) -> String {
+        let mut command = String::from("START_REPLICATION ");
+        if let Some(slot) = &self.slot {
+            command.push_str(&format!("SLOT \"{slot}\" "));
+        }
+        command.push_str(&format!("PHYSICAL {}", self.start));
+        if let Some(tli) = self.timeline {
+            command.push_str(&format!(" TIMELINE {tli}"));
+        }
+        command
+    }
+}
+
+/// The positions reported to the server, shared between a [`WalStream`] and whoever
+/// writes the WAL (another task or thread can update them).
+///
+/// Report as flushed only what is durably on disk: with a slot, the flush position
+/// lets the server recycle older WAL.
+#[derive(Debug, Default)]
+pub struct Feedback {
+    write: AtomicU64,
+    flush: AtomicU64,
+    apply: AtomicU64,
+}
+
+impl Feedback {
+    /// Sets the written position (last byte + 1 handed to the OS).
+    pub fn set_write(&self, lsn: Lsn) {
+        self.write.store(lsn.0, Ordering::Release);
+    }
+
+    /// Sets the flushed position (last byte + 1 durably on disk).
+    pub fn set_flush(&self, lsn: Lsn) {
+        self.flush.store(lsn.0, Ordering::Release);
+    }
+
+    /// Sets the applied position (0 for a pure receiver).
+    pub fn set_apply(&self, lsn: Lsn) {
+        self.apply.store(lsn.0, Ordering::Release);
+    }
+
+    /// The current (write, flush, apply) positions.
+    pub fn positions(&self) -> (Lsn, Lsn, Lsn) {
+        (
+            Lsn(self.write.load(Ordering::Acquire)),
+            Lsn(self.flush.load(Ordering::Acquire)),
+            Lsn(self.apply.load(Ordering::Acquire)),
+        )
+    }
+}
+
+/// A running `START_REPLICATION … PHYSICAL`.
+///
+/// Read it with [`WalStream::next_event`] (or turn it into a [`futures::Stream`] with
+/// [`WalStream::into_stream`]). Keepalives that ask for a reply are answered, and
+/// periodic status updates sent, from inside those calls, so keep calling them.
+///
+/// ```no_run
+/// # async fn demo() -> walstream::Result<()> {
+/// use pgwire_repl::{Config, Lsn, ReplicationClient};
+/// use walstream::{StreamEvent, StreamOptions, WalStream};
+///
+/// let config = Config::parse_with_env("host=primary user=repl")?;
+/// let client = ReplicationClient::connect(&config).await?;
+/// let mut stream = WalStream::start(client, StreamOptions::new(Lsn(0x3000000))).await?;
+/// while let Some(event) = stream.next_event().await? {
+///     match event {
+///         StreamEvent::XLogData(x) => {
+///             // … write x.data at x.wal_start, then report it:
+///             let end = Lsn(x.wal_start.0 + x.data.len() as u64);
+///             stream.feedback().set_write(end);
+///             if end.0 >= 0x4000000 {
+///                 stream.stop().await?; // CopyDone, never CopyFail
+///                 break;
+///             }
+///         }
+///         StreamEvent::EndOfTimeline { next_timeline, next_start } => {
+///             println!("continue on timeline {next_timeline} at {next_start}");
+///         }
+///         _ => {}
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+pub struct WalStream {
+    conn: Connection,
+    machine: CopyBoth,
+    schedule: StatusSchedule,
+    feedback: Arc<Feedback>,
+    hot_standby: Option<HotStandbyFeedback>,
+    idle_timeout: Option<Duration>,
+    last_received: Instant,
+    pending: Option<StreamEvent>,
+    status_buf: BytesMut,
+    /// Set while a send is in progress: if the future doing it is dropped (e.g. in a
+    /// `select!`), part of a message may have gone out and the connection is unusable.
+    sending: bool,
+}
+
+impl std::fmt::Debug for WalStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalStream")
+            .field("target", &self.conn.target())
+            .field("machine", &self.machine)
+            .field("feedback", &self.feedback)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WalStream {
+    /// Sends `START_REPLICATION` and waits for the server to start streaming (or to
+    /// answer at once with the end of the timeline, which is then the first event).
+    /// Server errors before the stream starts (a missing slot, a start position not
+    /// in the server's history, WAL already removed) are returned here.
+    pub async fn start(client: ReplicationClient, options: StreamOptions) -> Result<WalStream> {
+        WalStream::start_on(client.into_connection(), options).await
+    }
+
+    /// Like [`WalStream::start`], on a bare connection (one that is idle in a
+    /// physical replication session).
+    pub async fn start_on(mut conn: Connection, options: StreamOptions) -> Result<WalStream> {
+        frontend::query(&options.start_command(), conn.write_buf())?;
+        conn.flush().await?;
+        let now = Instant::now();
+        let mut stream = WalStream {
+            conn,
+            machine: CopyBoth::new(options.start),
+            schedule: StatusSchedule::new(options.status_interval, now.into_std()),
+            feedback: Arc::new(Feedback::default()),
+            hot_standby: None,
+            idle_timeout: options.idle_timeout,
+            last_received: now,
+            pending: None,
+            status_buf: BytesMut::with_capacity(64),
+            sending: false,
+        };
+        loop {
+            let message = stream.read().await?;
+            match stream.machine.handle(message)? {
+                Step::Started => return Ok(stream),
+                Step::Nothing => {}
+                Step::Finished(next) => {
+                    stream.pending = Some(end_event(next)?);
+                    return Ok(stream);
+                }
+                Step::SendCopyDone => {
+                    stream.send_copy_done().await?;
+                    return Ok(stream);
+                }
+                Step::Event(event) => {
+                    stream.pending = Some(event);
+                    return Ok(stream);
+                }
+            }
+        }
+    }
+
+    /// The shared positions to report. Update them as WAL is written and flushed.
+    pub fn feedback(&self) -> &Arc<Feedback> {
+        &self.feedback
+    }
+
+    /// Sends hot-standby feedback (`h`) with every status update from now on; `None`
+    /// stops sending it. A WAL archiver should not send it: it holds back the
+    /// primary's cleanup.
+    pub fn set_hot_standby_feedback(&mut self, feedback: Option<HotStandbyFeedback>) {
+        self.hot_standby = feedback;
+    }
+
+    /// The position the next XLogData will start at.
+    pub fn position(&self) -> Lsn {
+        self.machine.expected()
+    }
+
+    /// The server this stream is connected to, for messages.
+    pub fn target(&self) -> &str {
+        self.conn.target()
+    }
+
+    /// The next event, or `None` once the stream is over (after
+    /// [`StreamEvent::EndOfTimeline`], [`StreamEvent::ServerShutdown`], or a stop).
+    ///
+    /// Sends a status update first when one is due (a keepalive asked for it, or the
+    /// status interval passed). Fails with a typed server error when the server
+    /// reports one mid-stream, with [`crate::ErrorKind::Connection`] when the
+    /// connection is lost, and with [`crate::ErrorKind::Timeout`] after the idle
+    /// timeout.
+    pub async fn next_event(&mut self) -> Result<Option<StreamEvent>> {
+        if let Some(event) = self.pending.take() {
+            return Ok(Some(event));
+        }
+        loop {
+            if self.machine.is_done() {
+                return Ok(None);
+            }
+            if self.machine.is_streaming() && self.schedule.due(Instant::now().into_std()) {
+                self.send_status(false).await?;
+            }
+            let message = self.read().await?;
+            match self.machine.handle(message)? {
+                Step::Nothing | Step::Started => {}
+                Step::SendCopyDone => self.send_copy_done().await?,
+                Step::Finished(next) => {
+                    return match next {
+                        Some(_) => end_event(next).map(Some),
+                        None => Ok(None),
+                    }
+                }
+                Step::Event(event) => {
+                    if let StreamEvent::Keepalive(k) = &event {
+                        if k.reply_requested {
+                            self.schedule.request_reply();
+                        }
+                    }
+                    return Ok(Some(event));
+                }
+            }
+        }
+    }
+
+    /// Sends a standby status update now, with the positions in [`WalStream::feedback`]
+    /// (and hot-standby feedback if set). With `reply_requested`, the server answers
+    /// with a keepalive.
+    pub async fn send_status(&mut self, reply_requested: bool) -> Result<()> {
+        let (write, flush, apply) = self.feedback.positions();
+        let now = postgres_now();
+        self.status_buf.clear();
+        StandbyStatusUpdate {
+            write,
+            flush,
+            apply,
+            client_time: now,
+            reply_requested,
+        }
+        .encode(&mut self.status_buf);
+        frontend::copy_data(&self.status_buf, self.conn.write_buf());
+        if let Some(mut hs) = self.hot_standby {
+            hs.client_time = now;
+            self.status_buf.clear();
+            hs.encode(&mut self.status_buf);
+            frontend::copy_data(&self.status_buf, self.conn.write_buf());
+        }
+        self.send().await?;
+        self.schedule.sent(Instant::now().into_std());
+        tracing::trace!(%write, %flush, %apply, "sent standby status update");
+        Ok(())
+    }
+
+    /// Stops streaming: sends a final status update and CopyDone (never CopyFail),
+    /// then reads (and drops) whatever the server had queued until ReadyForQuery.
+    /// Returns the end of the timeline if the server reached it meanwhile. The
+    /// connection is idle afterwards ([`WalStream::into_connection`]).
+    pub async fn stop(&mut self) -> Result<Option<StreamEvent>> {
+        if let Some(event) = self.pending.take() {
+            if matches!(event, StreamEvent::EndOfTimeline { .. }) {
+                return Ok(Some(event));
+            }
+        }
+        if self.machine.is_streaming() {
+            self.send_status(false).await?;
+        }
+        if self.machine.stop() {
+            self.send_copy_done().await?;
+        }
+        while !self.machine.is_done() {
+            let message = self.read().await?;
+            match self.machine.handle(message)? {
+                Step::SendCopyDone => self.send_copy_done().await?,
+                Step::Finished(Some(next)) => return end_event(Some(next)).map(Some),
+                Step::Event(StreamEvent::ServerShutdown) => {
+                    return Ok(Some(StreamEvent::ServerShutdown))
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// The connection, idle again once the stream has finished (after
+    /// [`StreamEvent::EndOfTimeline`] or [`WalStream::stop`]).
+    pub fn into_connection(self) -> Connection {
+        self.conn
+    }
+
+    /// Turns the stream into a [`futures::Stream`] of events. Status updates are sent
+    /// as with [`WalStream::next_event`]; update the positions through the
+    /// [`Feedback`] obtained from [`WalStream::feedback`] before converting.
+    ///
+    /// ```no_run
+    /// # async fn demo(stream: walstream::WalStream) -> walstream::Result<()> {
+    /// use futures::StreamExt;
+    /// let feedback = stream.feedback().clone();
+    /// let mut events = stream.into_stream();
+    /// while let Some(event) = events.next().await {
+    ///     if let walstream::StreamEvent::XLogData(x) = event? {
+    ///         feedback.set_write(pgwire_repl::Lsn(x.wal_start.0 + x.data.len() as u64));
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn into_stream(self) -> EventStream {
+        EventStream {
+            state: EventStreamState::Idle(Box::new(self)),
+        }
+    }
+
+    async fn read(&mut self) -> Result<pgwire_repl::proto::backend::BackendMessage> {
+        loop {
+            let status_at = if self.machine.is_streaming() {
+                self.schedule.next_periodic().map(Instant::from_std)
+            } else {
+                None
+            };
+            let idle_at = self.idle_timeout.map(|t| self.last_received + t);
+            let wake_at = match (status_at, idle_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let read = self.conn.read_message();
+            let message = match wake_at {
+                None => read.await,
+                // Reading is cancel-safe: bytes read so far stay in the connection's buffer.
+                Some(at) => match tokio::time::timeout_at(at, read).await {
+                    Ok(message) => message,
+                    Err(_) => {
+                        let now = Instant::now();
+                        if idle_at.is_some_and(|at| now >= at) {
+                            return Err(self.idle_error());
+                        }
+                        if self.machine.is_streaming() && self.schedule.due(now.into_std()) {
+                            self.send_status(false).await?;
+                        }
+                        continue;
+                    }
+                },
+            };
+            return match message {
+                Ok(message) => {
+                    self.last_received = Instant::now();
+                    Ok(message)
+                }
+                Err(err) => Err(self.read_error(err)),
+            };
+        }
+    }
+
+    fn idle_error(&self) -> Error {
+        let secs = self.idle_timeout.map_or(0, |t| t.as_secs());
+        Error::timeout(
+            format!(
+                "{} sent nothing for {secs} s while streaming WAL",
+                self.conn.target()
+            ),
+            "the server or the network stalled (a live walsender sends keepalives at least every wal_sender_timeout/2); check the server's log, or raise the idle timeout above the server's wal_sender_timeout",
+        )
+    }
+
+    fn read_error(&self, err: pgwire_repl::Error) -> Error {
+        if self.machine.is_shut_down() {
+            return Error::connection(err.with_advice(
+                "the server shut down (it sent COPY 0); connect again once it is back",
+            ));
+        }
+        Error::connection(err)
+    }
+
+    async fn send_copy_done(&mut self) -> Result<()> {
+        frontend::copy_done(self.conn.write_buf());
+        self.send().await
+    }
+
+    async fn send(&mut self) -> Result<()> {
+        if self.sending {
+            return Err(Error::state(
+                "an earlier send on this replication connection was interrupted",
+                "the connection may hold half a message; drop it and connect again",
+            ));
+        }
+        self.sending = true;
+        self.conn.flush().await?;
+        self.sending = false;
+        Ok(())
+    }
+}
+
+fn end_event(next: Option<(TimelineId, Lsn)>) -> Result<StreamEvent> {
+    match next {
+        Some((next_timeline, next_start)) => Ok(StreamEvent::EndOfTimeline {
+            next_timeline,
+            next_start,
+        }),
+        None => Err(Error::protocol(
+            "the server ended the WAL stream without naming the next timeline",
+        )),
+    }
+}
+
+type NextFuture =
+    Pin<Box<dyn Future<Output = (Box<WalStream>, Result<Option<StreamEvent>>)> + Send>>;
+
+enum EventStreamState {
+    Idle(Box<WalStream>),
+    Busy(NextFuture),
+    Done,
+}
+
+/// A [`WalStream`] as a [`futures::Stream`] of `Result<StreamEvent>`; from
+/// [`WalStream::into_stream`]. Ends after the last event or the first error.
+pub struct EventStream {
+    state: EventStreamState,
+}
+
+impl EventStream {
+    /// The stream back, to [`WalStream::stop`] it, unless a read is in progress or it
+    /// has ended with an error.
+    pub fn into_inner(self) -> Option<WalStream> {
+        match self.state {
+            EventStreamState::Idle(stream) => Some(*stream),
+            _ => None,
+        }
+    }
+}
+
+impl futures::Stream for EventStream {
+    type Item = Result<StreamEvent>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            match std::mem::replace(&mut self.state, EventStreamState::Done) {
+                EventStreamState::Done => return Poll::Ready(None),
+                EventStreamState::Idle(mut stream) => {
+                    self.state = EventStreamState::Busy(Box::pin(async move {
+                        let result = stream.next_event().await;
+                        (stream, result)
+                    }));
+                }
+                EventStreamState::Busy(mut future) => match future.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        self.state = EventStreamState::Busy(future);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready((stream, result)) => {
+                        return Poll::Ready(match result {
+                            Ok(Some(event)) => {
+                                self.state = EventStreamState::Idle(stream);
+                                Some(Ok(event))
+                            }
+                            Ok(None) => None,
+                            Err(err) => Some(Err(err)),
+                        });
+                    }
+                },
+            }
+        }
+    }
+}
