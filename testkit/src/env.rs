@@ -1,6 +1,7 @@
 //! Where the PostgreSQL binaries and the cache live, and which OS user runs the server.
 
 use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -192,6 +193,9 @@ pub(crate) struct ServerUser {
     pub(crate) name: String,
     pub(crate) uid: u32,
     pub(crate) gid: u32,
+    /// Its home directory: the server's own libpq (the walreceiver of a standby) looks
+    /// for `~/.postgresql/*` there, never in root's home.
+    pub(crate) home: std::path::PathBuf,
 }
 
 /// `None` when not root (run as the current user); otherwise the user named by
@@ -204,7 +208,7 @@ pub(crate) fn server_user() -> Option<ServerUser> {
         .ok()
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "postgres".to_string());
-    let Some((uid, gid)) = lookup_user(&name) else {
+    let Some((uid, gid, home)) = lookup_user(&name) else {
         panic!(
             "testkit: running as root, so PostgreSQL must run as an unprivileged OS user, \
              but user `{name}` does not exist; {INSTALL_HINT} (it creates `postgres`) or set \
@@ -217,10 +221,15 @@ pub(crate) fn server_user() -> Option<ServerUser> {
              pick an unprivileged user"
         );
     }
-    Some(ServerUser { name, uid, gid })
+    Some(ServerUser {
+        name,
+        uid,
+        gid,
+        home,
+    })
 }
 
-fn lookup_user(name: &str) -> Option<(u32, u32)> {
+fn lookup_user(name: &str) -> Option<(u32, u32, std::path::PathBuf)> {
     let cname = CString::new(name).ok()?;
     let mut buf = vec![0u8; 16 * 1024];
     // SAFETY: passwd is a plain C struct; all-zero is a valid (empty) value.
@@ -239,7 +248,14 @@ fn lookup_user(name: &str) -> Option<(u32, u32)> {
     if rc != 0 || result.is_null() {
         return None;
     }
-    Some((pwd.pw_uid, pwd.pw_gid))
+    let home = if pwd.pw_dir.is_null() {
+        std::path::PathBuf::from("/")
+    } else {
+        // SAFETY: getpwnam_r succeeded, so pw_dir points to a NUL-terminated string in buf.
+        let dir = unsafe { std::ffi::CStr::from_ptr(pwd.pw_dir) };
+        std::path::PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()))
+    };
+    Some((pwd.pw_uid, pwd.pw_gid, home))
 }
 
 /// A command that runs as the server user (when root) with a predictable environment.
@@ -249,7 +265,7 @@ pub(crate) fn server_command(user: Option<&ServerUser>, program: &Path) -> Comma
         use std::os::unix::process::CommandExt;
         // std calls setgroups(0, NULL) before setuid when running as root and no
         // supplementary groups were given, so root's groups are dropped too.
-        cmd.uid(user.uid).gid(user.gid);
+        cmd.uid(user.uid).gid(user.gid).env("HOME", &user.home);
     }
     cmd.current_dir("/")
         .env("LC_ALL", "C")

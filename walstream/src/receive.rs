@@ -75,6 +75,16 @@ pub struct ReceiveOptions {
     pub verify_records: bool,
     /// The first reconnection delay (default 1 s), doubled after each failure.
     pub reconnect_delay: Duration,
+    /// Where to start when the directory holds no segment, instead of the slot's
+    /// restart_lsn or the server's position (rounded down to a segment start). A base
+    /// backup's start LSN, for example; PostgreSQL 13/14 cannot read a slot's position.
+    pub start_position: Option<Lsn>,
+    /// Create `slot` as a TEMPORARY slot (with RESERVE_WAL) on each streaming
+    /// connection, as `pg_basebackup -X stream` does; it disappears with the session.
+    pub temporary_slot: bool,
+    /// An end position that becomes known while streaming (a base backup's end LSN):
+    /// once the channel holds `Some(lsn)`, it acts as `endpos`.
+    pub endpos_updates: Option<tokio::sync::watch::Receiver<Option<Lsn>>>,
     /// The longest reconnection delay (default 60 s).
     pub max_reconnect_delay: Duration,
 }
@@ -96,7 +106,17 @@ impl ReceiveOptions {
             verify_records: true,
             reconnect_delay: Duration::from_secs(1),
             max_reconnect_delay: Duration::from_secs(60),
+            start_position: None,
+            temporary_slot: false,
+            endpos_updates: None,
         }
+    }
+
+    /// The end position in force now: `endpos`, else the latest value sent through
+    /// `endpos_updates`.
+    fn current_endpos(&self) -> Option<Lsn> {
+        self.endpos
+            .or_else(|| self.endpos_updates.as_ref().and_then(|rx| *rx.borrow()))
     }
 
     fn validate(&self) -> Result<()> {
@@ -104,6 +124,12 @@ impl ReceiveOptions {
             return Err(Error::usage(
                 "synchronous mode and no-sync contradict each other",
                 "choose one: synchronous mode reports only fsynced WAL",
+            ));
+        }
+        if self.temporary_slot && (self.slot.is_none() || self.create_slot) {
+            return Err(Error::usage(
+                "temporary_slot needs a slot name and excludes create_slot",
+                "name the temporary slot in slot and leave create_slot off",
             ));
         }
         if self.create_slot && self.slot.is_none() {
@@ -294,6 +320,7 @@ impl<F: Future<Output = ()>> Receiver<'_, F> {
             major: client.server_major(),
         };
         if let (Some(slot), true, false) = (&options.slot, options.create_slot, self.slot_checked) {
+            // Permanent slots are created once; temporary ones per streaming connection.
             crate::slot::create_physical_slot_if_not_exists(&mut client, slot).await?;
         }
         self.slot_checked = true;
@@ -329,13 +356,24 @@ impl<F: Future<Output = ()>> Receiver<'_, F> {
         }
         let mut client = Some(client);
         loop {
-            if options.endpos.is_some_and(|end| start >= end) {
+            if options.current_endpos().is_some_and(|end| start >= end) {
                 return Ok(EndReason::EndPos);
             }
             let mut current = match client.take() {
                 Some(c) => c,
                 None => ReplicationClient::connect(self.config).await?,
             };
+            if let (Some(slot), true) = (&options.slot, options.temporary_slot) {
+                current
+                    .create_physical_slot(
+                        slot,
+                        pgwire_repl::client::SlotOptions {
+                            temporary: true,
+                            reserve_wal: true,
+                        },
+                    )
+                    .await?;
+            }
             if timeline.0 > 1 && !dir.has_history(timeline) {
                 let history = current.timeline_history(timeline).await?;
                 dir.write_history(timeline, &history.content)?;
@@ -359,13 +397,20 @@ impl<F: Future<Output = ()>> Receiver<'_, F> {
         }
     }
 
-    /// The start when the directory holds no segment: the slot's restart_lsn (15+),
-    /// else the server's current position.
+    /// The start when the directory holds no segment: the configured start position,
+    /// else the slot's restart_lsn (15+), else the server's current position.
     async fn start_without_files(
         &mut self,
         client: &mut ReplicationClient,
         id: &pgwire_repl::IdentifySystem,
     ) -> Result<(Lsn, TimelineId)> {
+        if let Some(start) = self.options.start_position {
+            return Ok((start, id.timeline));
+        }
+        if self.options.temporary_slot {
+            // A temporary slot does not exist yet: it is made on the streaming connection.
+            return Ok((id.xlog_pos, id.timeline));
+        }
         if let Some(slot) = &self.options.slot {
             if client.server_major() >= 15 {
                 match client.read_replication_slot(slot).await? {
@@ -481,9 +526,29 @@ impl<F: Future<Output = ()>> Receiver<'_, F> {
     ) -> Result<TimelineOutcome> {
         let options = self.options;
         let feedback = stream.feedback().clone();
+        let mut endpos_updates = options.endpos_updates.clone();
         loop {
+            // An end position that arrived while WAL was already past it ends here.
+            if let Some(endpos) = options.current_endpos() {
+                if writer.written() >= endpos {
+                    let flushed = writer.flush().await?;
+                    feedback.set_write(writer.written());
+                    if report_flush {
+                        feedback.set_flush(flushed);
+                    }
+                    stream.stop().await?;
+                    return Ok(TimelineOutcome::Ended(EndReason::EndPos));
+                }
+            }
             let event = tokio::select! {
                 biased;
+                changed = wait_for_update(&mut endpos_updates) => {
+                    if changed.is_err() {
+                        // The sender is gone: no end position will come any more.
+                        endpos_updates = None;
+                    }
+                    continue;
+                }
                 () = self.shutdown.as_mut() => {
                     let flushed = writer.flush().await?;
                     if report_flush {
@@ -510,7 +575,7 @@ impl<F: Future<Output = ()>> Receiver<'_, F> {
                     writer
                         .write(x.wal_start, x.data, verifier.verified_up_to())
                         .await?;
-                    let at_end = options.endpos.is_some_and(|endpos| end >= endpos);
+                    let at_end = options.current_endpos().is_some_and(|endpos| end >= endpos);
                     if options.synchronous || at_end {
                         let flushed = writer.flush().await?;
                         feedback.set_write(writer.written());
@@ -552,6 +617,16 @@ impl<F: Future<Output = ()>> Receiver<'_, F> {
                 }
             }
         }
+    }
+}
+
+/// Waits for a new end position; pends forever without a channel.
+async fn wait_for_update(
+    updates: &mut Option<tokio::sync::watch::Receiver<Option<Lsn>>>,
+) -> std::result::Result<(), tokio::sync::watch::error::RecvError> {
+    match updates {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -2,5 +2,6 @@
 //! and the standby configuration written after a clone.
 
 pub mod check;
+pub mod clone;
 pub mod recovery;
 pub mod status;

@@ -1,16 +1,18 @@
 //! `clone-standby`: make a machine a streaming PostgreSQL standby over the replication
 //! protocol alone.
 //!
-//! Commands: `identify`, `check`, `status`. `clone`, `receive-wal` and `verify` arrive
-//! with the basebackup and walstream crates.
+//! Commands: `clone`, `receive-wal`, `verify`, `status`, `check` and `identify`.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use clone_standby::clone::{self as cloning, CloneEvent, CloneOptions, Format, WalMethod};
 use clone_standby::{check, status};
 use pgwire_repl::connection::AuthMethod;
 use pgwire_repl::{Config, ReplicationClient};
+use std::io::IsTerminal;
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +26,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Clone a primary into a new data directory and set it up as a streaming standby.
+    /// Exits 0 only when the clone is complete and verified.
+    Clone(CloneArgs),
+    /// Stream WAL into a directory, like pg_receivewal, checking every record's CRC.
+    ReceiveWal(ReceiveWalArgs),
+    /// Check a plain backup against its backup_manifest, as pg_verifybackup does,
+    /// including that the WAL range it names is present.
+    Verify {
+        /// The data directory to check.
+        #[arg(long)]
+        pgdata: PathBuf,
+        /// Skip the per-file checksums (sizes and presence are still checked).
+        #[arg(long)]
+        skip_checksums: bool,
+        /// Do not check the WAL range.
+        #[arg(long)]
+        no_wal: bool,
+    },
     /// Print IDENTIFY_SYSTEM, the server version and how the connection is secured.
     Identify {
         /// libpq connection string or URI of the server (PG* variables and ~/.pgpass apply).
@@ -61,6 +81,107 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct CloneArgs {
+    /// libpq connection string or URI of the primary (PG* variables and ~/.pgpass apply).
+    #[arg(long)]
+    source: String,
+    /// The new data directory (absent or empty).
+    #[arg(long)]
+    pgdata: PathBuf,
+    /// Stream WAL through this replication slot and name it in primary_slot_name.
+    #[arg(long)]
+    slot: Option<String>,
+    /// Create the slot (with RESERVE_WAL) before the backup starts.
+    #[arg(long, requires = "slot")]
+    create_slot: bool,
+    /// How WAL is included: stream (a second connection), fetch (at the end) or none.
+    #[arg(long, default_value = "stream", value_parser = ["stream", "fetch", "none"])]
+    wal: String,
+    /// Checkpoint at the start: fast or spread.
+    #[arg(long, default_value = "fast", value_parser = ["fast", "spread"])]
+    checkpoint: String,
+    /// Server-side transfer rate limit, kB/s or with a k/M suffix (32k to 1024M).
+    #[arg(long)]
+    max_rate: Option<String>,
+    /// Server-side compression: server-zstd[:LEVEL], server-lz4[:LEVEL], server-gzip[:LEVEL] (PostgreSQL 15+).
+    #[arg(long)]
+    compress: Option<String>,
+    /// Relocate a tablespace: OLDDIR=NEWDIR (repeatable; \= for a literal =).
+    #[arg(long = "tablespace-mapping")]
+    tablespace_mapping: Vec<String>,
+    /// plain (a data directory) or tar (base.tar, <oid>.tar, backup_manifest).
+    #[arg(long, default_value = "plain", value_parser = ["plain", "tar"])]
+    format: String,
+    /// Manifest checksum algorithm: CRC32C, SHA224, SHA256, SHA384, SHA512 or NONE.
+    #[arg(long, default_value = "CRC32C")]
+    manifest_checksums: String,
+    /// Do not write standby.signal and primary_conninfo.
+    #[arg(long)]
+    no_recovery_conf: bool,
+    /// Skip every fsync (faster, not crash-safe).
+    #[arg(long)]
+    no_sync: bool,
+    /// Keep the target directory when the clone fails.
+    #[arg(long)]
+    no_clean: bool,
+    /// Show progress (a bar on a terminal, log lines otherwise).
+    #[arg(long)]
+    progress: bool,
+    /// End with a JSON summary on standard output.
+    #[arg(long)]
+    json: bool,
+    /// Start the standby with pg_ctl and wait until it streams.
+    #[arg(long)]
+    start: bool,
+    /// pg_ctl to use with --start (default: the server version's pg_ctl, then PATH).
+    #[arg(long)]
+    pg_ctl: Option<PathBuf>,
+    /// With --start: the port the standby listens on (written to postgresql.auto.conf).
+    #[arg(long)]
+    standby_port: Option<u16>,
+    /// With --start as root: the OS user that owns and runs the standby (default postgres).
+    #[arg(long)]
+    owner: Option<String>,
+    /// The backup label.
+    #[arg(long, default_value = "clone-standby")]
+    label: String,
+}
+
+#[derive(clap::Args)]
+struct ReceiveWalArgs {
+    /// libpq connection string or URI of the server.
+    #[arg(long)]
+    source: String,
+    /// The WAL directory (created if missing).
+    #[arg(long)]
+    directory: PathBuf,
+    /// Stream through this replication slot.
+    #[arg(long)]
+    slot: Option<String>,
+    /// Create the slot if it does not exist.
+    #[arg(long, requires = "slot")]
+    create_slot: bool,
+    /// Stop once WAL up to this LSN is on disk.
+    #[arg(long)]
+    endpos: Option<String>,
+    /// fsync after every write and report the flush position at once.
+    #[arg(long)]
+    synchronous: bool,
+    /// Compress completed segments: zstd (files end in .zst).
+    #[arg(long, value_parser = ["zstd"])]
+    compress: Option<String>,
+    /// Exit when the connection is lost instead of reconnecting.
+    #[arg(long)]
+    no_loop: bool,
+    /// Skip every fsync.
+    #[arg(long)]
+    no_sync: bool,
+    /// Only check WAL positions, not record CRCs.
+    #[arg(long)]
+    no_verify: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -75,6 +196,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Clone(args) => run_clone(args).await,
+            Command::ReceiveWal(args) => run_receive_wal(args).await,
+            Command::Verify {
+                pgdata,
+                skip_checksums,
+                no_wal,
+            } => run_verify(&pgdata, skip_checksums, no_wal),
             Command::Identify { source, json } => {
                 identify(&source, json).await.map(|()| ExitCode::SUCCESS)
             }
@@ -232,5 +360,343 @@ async fn run_status(
     } else {
         eprintln!("clone-standby: the standby is not streaming from the primary; check its log, primary_conninfo and the primary's pg_hba.conf");
         Ok(ExitCode::FAILURE)
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> pgwire_repl::Result<ExitCode> {
+    eprintln!("clone-standby: {message}");
+    Ok(ExitCode::FAILURE)
+}
+
+async fn run_clone(args: CloneArgs) -> pgwire_repl::Result<ExitCode> {
+    let source = source_config(&args.source)?;
+    let mut mapping = basebackup::TablespaceMapping::default();
+    for arg in &args.tablespace_mapping {
+        if let Err(e) = mapping.parse_arg(arg) {
+            return fail(e);
+        }
+    }
+    let compression = match args
+        .compress
+        .as_deref()
+        .map(cloning::parse_compression)
+        .transpose()
+    {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let max_rate = match args
+        .max_rate
+        .as_deref()
+        .map(cloning::parse_max_rate)
+        .transpose()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let Some(manifest_checksums) = basebackup::ChecksumAlgorithm::parse(&args.manifest_checksums)
+    else {
+        return fail(format!(
+            "unknown --manifest-checksums {:?}: use CRC32C, SHA224, SHA256, SHA384, SHA512 or NONE",
+            args.manifest_checksums
+        ));
+    };
+    if let Some(slot) = &args.slot {
+        if let Err(e) = pgwire_repl::proto::frontend::validate_slot_name(slot) {
+            return fail(e);
+        }
+    }
+    let options = CloneOptions {
+        source: source.clone(),
+        target: args.pgdata.clone(),
+        slot: args.slot.clone(),
+        create_slot: args.create_slot,
+        wal: match args.wal.as_str() {
+            "fetch" => WalMethod::Fetch,
+            "none" => WalMethod::None,
+            _ => WalMethod::Stream,
+        },
+        checkpoint: if args.checkpoint == "spread" {
+            basebackup::Checkpoint::Spread
+        } else {
+            basebackup::Checkpoint::Fast
+        },
+        max_rate,
+        compression,
+        tablespace_mapping: mapping,
+        format: if args.format == "tar" {
+            Format::Tar
+        } else {
+            Format::Plain
+        },
+        manifest_checksums,
+        write_recovery_conf: !args.no_recovery_conf,
+        no_sync: args.no_sync,
+        keep_on_failure: args.no_clean,
+        label: args.label.clone(),
+    };
+    let show_progress = args.progress;
+    let bar = (show_progress && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bytes}/{total_bytes} {wide_bar} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let bar_for_events = bar.clone();
+    let mut last_log = std::time::Instant::now();
+    let events = Box::new(move |event: CloneEvent| match event {
+        CloneEvent::Started {
+            start_lsn,
+            timeline,
+        } => {
+            if show_progress {
+                eprintln!("clone-standby: backup started at {start_lsn} on timeline {timeline}; streaming WAL from there");
+            }
+        }
+        CloneEvent::Progress { done, total } => match &bar_for_events {
+            Some(bar) => {
+                if let Some(total) = total {
+                    bar.set_length(total.max(done));
+                }
+                bar.set_position(done);
+            }
+            None if show_progress && last_log.elapsed() >= std::time::Duration::from_secs(2) => {
+                last_log = std::time::Instant::now();
+                match total {
+                    Some(total) => {
+                        eprintln!("clone-standby: {} of ~{} MB", done >> 20, total >> 20)
+                    }
+                    None => eprintln!("clone-standby: {} MB", done >> 20),
+                }
+            }
+            None => {}
+        },
+        CloneEvent::WaitingForWal { end_lsn } => {
+            if show_progress {
+                eprintln!(
+                    "clone-standby: archive complete and verified; waiting for WAL up to {end_lsn}"
+                );
+            }
+        }
+    });
+    // Ctrl-C stops cleanly: the clone future is dropped and the target removed.
+    let outcome = tokio::select! {
+        result = cloning::clone(options, events) => result,
+        _ = tokio::signal::ctrl_c() => {
+            if !args.no_clean {
+                let _ = std::fs::remove_dir_all(&args.pgdata);
+            }
+            Err("interrupted; the partial clone was removed".to_string())
+        }
+    };
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let summary = match outcome {
+        Ok(summary) => summary,
+        Err(e) => return fail(format!("clone failed: {e}")),
+    };
+    let megabytes_per_second = summary.bytes as f64 / 1e6 / summary.seconds.max(1e-9);
+    let mut standby_status = None;
+    if args.start {
+        match start_standby(&args, &source, summary.server_major).await {
+            Ok(status) => standby_status = Some(status),
+            Err(e) => {
+                return fail(format!(
+                "the clone is complete and verified, but the standby did not start streaming: {e}"
+            ))
+            }
+        }
+    }
+    if args.json {
+        let value = serde_json::json!({
+            "bytes": summary.bytes,
+            "seconds": summary.seconds,
+            "mb_per_s": megabytes_per_second,
+            "start_lsn": summary.start_lsn.to_string(),
+            "end_lsn": summary.end_lsn.to_string(),
+            "timeline": summary.timeline.0,
+            "verified_files": summary.verified_files,
+            "wal_bytes": summary.wal_bytes,
+            "standby_replay_lag_bytes": standby_status.as_ref().and_then(|s: &status::Status| s.replay_lag()),
+        });
+        println!("{value:#}");
+    } else {
+        println!(
+            "clone-standby: cloned {} MB in {:.1} s ({:.0} MB/s), {} files verified, WAL {} to {} on timeline {}",
+            summary.bytes >> 20,
+            summary.seconds,
+            megabytes_per_second,
+            summary.verified_files,
+            summary.start_lsn,
+            summary.end_lsn,
+            summary.timeline
+        );
+        if let Some(s) = &standby_status {
+            println!(
+                "clone-standby: the standby is streaming; receive lag {} bytes, replay lag {} bytes",
+                s.receive_lag().unwrap_or(0),
+                s.replay_lag().unwrap_or(0)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the clone with pg_ctl as its owner and waits until it streams.
+async fn start_standby(
+    args: &CloneArgs,
+    source: &Config,
+    major: u32,
+) -> Result<status::Status, String> {
+    use std::os::unix::process::CommandExt;
+    let pgdata = &args.pgdata;
+    if let Some(port) = args.standby_port {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(pgdata.join("postgresql.auto.conf"))
+            .map_err(|e| format!("opening postgresql.auto.conf: {e}"))?;
+        writeln!(file, "port = {port}")
+            .map_err(|e| format!("writing postgresql.auto.conf: {e}"))?;
+    }
+    let pg_ctl = match &args.pg_ctl {
+        Some(path) => path.clone(),
+        None => [
+            PathBuf::from(format!("/var/cache/pgrepl/postgres/{major}/bin/pg_ctl")),
+            PathBuf::from(format!("/usr/lib/postgresql/{major}/bin/pg_ctl")),
+        ]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("pg_ctl")),
+    };
+    let mut command = std::process::Command::new(&pg_ctl);
+    let log = pgdata.join("clone-standby-start.log");
+    command
+        .arg("start")
+        .arg("-w")
+        .arg("-t")
+        .arg("120")
+        .arg("-D")
+        .arg(pgdata)
+        .arg("-l")
+        .arg(&log);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let owner = args.owner.clone().unwrap_or_else(|| "postgres".into());
+        let (uid, gid) = lookup_user(&owner)
+            .ok_or_else(|| format!("no OS user {owner:?} to run the standby as; pass --owner"))?;
+        cloning::chown_tree(pgdata, uid, gid)?;
+        command.uid(uid).gid(gid);
+    }
+    let output = command
+        .output()
+        .map_err(|e| format!("running {}: {e}", pg_ctl.display()))?;
+    if !output.status.success() {
+        let server_log = std::fs::read_to_string(&log).unwrap_or_default();
+        return Err(format!(
+            "{} start failed: {}{}\n{server_log}",
+            pg_ctl.display(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    // postmaster.pid line 4 is the port, line 5 the socket directory.
+    let pid_file = std::fs::read_to_string(pgdata.join("postmaster.pid"))
+        .map_err(|e| format!("reading postmaster.pid: {e}"))?;
+    let lines: Vec<&str> = pid_file.lines().collect();
+    let port = lines.get(3).map(|s| s.trim()).unwrap_or("5432");
+    let socket_dir = lines
+        .get(4)
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("/var/run/postgresql");
+    let mut standby = Config::parse(&format!("host={socket_dir} port={port} dbname=postgres"))
+        .map_err(|e| e.to_string())?;
+    standby.user = source.user.clone();
+    standby.password = source.password.clone();
+    standby.passfile = source.passfile.clone();
+    status::wait_caught_up(source, &standby, cloning::DEFAULT_START_WAIT)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn lookup_user(name: &str) -> Option<(u32, u32)> {
+    let c_name = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: an all-zero passwd is a valid out-parameter for getpwnam_r.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: all pointers are valid for the duration of the call; buf's length is passed.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            c_name.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    Some((pwd.pw_uid, pwd.pw_gid))
+}
+
+async fn run_receive_wal(args: ReceiveWalArgs) -> pgwire_repl::Result<ExitCode> {
+    let source = source_config(&args.source)?;
+    let mut options = walstream::ReceiveOptions::new(&args.directory);
+    options.slot = args.slot.clone();
+    options.create_slot = args.create_slot;
+    options.synchronous = args.synchronous;
+    options.no_loop = args.no_loop;
+    options.verify_records = !args.no_verify;
+    options.dir_options.sync = !args.no_sync;
+    if args.compress.is_some() {
+        options.dir_options.compression = walstream::Compression::Zstd { level: 3 };
+    }
+    if let Some(endpos) = &args.endpos {
+        options.endpos = Some(endpos.parse()?);
+    }
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match walstream::receive_wal(&source, &options, shutdown).await {
+        Ok(summary) => {
+            eprintln!(
+                "clone-standby: stopped ({:?}) at {} on timeline {}: {} bytes received, {} segments completed, {} reconnects",
+                summary.end_reason, summary.flushed, summary.timeline, summary.bytes_received, summary.segments_completed, summary.reconnects
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => fail(format!("receive-wal failed: {e}")),
+    }
+}
+
+fn run_verify(
+    pgdata: &std::path::Path,
+    skip_checksums: bool,
+    no_wal: bool,
+) -> pgwire_repl::Result<ExitCode> {
+    let options = basebackup::VerifyOptions {
+        skip_checksums,
+        skip_wal: no_wal,
+        ..basebackup::VerifyOptions::default()
+    };
+    match basebackup::verify_backup_with(pgdata, &options) {
+        Ok(manifest) => {
+            println!(
+                "clone-standby: {} files verified in {}{}",
+                manifest.files.len(),
+                pgdata.display(),
+                if no_wal { "" } else { ", WAL range present" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => fail(format!("verification failed: {e}")),
     }
 }
