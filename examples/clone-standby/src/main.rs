@@ -12,6 +12,7 @@ use clone_standby::{check, status};
 use pgwire_repl::connection::AuthMethod;
 use pgwire_repl::{Config, ReplicationClient};
 use std::io::IsTerminal;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -527,8 +528,8 @@ async fn run_clone(args: CloneArgs) -> pgwire_repl::Result<ExitCode> {
         println!("{value:#}");
     } else {
         println!(
-            "clone-standby: cloned {} MB in {:.1} s ({:.0} MB/s), {} files verified, WAL {} to {} on timeline {}",
-            summary.bytes >> 20,
+            "clone-standby: cloned {:.0} MB in {:.1} s ({:.0} MB/s), {} files verified, WAL {} to {} on timeline {}",
+            summary.bytes as f64 / 1e6,
             summary.seconds,
             megabytes_per_second,
             summary.verified_files,
@@ -588,10 +589,11 @@ async fn start_standby(
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         let owner = args.owner.clone().unwrap_or_else(|| "postgres".into());
-        let (uid, gid) = lookup_user(&owner)
+        let (uid, gid, home) = lookup_user(&owner)
             .ok_or_else(|| format!("no OS user {owner:?} to run the standby as; pass --owner"))?;
         cloning::chown_tree(pgdata, uid, gid)?;
-        command.uid(uid).gid(gid);
+        // The standby's walreceiver reads ~/.postgresql and ~/.pgpass of its own user.
+        command.uid(uid).gid(gid).env("HOME", home);
     }
     let output = command
         .output()
@@ -622,10 +624,16 @@ async fn start_standby(
     standby.passfile = source.passfile.clone();
     status::wait_caught_up(source, &standby, cloning::DEFAULT_START_WAIT)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| {
+            format!(
+                "{e}\n  the standby's log ({}) ends with:\n{}",
+                log.display(),
+                log_tail(&log)
+            )
+        })
 }
 
-fn lookup_user(name: &str) -> Option<(u32, u32)> {
+fn lookup_user(name: &str) -> Option<(u32, u32, PathBuf)> {
     let c_name = std::ffi::CString::new(name).ok()?;
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     // SAFETY: an all-zero passwd is a valid out-parameter for getpwnam_r.
@@ -644,7 +652,14 @@ fn lookup_user(name: &str) -> Option<(u32, u32)> {
     if rc != 0 || result.is_null() {
         return None;
     }
-    Some((pwd.pw_uid, pwd.pw_gid))
+    let home = if pwd.pw_dir.is_null() {
+        PathBuf::from("/")
+    } else {
+        // SAFETY: getpwnam_r succeeded, so pw_dir is a NUL-terminated string inside buf.
+        let dir = unsafe { std::ffi::CStr::from_ptr(pwd.pw_dir) };
+        PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()))
+    };
+    Some((pwd.pw_uid, pwd.pw_gid, home))
 }
 
 async fn run_receive_wal(args: ReceiveWalArgs) -> pgwire_repl::Result<ExitCode> {
@@ -699,4 +714,14 @@ fn run_verify(
         }
         Err(e) => fail(format!("verification failed: {e}")),
     }
+}
+
+/// The last lines of a log file, indented, for error messages.
+fn log_tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(8)..]
+        .iter()
+        .map(|l| format!("    {l}\n"))
+        .collect()
 }
