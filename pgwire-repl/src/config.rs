@@ -1328,7 +1328,8 @@ fn whole_seconds(duration: Duration) -> u64 {
     }
 }
 
-fn ssl_mode_name(mode: SslMode) -> &'static str {
+/// The libpq spelling of an sslmode, e.g. `verify-full`.
+pub(crate) fn ssl_mode_name(mode: SslMode) -> &'static str {
     match mode {
         SslMode::Disable => "disable",
         SslMode::Allow => "allow",

@@ -543,7 +543,7 @@ async fn connect_once(
                 }
                 b'N' if required => {
                     return Err(Error::tls(
-                        format!("{target} does not support TLS, but sslmode={} requires it", mode_name(config.ssl_mode)),
+                        format!("{target} does not support TLS, but sslmode={} requires it", crate::config::ssl_mode_name(config.ssl_mode)),
                         "enable ssl=on (with ssl_cert_file and ssl_key_file) on the server, or lower sslmode to prefer or disable",
                     ));
                 }
@@ -728,17 +728,6 @@ async fn connect_once(
         auth_method: auth.method(),
         target,
     })
-}
-
-fn mode_name(mode: SslMode) -> &'static str {
-    match mode {
-        SslMode::Disable => "disable",
-        SslMode::Allow => "allow",
-        SslMode::Prefer => "prefer",
-        SslMode::Require => "require",
-        SslMode::VerifyCa => "verify-ca",
-        SslMode::VerifyFull => "verify-full",
-    }
 }
 
 /// Takes the major version from `server_version` (`15.18 (Debian …)`, `17beta1`, `18devel`).

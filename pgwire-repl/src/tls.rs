@@ -48,7 +48,7 @@ pub(crate) fn client_config(config: &Config) -> Result<Arc<ClientConfig>> {
             return Err(Error::config(
                 format!(
                     "sslmode={} needs a root certificate, but sslrootcert is not set and ~/.postgresql/root.crt does not exist",
-                    if config.ssl_mode == SslMode::VerifyCa { "verify-ca" } else { "verify-full" }
+                    crate::config::ssl_mode_name(config.ssl_mode)
                 ),
                 "set sslrootcert=/path/to/ca.crt (or PGSSLROOTCERT) to the CA that signed the server's certificate, or use sslmode=require to skip verification",
             ));
