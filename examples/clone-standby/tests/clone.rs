@@ -457,3 +457,51 @@ async fn a_tls_clone_with_verify_full_writes_a_conninfo_the_standby_can_use() {
         standby.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tar_format_clone_writes_archives_manifest_and_streamed_wal() {
+    let primary = Cluster::start(ClusterOptions::new());
+    primary
+        .execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 10000) g")
+        .await;
+    let work = scratch();
+    let target = work.path().join("archives");
+    let output = run(&[
+        "clone",
+        "--source",
+        &primary.unix_conninfo(primary.superuser()),
+        "--pgdata",
+        target.to_str().unwrap(),
+        "--format",
+        "tar",
+        "--no-sync",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", text(&output));
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(target.join("base.tar").metadata().unwrap().len() > 1 << 20);
+    assert!(target.join("backup_manifest").exists());
+    let segments: Vec<_> = std::fs::read_dir(target.join("pg_wal"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        !segments.is_empty() && segments.iter().all(|n| n.len() == 24),
+        "{segments:?}"
+    );
+    // The WAL from the backup's start to its end is there under final names.
+    let start: pgwire_repl::Lsn = summary["start_lsn"].as_str().unwrap().parse().unwrap();
+    let first = start.wal_file_name(
+        pgwire_repl::TimelineId(1),
+        pgwire_repl::WalSegmentSize::DEFAULT,
+    );
+    assert!(
+        segments.contains(&first),
+        "{first} missing from {segments:?}"
+    );
+    assert!(
+        !target.join("standby.signal").exists(),
+        "tar format writes no standby configuration"
+    );
+}
