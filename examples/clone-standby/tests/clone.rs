@@ -505,3 +505,54 @@ async fn a_tar_format_clone_writes_archives_manifest_and_streamed_wal() {
         "tar format writes no standby configuration"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_a_clone_and_removes_the_target() {
+    let primary = Cluster::start(ClusterOptions::new());
+    primary.execute("CREATE TABLE big AS SELECT g, repeat('x', 1000) AS pad FROM generate_series(1, 20000) g").await;
+    let work = scratch();
+    let pgdata = work.path().join("standby");
+    let mut child = Command::new(bin())
+        .args([
+            "clone",
+            "--source",
+            &primary.unix_conninfo(primary.superuser()),
+            "--pgdata",
+        ])
+        .arg(&pgdata)
+        .args(["--max-rate", "1M", "--no-sync"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(pgdata.exists(), "the clone should be under way");
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let started = std::time::Instant::now();
+    let output = loop {
+        if child.try_wait().unwrap().is_some() {
+            break child.wait_with_output().unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "clone did not stop after Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!output.status.success());
+    assert!(text(&output).contains("interrupted"), "{}", text(&output));
+    assert!(!pgdata.exists(), "Ctrl-C must remove the partial target");
+    // The temporary slot went away with the interrupted session.
+    let mut slots = None;
+    for _ in 0..50 {
+        slots = primary
+            .query_value("SELECT count(*)::text FROM pg_replication_slots")
+            .await;
+        if slots.as_deref() == Some("0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(slots.as_deref(), Some("0"));
+}
