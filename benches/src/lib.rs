@@ -1,1 +1,15 @@
-//! Benchmark harness: filled by the benchmarks issue.
+//! Side-by-side benchmarks of `clone-standby` against `pg_basebackup` and
+//! `pg_receivewal` (the `compare` binary), plus criterion micro-benchmarks (`benches/`).
+//!
+//! The harness builds or reuses a persistent pgbench source cluster ([`cluster`]), runs
+//! both tools alternately on each case ([`harness`]) measuring wall time, CPU and peak
+//! RSS of the whole process tree ([`measure`]), measures the machine's limits in the
+//! same run ([`limits`]), and renders markdown and JSON ([`report`]).
+
+pub mod cluster;
+pub mod harness;
+pub mod limits;
+pub mod machine;
+pub mod measure;
+pub mod report;
+pub mod stats;

@@ -1,0 +1,313 @@
+//! `compare`: clone-standby against pg_basebackup and pg_receivewal, side by side.
+//!
+//! ```text
+//! cargo run --release -p benches --bin compare -- --scale 100 --rounds 3 \
+//!     --json benches/results.json --markdown benches/results.md
+//! cargo run --release -p benches --bin compare -- --smoke          # CI: tiny, one round
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use benches::cluster::{ClusterOptions, SourceCluster};
+use benches::harness::{self, Case, Harness, OursTool, Report, Settings, Sides};
+use benches::{machine, report};
+use clap::Parser;
+
+/// Compares clone-standby with pg_basebackup and pg_receivewal on a pgbench source
+/// cluster over loopback TCP, alternating the tools (A B, then B A) for N rounds.
+///
+/// Cases: plain clone with WAL streamed (durable), the same with no sync, tar format,
+/// server-side zstd, and WAL catch-up from a slot to an end LSN (durable). Each reports
+/// median and range of wall time, client CPU (user + sys of the process tree), peak RSS
+/// and MB/s, and ours ÷ reference pair by pair. The server's raw send rate and the
+/// disk's write + fsync bandwidth are measured in the same run, once per round.
+///
+/// The source cluster (PostgreSQL 15 by default, data checksums on) lives under
+/// --work-dir keyed by scale and is reused by later runs. Unless --ours-cmd or
+/// --no-build is given, clone-standby is built first with
+/// `cargo build --release -p clone-standby`.
+///
+/// The full run: cargo run --release -p benches --bin compare -- --scale 100 --rounds 3
+///
+/// CI smoke: cargo run --release -p benches --bin compare -- --smoke
+///
+/// Exit status: 0 when every run succeeded (or --allow-failures), 1 when a run failed,
+/// 2 when setup failed.
+#[derive(Debug, Parser)]
+#[command(name = "compare", verbatim_doc_comment)]
+struct Args {
+    /// pgbench scale of the source cluster (100 is about 1.5 GB) [default: 100, smoke: 1]
+    #[arg(long)]
+    scale: Option<u32>,
+    /// Rounds; each runs both tools once per case [default: 3, smoke: 1]
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Tiny and fast, for CI: scale 1, one round, 8 MB of WAL, 64 MB disk test
+    #[arg(long)]
+    smoke: bool,
+    /// Cases to run, comma-separated [default: all]
+    #[arg(long, value_enum, value_delimiter = ',')]
+    cases: Vec<Case>,
+    /// Which tools run
+    #[arg(long, value_enum, default_value = "both")]
+    sides: Sides,
+    /// MB of WAL for the catch-up case [default: 1024 × scale / 100, at least 16; smoke: 8]
+    #[arg(long)]
+    wal_mb: Option<u64>,
+    /// MB written by the disk bandwidth test [default: 1024, smoke: 64]
+    #[arg(long)]
+    disk_test_mb: Option<u64>,
+    /// Work directory: source clusters, targets (same filesystem as the disk test), logs
+    #[arg(long, default_value = "/var/tmp/pgrepl-bench")]
+    work_dir: PathBuf,
+    /// TCP port of the source cluster on 127.0.0.1
+    #[arg(long, default_value_t = 54932)]
+    port: u16,
+    /// Directory of the PostgreSQL binaries (server, pgbench, pg_basebackup, pg_receivewal)
+    #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
+    pg_bin: PathBuf,
+    /// The clone-standby binary to test [default: next to this binary, built first]
+    #[arg(long)]
+    ours_cmd: Option<PathBuf>,
+    /// Do not run `cargo build --release -p clone-standby` first
+    #[arg(long)]
+    no_build: bool,
+    /// Write the JSON report here
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the markdown report here
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Leave the source cluster running afterwards (it is stopped if this run started it)
+    #[arg(long)]
+    keep_running: bool,
+    /// Per-run time limit, seconds
+    #[arg(long, default_value_t = 1800)]
+    timeout_s: u64,
+    /// Skip pg_verifybackup on the first round's plain clones
+    #[arg(long)]
+    no_verify: bool,
+    /// Exit 0 even when runs failed
+    #[arg(long)]
+    allow_failures: bool,
+    /// Scheduling priority for the harness, both tools and a server it starts (root
+    /// only, as lowering needs it), so other work on the machine disturbs less
+    #[arg(long, default_value_t = -10, allow_hyphen_values = true)]
+    nice: i32,
+}
+
+/// Sets this process's nice value (inherited by every child); returns what happened.
+fn set_nice(nice: i32) -> String {
+    // SAFETY: setpriority on the calling process has no memory-safety preconditions.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc == 0 {
+        format!("running at nice {nice} (inherited by both tools and a server started here)")
+    } else {
+        format!(
+            "could not set nice {nice}: {}; running at the default priority",
+            std::io::Error::last_os_error()
+        )
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Builds clone-standby (unless told not to) and finds it: next to this binary, else in
+/// the workspace's target/release.
+fn locate_ours(args: &Args, log: &dyn Fn(&str)) -> OursTool {
+    if let Some(path) = &args.ours_cmd {
+        return OursTool::probe(path, None);
+    }
+    let mut unavailable = None;
+    if !args.no_build {
+        log("building clone-standby: cargo build --release -p clone-standby");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        match Command::new(cargo)
+            .args(["build", "--release", "-p", "clone-standby"])
+            .current_dir(workspace_root())
+            .output()
+        {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                let stderr = String::from_utf8_lossy(&o.stderr);
+                let first_error = stderr
+                    .lines()
+                    .find(|l| l.starts_with("error"))
+                    .unwrap_or("see cargo's output")
+                    .to_string();
+                unavailable = Some(format!(
+                    "cargo build --release -p clone-standby failed: {first_error}"
+                ));
+            }
+            Err(e) => unavailable = Some(format!("could not run cargo: {e}")),
+        }
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("clone-standby")))
+        .filter(|p| p.is_file());
+    let path = beside.unwrap_or_else(|| {
+        std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"))
+            .join("release")
+            .join("clone-standby")
+    });
+    OursTool::probe(&path, unavailable)
+}
+
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M:%S UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let started = Instant::now();
+    let log = move |line: &str| {
+        eprintln!("[{:7.1} s] {line}", started.elapsed().as_secs_f64());
+    };
+    let priority = set_nice(args.nice);
+    log(&priority);
+    let scale = args.scale.unwrap_or(if args.smoke { 1 } else { 100 });
+    let settings = Settings {
+        scale,
+        rounds: args.rounds.unwrap_or(if args.smoke { 1 } else { 3 }).max(1),
+        cases: if args.cases.is_empty() {
+            Case::ALL.to_vec()
+        } else {
+            let mut cases = args.cases.clone();
+            cases.sort();
+            cases.dedup();
+            cases
+        },
+        sides: args.sides,
+        wal_mb: args.wal_mb.unwrap_or(if args.smoke {
+            8
+        } else {
+            (1024 * u64::from(scale) / 100).max(16)
+        }),
+        disk_test_mb: args
+            .disk_test_mb
+            .unwrap_or(if args.smoke { 64 } else { 1024 }),
+        work_dir: args.work_dir.clone(),
+        timeout_s: args.timeout_s,
+        verify: !args.no_verify,
+        priority: priority.clone(),
+    };
+    let command_line = std::iter::once("compare".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let started_utc = utc_now();
+    if let Err(e) = std::fs::create_dir_all(&settings.work_dir) {
+        eprintln!(
+            "compare: cannot create the work directory {}: {e}",
+            settings.work_dir.display()
+        );
+        return ExitCode::from(2);
+    }
+    let ours = if settings.sides == Sides::Reference {
+        OursTool::probe(&PathBuf::from("clone-standby"), Some("not run".into()))
+    } else {
+        locate_ours(&args, &log)
+    };
+    if let Some(why) = &ours.unavailable {
+        log(&format!("clone-standby unavailable: {why}"));
+    } else {
+        log(&format!(
+            "clone-standby at {} offers: {}",
+            ours.path.display(),
+            ours.subcommands.join(", ")
+        ));
+    }
+
+    let mut cluster = match SourceCluster::prepare(
+        &ClusterOptions {
+            bin_dir: args.pg_bin.clone(),
+            work_dir: settings.work_dir.clone(),
+            scale,
+            port: args.port,
+        },
+        &log,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("compare: the source cluster could not be prepared: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.keep_running {
+        cluster.keep_running();
+    }
+    let wal = if settings.cases.contains(&Case::Wal) {
+        match harness::prepare_wal(&cluster, settings.wal_mb, &log) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                eprintln!("compare: the WAL for the catch-up case could not be made: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
+    let setup_s = started.elapsed().as_secs_f64();
+    let machine = machine::describe(&settings.work_dir, &cluster.bin_dir, &workspace_root());
+    let harness = Harness {
+        cluster: &cluster,
+        settings: settings.clone(),
+        ours: ours.clone(),
+        wal,
+        log: &log,
+    };
+    let (limits, cases) = harness.run();
+    let failed_runs = cases.iter().flat_map(|c| &c.runs).filter(|r| !r.ok).count();
+    let result = Report {
+        command_line,
+        started_utc,
+        total_s: started.elapsed().as_secs_f64(),
+        machine,
+        settings,
+        ours,
+        source_data_dir: cluster.data.clone(),
+        setup_s,
+        limits,
+        cases,
+        failed_runs,
+        load_after: machine::load_average(),
+    };
+    let markdown = report::markdown(&result);
+    let json = serde_json::to_string_pretty(&result).expect("serializable");
+    let mut write_failed = false;
+    for (path, text) in [(&args.json, &json), (&args.markdown, &markdown)] {
+        if let Some(path) = path {
+            if let Err(e) = std::fs::write(path, text) {
+                eprintln!("compare: writing {}: {e}", path.display());
+                write_failed = true;
+            }
+        }
+    }
+    println!("{markdown}");
+    if let Err(e) = cluster.stop_if_started_here() {
+        eprintln!("compare: {e}");
+    }
+    log(&format!("done: {failed_runs} failed run(s)"));
+    if write_failed {
+        ExitCode::from(2)
+    } else if failed_runs > 0 && !args.allow_failures {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
