@@ -20,7 +20,8 @@ use crate::tar::{display, TarEvent, TarParser};
 pub(crate) enum Msg {
     Begin(BackupInfo),
     Archive(ArchiveInfo),
-    Data(Bytes),
+    /// Archive data, batched (see `BATCH_BYTES` in backup.rs).
+    Data(Vec<Bytes>),
     Manifest(Bytes),
     /// The server reported success: verify and commit.
     End,
@@ -89,16 +90,21 @@ struct ChannelReader<'a> {
     rx: &'a mut Receiver<Msg>,
     pending: &'a mut Option<Msg>,
     current: Bytes,
+    queued: std::vec::IntoIter<Bytes>,
 }
 
 impl Read for ChannelReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
+            if let Some(next) = self.queued.next() {
+                self.current = next;
+                continue;
+            }
             if self.pending.is_some() {
                 return Ok(0);
             }
             match self.rx.blocking_recv() {
-                Some(Msg::Data(b)) => self.current = b,
+                Some(Msg::Data(batch)) => self.queued = batch.into_iter(),
                 Some(other) => {
                     *self.pending = Some(other);
                     return Ok(0);
@@ -170,7 +176,11 @@ fn run_inner(
                 match info.compression {
                     None => loop {
                         match rx.blocking_recv() {
-                            Some(Msg::Data(b)) => feed(b, &mut tar)?,
+                            Some(Msg::Data(batch)) => {
+                                for chunk in batch {
+                                    feed(chunk, &mut tar)?;
+                                }
+                            }
                             Some(other) => {
                                 pending = Some(other);
                                 break;
@@ -183,6 +193,7 @@ fn run_inner(
                             rx: &mut rx,
                             pending: &mut pending,
                             current: Bytes::new(),
+                            queued: Vec::new().into_iter(),
                         };
                         let mut decoder: Box<dyn Read + '_> = match method {
                             CompressionMethod::Gzip => {
@@ -211,7 +222,7 @@ fn run_inner(
                         drop(decoder);
                         while pending.is_none() {
                             match rx.blocking_recv() {
-                                Some(Msg::Data(b)) if b.is_empty() => {}
+                                Some(Msg::Data(batch)) if batch.iter().all(Bytes::is_empty) => {}
                                 Some(Msg::Data(_)) => {
                                     return Err(Error::protocol(format!(
                                         "archive {name} has data after the end of its compressed stream"
@@ -312,7 +323,7 @@ mod tests {
                 tablespace: base,
                 compression: None,
             }),
-            Msg::Data(Bytes::from(archive)),
+            Msg::Data(vec![Bytes::from(archive)]),
             Msg::End,
         ] {
             tx.try_send(m).unwrap();

@@ -238,6 +238,9 @@ fn prepare_dir(dir: &Path, allow_non_empty: bool) -> Result<bool> {
 }
 
 /// Starts writeback of a finished file so that the final fsync finds it mostly clean.
+/// How much of one file is written before its writeback is started.
+const WRITEBACK_BYTES: usize = 8 << 20;
+
 fn start_writeback(file: &File) {
     // SAFETY: sync_file_range on a valid open descriptor; only a hint, errors are ignored
     // because the final fdatasync reports any real problem.
@@ -313,6 +316,8 @@ pub struct PlainDirSink {
     root: PathBuf,
     tablespace_dirs: HashMap<u32, PathBuf>,
     current: Option<(File, PathBuf)>,
+    /// Bytes written to the current file since its writeback was last started.
+    not_yet_written_back: usize,
     created: Vec<Created>,
     sync_files: Vec<PathBuf>,
     sync_dirs: Vec<PathBuf>,
@@ -330,6 +335,7 @@ impl PlainDirSink {
             dir_mode: 0o700,
             tablespace_dirs: HashMap::new(),
             current: None,
+            not_yet_written_back: 0,
             created: Vec::new(),
             sync_files: Vec::new(),
             sync_dirs: Vec::new(),
@@ -475,8 +481,18 @@ impl BackupSink for PlainDirSink {
                     .ok_or_else(|| Error::protocol("file data outside a file"))?;
                 file.write_all(data)
                     .map_err(|e| Error::io("writing", path, e))?;
+                // Large files (relation segments are up to 1 GB) start writeback as they
+                // grow, so dirty pages never pile up for one long flush at the end.
+                self.not_yet_written_back += data.len();
+                if !self.options.no_sync && self.not_yet_written_back >= WRITEBACK_BYTES {
+                    start_writeback(file);
+                    self.not_yet_written_back = 0;
+                }
             }
-            TarEvent::FileEnd => self.finish_file()?,
+            TarEvent::FileEnd => {
+                self.not_yet_written_back = 0;
+                self.finish_file()?
+            }
             TarEvent::Symlink { path, target } => {
                 let oid: Option<u32> = path
                     .strip_prefix(b"pg_tblspc/")

@@ -146,13 +146,31 @@ pub async fn clone(options: CloneOptions, mut events: EventFn) -> Result<CloneSu
             if manifest.exists() {
                 let _ = fs::rename(&manifest, options.target.join("backup_manifest.incomplete"));
             }
-        } else if created_target {
-            let _ = fs::remove_dir_all(&options.target);
         } else {
-            remove_contents(&options.target);
+            remove_target(&options.target, created_target).await;
         }
     }
     result
+}
+
+/// Removes what the clone wrote. The base backup's writer thread may still be finishing
+/// a file when a failure elsewhere (the WAL stream) ends the clone; it stops at its next
+/// channel read, so keep removing until nothing is left, for a few seconds at most.
+pub async fn remove_target(target: &Path, created_target: bool) {
+    for _ in 0..50 {
+        if created_target {
+            let _ = fs::remove_dir_all(target);
+            if !target.exists() {
+                return;
+            }
+        } else {
+            remove_contents(target);
+            if fs::read_dir(target).map_or(true, |mut entries| entries.next().is_none()) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Checks the target is absent or empty and creates it with mode 0700. Returns whether

@@ -183,9 +183,24 @@ struct ReceiveWalArgs {
     no_verify: bool,
 }
 
+/// Keeps freed receive buffers in the heap for reuse. With glibc's defaults every
+/// 256 KiB receive buffer is a fresh mmap, and filling it costs a page fault per 4 KiB
+/// (82% of this tool's page faults in a profile of a 1.5 GB clone).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts glibc malloc parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread drives the sockets and the futures (no cross-thread wake-up per socket
+    // read); file writes and fsyncs run on tokio's blocking threads.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -489,7 +504,7 @@ async fn run_clone(args: CloneArgs) -> pgwire_repl::Result<ExitCode> {
         result = cloning::clone(options, events) => result,
         _ = tokio::signal::ctrl_c() => {
             if !args.no_clean {
-                let _ = std::fs::remove_dir_all(&args.pgdata);
+                cloning::remove_target(&args.pgdata, true).await;
             }
             Err("interrupted; the partial clone was removed".to_string())
         }
