@@ -2,7 +2,7 @@
 # Installs what the tests need, then runs every test: lints, unit and doc tests once,
 # and the real-server integration tests once per PostgreSQL major version (13-18).
 #
-#   scripts/test.sh                 # everything
+#   scripts/test.sh                 # everything, then a benchmark smoke run and a fuzz smoke
 #   PGREPL_TEST_VERSIONS="15 17" scripts/test.sh   # only some server versions
 #
 # It is what .ci/run runs. It exits non-zero if anything failed.
@@ -36,12 +36,22 @@ failed=()
 for version in $versions; do
     step "integration tests against PostgreSQL $version"
     if ! PGREPL_TEST_PG=$version cargo test --workspace --locked --test '*'; then
-        failed+=("$version")
+        failed+=("PostgreSQL $version")
     fi
 done
 
+step "benchmark harness smoke run (tiny scale, one round)"
+if ! cargo run --release --locked -p benches --bin compare -- --smoke; then
+    failed+=("benchmark smoke")
+fi
+
+step "fuzz smoke: every target for a short, bounded time"
+if ! scripts/fuzz-smoke.sh 20; then
+    failed+=("fuzzing")
+fi
+
 if [ ${#failed[@]} -gt 0 ]; then
-    echo "integration tests FAILED on PostgreSQL ${failed[*]}" >&2
+    echo "FAILED: ${failed[*]}" >&2
     exit 1
 fi
 step "all tests passed on PostgreSQL $versions"

@@ -3,6 +3,8 @@
 //! 13/14 only understand the old space-separated syntax; 15+ only the parenthesised one
 //! (`repl_gram.y`, `basebackup.c : parse_basebackup_options()`).
 
+use std::time::Duration;
+
 use crate::error::{Error, Result};
 use pgwire_repl::proto::frontend::quote_literal;
 
@@ -174,7 +176,18 @@ pub struct BackupOptions {
     pub manifest_checksums: ChecksumAlgorithm,
     /// Server-side compression (15+).
     pub compression: Option<ServerCompression>,
+    /// Fail with a `Timeout` error when the server sends nothing for this long during the
+    /// copy (each read of the archive and manifest stream). A healthy server never pauses
+    /// that long mid-copy, even with `max_rate`; without a limit a stalled server or link
+    /// would hang the backup forever. Default 300 s (`DEFAULT_IDLE_TIMEOUT`); `None` waits
+    /// forever, as pg_basebackup does. Not applied while the server takes its checkpoint
+    /// or sizes the tablespaces, which can legitimately take longer. Not sent to the server.
+    pub idle_timeout: Option<Duration>,
 }
+
+/// The default idle timeout of the copy (the `idle_timeout` field of [`BackupOptions`]):
+/// 300 s.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Default for BackupOptions {
     fn default() -> BackupOptions {
@@ -190,6 +203,7 @@ impl Default for BackupOptions {
             manifest: ManifestMode::Yes,
             manifest_checksums: ChecksumAlgorithm::Crc32c,
             compression: None,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
     }
 }
@@ -218,6 +232,11 @@ impl BackupOptions {
     /// Sets server-side compression (15+).
     pub fn compression(mut self, c: ServerCompression) -> Self {
         self.compression = Some(c);
+        self
+    }
+    /// Sets the idle timeout of the copy (`None`: wait forever).
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
         self
     }
 }
@@ -370,6 +389,7 @@ mod tests {
             manifest: ManifestMode::ForceEncode,
             manifest_checksums: ChecksumAlgorithm::Sha512,
             compression: None,
+            idle_timeout: None,
         };
         assert_eq!(
             build_command(&opts, 13).unwrap(),

@@ -39,7 +39,7 @@ mod verify;
 pub use backup::{backup, BackupResult, BaseBackup, Progress, ProgressFn};
 pub use command::{
     build_command, BackupOptions, Checkpoint, ChecksumAlgorithm, CompressionMethod, ManifestMode,
-    ServerCompression,
+    ServerCompression, DEFAULT_IDLE_TIMEOUT,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use manifest::Manifest;

@@ -229,8 +229,21 @@ impl TarParser {
             self.state = State::Ended;
             return Ok(());
         }
+        // A bad header is most often the previous entry's fault (a size that disagrees
+        // with its data shifts every later header), so the messages name that entry.
+        // (Built only on error: this runs once per entry.)
+        let after = |previous: &[u8]| {
+            if previous.is_empty() {
+                String::new()
+            } else {
+                format!(" after entry {:?}", display(previous))
+            }
+        };
         let stored = parse_number(&h[148..156]).ok_or_else(|| {
-            Error::protocol("a tar header has an unreadable checksum field (not a tar stream?)")
+            Error::protocol(format!(
+                "a tar header{} has an unreadable checksum field (not a tar stream, or the previous entry's size is wrong?)",
+                after(&self.current)
+            ))
         })?;
         let unsigned: u64 = h
             .iter()
@@ -257,8 +270,9 @@ impl TarParser {
         let raw_name = field(&h[0..100]);
         if stored != unsigned && i64::try_from(stored).ok() != Some(signed) {
             return Err(Error::protocol(format!(
-                "tar header checksum mismatch for entry {:?} (stored {stored}, computed {unsigned}): the stream is corrupt",
-                display(raw_name)
+                "tar header checksum mismatch for entry {:?}{} (stored {stored}, computed {unsigned}): the stream is corrupt",
+                display(raw_name),
+                after(&self.current)
             )));
         }
         let typeflag = h[156];

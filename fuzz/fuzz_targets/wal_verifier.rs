@@ -9,7 +9,9 @@ use walstream::decode::{VerifierConfig, WalVerifier};
 fuzz_target!(|data: &[u8]| {
     let Some((&split, rest)) = data.split_first() else { return };
     let config = VerifierConfig {
-        segment_size: WalSegmentSize::new(1 << 20).expect("1 MiB is valid"),
+        // 16 MiB, so that the seeds (real segment 000000010000000000000001, which
+        // starts at 0/1000000 = `start`) verify as far as they go.
+        segment_size: WalSegmentSize::DEFAULT,
         server_major: None,
         system_id: None,
         timeline: TimelineId(1),

@@ -150,6 +150,18 @@ impl CopyBoth {
 
     /// Feeds one backend message.
     pub fn handle(&mut self, message: BackendMessage) -> Result<Step> {
+        // Any error ends the exchange: a malformed CopyData payload or end-of-timeline
+        // row used to leave the state as it was, so a caller that went on reading could
+        // still be handed `Finished` (a clean end) after it (found by the copyboth_stream
+        // fuzz target).
+        let step = self.handle_message(message);
+        if step.is_err() {
+            self.state = State::Failed;
+        }
+        step
+    }
+
+    fn handle_message(&mut self, message: BackendMessage) -> Result<Step> {
         if let BackendMessage::ErrorResponse(db) = message {
             let context = match self.state {
                 State::Starting => "starting replication",

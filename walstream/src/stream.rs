@@ -442,7 +442,8 @@ impl WalStream {
     }
 
     fn idle_error(&self) -> Error {
-        let secs = self.idle_timeout.map_or(0, |t| t.as_secs());
+        // Fractional seconds: a sub-second timeout would otherwise read "0 s".
+        let secs = self.idle_timeout.map_or(0.0, |t| t.as_secs_f64());
         Error::timeout(
             format!(
                 "{} sent nothing for {secs} s while streaming WAL",
