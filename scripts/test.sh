@@ -35,7 +35,7 @@ cargo test --workspace --locked --doc
 failed=()
 for version in $versions; do
     step "integration tests against PostgreSQL $version"
-    if ! PGREPL_TEST_PG=$version cargo test --workspace --locked --test '*'; then
+    if ! PGREPL_TEST_PG=$version cargo test --workspace --locked --no-fail-fast --test '*'; then
         failed+=("PostgreSQL $version")
     fi
 done

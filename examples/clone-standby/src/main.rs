@@ -166,6 +166,10 @@ struct ReceiveWalArgs {
     /// Stop once WAL up to this LSN is on disk.
     #[arg(long)]
     endpos: Option<String>,
+    /// Where to start when the directory is empty (default: the slot's restart_lsn on
+    /// PostgreSQL 15+, else the server's current position, as pg_receivewal does).
+    #[arg(long)]
+    start_lsn: Option<String>,
     /// fsync after every write and report the flush position at once.
     #[arg(long)]
     synchronous: bool,
@@ -691,6 +695,9 @@ async fn run_receive_wal(args: ReceiveWalArgs) -> pgwire_repl::Result<ExitCode> 
     }
     if let Some(endpos) = &args.endpos {
         options.endpos = Some(endpos.parse()?);
+    }
+    if let Some(start) = &args.start_lsn {
+        options.start_position = Some(start.parse()?);
     }
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
