@@ -6,7 +6,7 @@ use crate::config::{Config, ReplicationMode};
 use crate::connection::{ConnectOptions, Connection};
 use crate::error::{Error, Result};
 use crate::proto::backend::BackendMessage;
-use crate::proto::frontend::{self, quote_literal, validate_slot_name};
+use crate::proto::frontend::{self, validate_slot_name};
 use crate::types::{Lsn, SystemId, TimelineId, WalSegmentSize};
 
 /// One result set of a simple query, as text (`None` is SQL NULL).
@@ -493,9 +493,4 @@ fn parse_lsn(value: Option<String>, what: &str) -> Result<Lsn> {
     let text = value.ok_or_else(|| Error::protocol(format!("{what} is NULL")))?;
     text.parse()
         .map_err(|_| Error::protocol(format!("cannot parse {what} {text:?} as an LSN")))
-}
-
-/// Quotes a literal for replication commands (re-exported for crates built on this one).
-pub fn quote(value: &str) -> String {
-    quote_literal(value)
 }

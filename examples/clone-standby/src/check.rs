@@ -109,7 +109,7 @@ pub async fn check(source: &Config) -> Vec<Finding> {
         Err(error) => findings.push(Finding::problem(
             format!(
                 "a replication connection fails: {}",
-                error.message_with_server_text()
+                message_with_server_text(&error)
             ),
             error.advice().unwrap_or("see the server log").to_string(),
         )),
@@ -220,16 +220,10 @@ pub async fn check(source: &Config) -> Vec<Finding> {
     findings
 }
 
-/// Extension for error text that includes the server's message.
-trait ServerText {
-    fn message_with_server_text(&self) -> String;
-}
-
-impl ServerText for pgwire_repl::Error {
-    fn message_with_server_text(&self) -> String {
-        match self.db_error() {
-            Some(db) => format!("{}: {}", self.message(), db.message),
-            None => self.message().to_string(),
-        }
+/// The error's message followed by the server's own message, when it sent one.
+fn message_with_server_text(error: &pgwire_repl::Error) -> String {
+    match error.db_error() {
+        Some(db) => format!("{}: {}", error.message(), db.message),
+        None => error.message().to_string(),
     }
 }
