@@ -243,6 +243,7 @@ impl BaseBackup {
             pipeline::run(rx, sink.as_mut(), algorithm, manifest_expected)
         });
         let net = self.receive_stream(&tx, progress).await;
+        self.conn.set_bulk_receive(0);
         match net {
             Ok((end_lsn, end_timeline, bytes)) => {
                 // Only now, after the server's final CommandComplete, may the writer commit.
@@ -310,6 +311,7 @@ impl BaseBackup {
         // link that stalls mid-copy fails the backup instead of hanging it forever.
         let idle = self.options.idle_timeout;
         let conn = &mut self.conn;
+        conn.set_bulk_receive(BULK_RECEIVE_BYTES);
         if self.major >= 15 {
             expect_copy_out(conn, idle, &mut out).await?;
             let mut in_manifest = false;
@@ -550,6 +552,10 @@ async fn join(
     }
 }
 
+/// The archive stream is read in steps of at least this much while it flows fast (see
+/// `Connection::set_bulk_receive`): one wake-up per 256 KiB instead of per few segments.
+const BULK_RECEIVE_BYTES: u32 = 256 * 1024;
+
 /// How long archive data may wait in the writer's batch while the server sends nothing.
 const BATCH_IDLE_FLUSH: Duration = Duration::from_millis(100);
 
@@ -567,6 +573,9 @@ async fn read_copy(
     idle: Option<Duration>,
     out: &mut Outbox<'_>,
 ) -> Result<BackendMessage> {
+    if let Some(message) = conn.try_read_buffered()? {
+        return Ok(message);
+    }
     if !out.batch.is_empty() {
         match tokio::time::timeout(BATCH_IDLE_FLUSH, conn.read_message()).await {
             Ok(message) => return Ok(message?),

@@ -29,6 +29,7 @@
 mod backup;
 pub mod command;
 pub mod demux;
+mod direct;
 mod error;
 pub mod manifest;
 mod pipeline;

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use pgwire_repl::{Lsn, TimelineId};
 
 use crate::command::CompressionMethod;
+use crate::direct::{DirectFile, Stage, DIRECT_MIN_FILE};
 use crate::error::{Error, Result};
 use crate::tar::{display, TarEvent};
 
@@ -285,6 +286,32 @@ fn write_manifest(dir: &Path, manifest: &[u8], no_sync: bool) -> Result<()> {
     Ok(())
 }
 
+/// The file being extracted.
+enum OpenFile {
+    /// Written through the page cache (small files, or no direct I/O).
+    Buffered(File),
+    /// Written with `O_DIRECT` from the staging buffer.
+    Direct(DirectFile),
+}
+
+impl OpenFile {
+    fn file(&self) -> &File {
+        match self {
+            OpenFile::Buffered(file) => file,
+            OpenFile::Direct(direct) => direct.file(),
+        }
+    }
+}
+
+impl std::fmt::Debug for OpenFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OpenFile::Buffered(_) => "Buffered",
+            OpenFile::Direct(_) => "Direct",
+        })
+    }
+}
+
 #[derive(Debug)]
 enum Created {
     File(PathBuf),
@@ -315,7 +342,9 @@ pub struct PlainDirSink {
     dir_mode: u32,
     root: PathBuf,
     tablespace_dirs: HashMap<u32, PathBuf>,
-    current: Option<(File, PathBuf)>,
+    current: Option<(OpenFile, PathBuf)>,
+    /// The staging buffer of direct writes, allocated with the first large file.
+    stage: Option<Stage>,
     /// Bytes written to the current file since its writeback was last started.
     not_yet_written_back: usize,
     created: Vec<Created>,
@@ -335,6 +364,7 @@ impl PlainDirSink {
             dir_mode: 0o700,
             tablespace_dirs: HashMap::new(),
             current: None,
+            stage: None,
             not_yet_written_back: 0,
             created: Vec::new(),
             sync_files: Vec::new(),
@@ -375,11 +405,23 @@ impl PlainDirSink {
     }
 
     fn finish_file(&mut self) -> Result<()> {
-        if let Some((file, path)) = self.current.take() {
-            if !self.options.no_sync {
+        match self.current.take() {
+            Some((OpenFile::Buffered(file), path)) if !self.options.no_sync => {
                 start_writeback(&file);
                 self.sync_files.push(path);
             }
+            Some((OpenFile::Direct(direct), path)) => {
+                let stage = self.stage.get_or_insert_with(Stage::new);
+                direct
+                    .finish(stage)
+                    .map_err(|e| Error::io("writing", &path, e))?;
+                // Nothing to write back: only metadata and the device cache are left
+                // for the final fdatasync.
+                if !self.options.no_sync {
+                    self.sync_files.push(path);
+                }
+            }
+            Some((OpenFile::Buffered(_), _)) | None => {}
         }
         Ok(())
     }
@@ -457,20 +499,40 @@ impl BackupSink for PlainDirSink {
                     self.sync_dirs.push(full);
                 }
             }
-            TarEvent::File { path, mode, .. } => {
+            TarEvent::File { path, mode, size } => {
                 let full = self.full(path);
                 let mut open = OpenOptions::new();
-                open.write(true).mode(*mode).custom_flags(libc::O_NOFOLLOW);
+                open.write(true).mode(*mode);
                 if self.options.allow_non_empty {
                     open.create(true).truncate(true);
                 } else {
                     open.create_new(true);
                 }
-                let file = open
-                    .open(&full)
-                    .map_err(|e| Error::io("creating", &full, e))?;
+                // Direct I/O only when the data must reach the disk anyway: with no
+                // sync, the page cache absorbs the writes and the disk is not waited for.
+                let direct = !self.options.no_sync && *size >= DIRECT_MIN_FILE;
+                let opened = if direct {
+                    match open
+                        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECT)
+                        .open(&full)
+                    {
+                        // A file system without direct I/O (tmpfs before Linux 6.6, …):
+                        // nothing was created, so open it again buffered.
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open
+                            .custom_flags(libc::O_NOFOLLOW)
+                            .open(&full)
+                            .map(OpenFile::Buffered),
+                        other => other.map(|f| OpenFile::Direct(DirectFile::new(f))),
+                    }
+                } else {
+                    open.custom_flags(libc::O_NOFOLLOW)
+                        .open(&full)
+                        .map(OpenFile::Buffered)
+                };
+                let file = opened.map_err(|e| Error::io("creating", &full, e))?;
                 self.created.push(Created::File(full.clone()));
-                file.set_permissions(fs::Permissions::from_mode(*mode))
+                file.file()
+                    .set_permissions(fs::Permissions::from_mode(*mode))
                     .map_err(|e| Error::io("setting the mode of", &full, e))?;
                 self.current = Some((file, full));
             }
@@ -479,14 +541,24 @@ impl BackupSink for PlainDirSink {
                     .current
                     .as_mut()
                     .ok_or_else(|| Error::protocol("file data outside a file"))?;
-                file.write_all(data)
-                    .map_err(|e| Error::io("writing", path, e))?;
-                // Large files (relation segments are up to 1 GB) start writeback as they
-                // grow, so dirty pages never pile up for one long flush at the end.
-                self.not_yet_written_back += data.len();
-                if !self.options.no_sync && self.not_yet_written_back >= WRITEBACK_BYTES {
-                    start_writeback(file);
-                    self.not_yet_written_back = 0;
+                match file {
+                    OpenFile::Direct(direct) => {
+                        let stage = self.stage.get_or_insert_with(Stage::new);
+                        direct
+                            .write(stage, data)
+                            .map_err(|e| Error::io("writing", path, e))?;
+                    }
+                    OpenFile::Buffered(file) => {
+                        file.write_all(data)
+                            .map_err(|e| Error::io("writing", path, e))?;
+                        // Large files start writeback as they grow, so dirty pages
+                        // never pile up for one long flush at the end.
+                        self.not_yet_written_back += data.len();
+                        if !self.options.no_sync && self.not_yet_written_back >= WRITEBACK_BYTES {
+                            start_writeback(file);
+                            self.not_yet_written_back = 0;
+                        }
+                    }
                 }
             }
             TarEvent::FileEnd => {

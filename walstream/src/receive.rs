@@ -469,6 +469,11 @@ impl<F: Future<Output = ()>> Receiver<'_, F> {
         }
         tracing::info!(%start, %timeline, "starting to stream WAL");
         let mut stream = WalStream::start(client, stream_options).await?;
+        if !options.synchronous {
+            // Catching up is the bulk of the work; a synchronous standby must not add
+            // latency to the primary's commits.
+            stream.set_bulk_receive(256 * 1024);
+        }
         let mut writer = WriterHandle::spawn(dir.writer(timeline, start)?);
         let feedback = stream.feedback().clone();
         feedback.set_write(start);

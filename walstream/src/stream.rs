@@ -252,6 +252,14 @@ impl WalStream {
         }
     }
 
+    /// Reads the stream in steps of `bytes` while it flows fast (catching up), with at
+    /// most 1 ms of extra latency when it slows down; see
+    /// [`pgwire_repl::Connection::set_bulk_receive`]. Off (`0`) by default: a
+    /// synchronous standby should leave it off.
+    pub fn set_bulk_receive(&mut self, bytes: u32) {
+        self.conn.set_bulk_receive(bytes);
+    }
+
     /// The shared positions to report. Update them as WAL is written and flushed.
     pub fn feedback(&self) -> &Arc<Feedback> {
         &self.feedback

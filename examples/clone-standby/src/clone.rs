@@ -311,16 +311,25 @@ async fn run(
     let progress: ProgressFn = Box::new(move |p: &Progress| {
         let _ = progress_tx.send((p.bytes_done, p.total_estimate));
     });
-    let receiving = backup.receive(sink, Some(progress));
-    tokio::pin!(receiving);
+    // A task of its own: the archive stream yields often (tokio's cooperative budget),
+    // and each yield should not re-poll this loop's other branches.
+    let mut receiving = tokio::spawn(backup.receive(sink, Some(progress)));
+    let _stop_backup_on_early_return = AbortOnDrop(receiving.abort_handle());
     let mut wal_task = wal_task;
+    let mut progress_open = true;
     let backup_result: BackupResult = loop {
         tokio::select! {
-            result = &mut receiving => break result.map_err(|e| e.to_string())?,
-            changed = progress_rx.changed() => {
+            result = &mut receiving => break result
+                .map_err(|e| format!("the backup task failed: {e}"))?
+                .map_err(|e| e.to_string())?,
+            // The sender goes away when the stream ends, while the writer may still be
+            // finishing; a closed channel must not be polled again (it is always ready).
+            changed = progress_rx.changed(), if progress_open => {
                 if changed.is_ok() {
                     let (done, total) = *progress_rx.borrow_and_update();
                     events(CloneEvent::Progress { done, total });
+                } else {
+                    progress_open = false;
                 }
             }
             // A WAL stream that fails while the backup runs fails the clone at once.
@@ -541,6 +550,15 @@ pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
 
 /// How long `--start` waits for the standby by default.
 pub const DEFAULT_START_WAIT: Duration = Duration::from_secs(120);
+
+/// Cancels a spawned task when dropped, as dropping a future in place would.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 #[cfg(test)]
 mod tests {
