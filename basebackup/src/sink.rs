@@ -238,38 +238,6 @@ fn prepare_dir(dir: &Path, allow_non_empty: bool) -> Result<bool> {
     }
 }
 
-/// How many bytes of a buffered file are gathered before one `writev`.
-const PENDING_BYTES: usize = 1 << 20;
-
-/// Writes every chunk, in order, with as few `writev` calls as the kernel allows.
-fn write_all_chunks(file: &mut File, chunks: &[Bytes]) -> std::io::Result<()> {
-    /// Linux's IOV_MAX.
-    const MAX_SLICES: usize = 1024;
-    let mut index = 0;
-    let mut offset = 0;
-    while index < chunks.len() {
-        let mut slices = Vec::with_capacity((chunks.len() - index).min(MAX_SLICES));
-        slices.push(std::io::IoSlice::new(&chunks[index][offset..]));
-        for chunk in chunks[index + 1..].iter().take(MAX_SLICES - 1) {
-            slices.push(std::io::IoSlice::new(chunk));
-        }
-        let mut written = match file.write_vectored(&slices) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        // Skip what was written: whole chunks, then part of one.
-        while index < chunks.len() && written >= chunks[index].len() - offset {
-            written -= chunks[index].len() - offset;
-            index += 1;
-            offset = 0;
-        }
-        offset += written;
-    }
-    Ok(())
-}
-
 /// Starts writeback of a finished file so that the final fsync finds it mostly clean.
 /// How much of one file is written before its writeback is started.
 const WRITEBACK_BYTES: usize = 8 << 20;
@@ -379,10 +347,6 @@ pub struct PlainDirSink {
     stage: Option<Stage>,
     /// Bytes written to the current file since its writeback was last started.
     not_yet_written_back: usize,
-    /// Chunks of the current (buffered) file not written yet: they go out together in
-    /// one `writev`, instead of one `write` per CopyData message.
-    pending: Vec<Bytes>,
-    pending_bytes: usize,
     created: Vec<Created>,
     sync_files: Vec<PathBuf>,
     sync_dirs: Vec<PathBuf>,
@@ -402,8 +366,6 @@ impl PlainDirSink {
             current: None,
             stage: None,
             not_yet_written_back: 0,
-            pending: Vec::new(),
-            pending_bytes: 0,
             created: Vec::new(),
             sync_files: Vec::new(),
             sync_dirs: Vec::new(),
@@ -442,30 +404,7 @@ impl PlainDirSink {
         })
     }
 
-    /// Writes the pending chunks of the current buffered file.
-    fn write_pending(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let Some((OpenFile::Buffered(file), path)) = self.current.as_mut() else {
-            return Err(Error::protocol("file data outside a file"));
-        };
-        write_all_chunks(file, &self.pending).map_err(|e| Error::io("writing", path, e))?;
-        // Large files start writeback as they grow, so dirty pages never pile up for
-        // one long flush at the end.
-        self.not_yet_written_back += self.pending_bytes;
-        if !self.options.no_sync && self.not_yet_written_back >= WRITEBACK_BYTES {
-            start_writeback(file);
-            self.not_yet_written_back = 0;
-        }
-        self.pending.clear();
-        self.pending_bytes = 0;
-        Ok(())
-    }
-
     fn finish_file(&mut self) -> Result<()> {
-        self.write_pending()?;
-        self.not_yet_written_back = 0;
         match self.current.take() {
             Some((OpenFile::Buffered(file), path)) if !self.options.no_sync => {
                 start_writeback(&file);
@@ -609,17 +548,23 @@ impl BackupSink for PlainDirSink {
                             .write(stage, data)
                             .map_err(|e| Error::io("writing", path, e))?;
                     }
-                    OpenFile::Buffered(_) if data.is_empty() => {}
-                    OpenFile::Buffered(_) => {
-                        self.pending_bytes += data.len();
-                        self.pending.push(data.clone());
-                        if self.pending_bytes >= PENDING_BYTES {
-                            self.write_pending()?;
+                    OpenFile::Buffered(file) => {
+                        file.write_all(data)
+                            .map_err(|e| Error::io("writing", path, e))?;
+                        // Large files start writeback as they grow, so dirty pages
+                        // never pile up for one long flush at the end.
+                        self.not_yet_written_back += data.len();
+                        if !self.options.no_sync && self.not_yet_written_back >= WRITEBACK_BYTES {
+                            start_writeback(file);
+                            self.not_yet_written_back = 0;
                         }
                     }
                 }
             }
-            TarEvent::FileEnd => self.finish_file()?,
+            TarEvent::FileEnd => {
+                self.not_yet_written_back = 0;
+                self.finish_file()?
+            }
             TarEvent::Symlink { path, target } => {
                 let oid: Option<u32> = path
                     .strip_prefix(b"pg_tblspc/")
@@ -678,7 +623,6 @@ impl BackupSink for PlainDirSink {
     }
 
     fn abort(&mut self) {
-        self.pending.clear();
         self.current = None;
         if self.options.keep_on_failure {
             return;
@@ -871,20 +815,5 @@ mod tests {
         m.parse_arg("/a//b/=/c").unwrap();
         assert_eq!(m.apply("/a/b"), PathBuf::from("/c"));
         assert_eq!(m.apply("/other"), PathBuf::from("/other"));
-    }
-
-    #[test]
-    fn chunks_are_written_whole_and_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        // More chunks than one writev takes (IOV_MAX), empty ones among them.
-        let chunks: Vec<Bytes> = (0..2500u32)
-            .map(|i| Bytes::from(vec![(i % 251) as u8; (i as usize * 7) % 300]))
-            .collect();
-        let expected: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
-        let path = dir.path().join("chunks");
-        let mut file = File::create(&path).unwrap();
-        write_all_chunks(&mut file, &chunks).unwrap();
-        drop(file);
-        assert_eq!(fs::read(&path).unwrap(), expected);
     }
 }
