@@ -12,6 +12,11 @@
 //! an aligned offset; only a file's last partial block is written buffered, after
 //! `O_DIRECT` has been cleared. A file system that refuses `O_DIRECT` (at open or at the
 //! first write) gets buffered writes, with the same result on disk.
+//!
+//! [`crate::PlainDirSink`] writes files of 1 MiB and more this way. With `no_sync` it
+//! goes back to buffered writes for the next files once direct writes have taken half
+//! of the time so far: on a disk slower than the stream, the page cache should absorb
+//! the writes, as the caller asked not to wait for the disk.
 
 use std::fs::File;
 use std::io::{self, Write};

@@ -11,6 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pgwire_repl::{Lsn, TimelineId};
@@ -345,6 +346,9 @@ pub struct PlainDirSink {
     current: Option<(OpenFile, PathBuf)>,
     /// The staging buffer of direct writes, allocated with the first large file.
     stage: Option<Stage>,
+    /// When the backup began, and how long direct writes have taken since.
+    began: Option<Instant>,
+    direct_time: Duration,
     /// Bytes written to the current file since its writeback was last started.
     not_yet_written_back: usize,
     created: Vec<Created>,
@@ -365,6 +369,8 @@ impl PlainDirSink {
             tablespace_dirs: HashMap::new(),
             current: None,
             stage: None,
+            began: None,
+            direct_time: Duration::ZERO,
             not_yet_written_back: 0,
             created: Vec::new(),
             sync_files: Vec::new(),
@@ -404,6 +410,20 @@ impl PlainDirSink {
         })
     }
 
+    /// Whether the next large file should be written with `O_DIRECT`.
+    ///
+    /// A durable clone waits for the disk in any case, so direct writes only save the
+    /// page-cache work. With no sync, the page cache would let the clone finish before
+    /// the disk has caught up; direct writes are kept only while the disk keeps up with
+    /// the stream, that is while they have taken less than half of the time so far.
+    fn direct_pays_off(&self) -> bool {
+        if !self.options.no_sync {
+            return true;
+        }
+        let elapsed = self.began.map_or(Duration::ZERO, |t| t.elapsed());
+        self.direct_time * 2 <= elapsed
+    }
+
     fn finish_file(&mut self) -> Result<()> {
         match self.current.take() {
             Some((OpenFile::Buffered(file), path)) if !self.options.no_sync => {
@@ -429,6 +449,7 @@ impl PlainDirSink {
 
 impl BackupSink for PlainDirSink {
     fn begin_backup(&mut self, info: &BackupInfo) -> Result<()> {
+        self.began = Some(Instant::now());
         let mut dirs = vec![self.target.clone()];
         for ts in &info.tablespaces {
             if let (Some(oid), Some(dir)) = (ts.oid, self.tablespace_dir(ts)) {
@@ -508,9 +529,7 @@ impl BackupSink for PlainDirSink {
                 } else {
                     open.create_new(true);
                 }
-                // Direct I/O only when the data must reach the disk anyway: with no
-                // sync, the page cache absorbs the writes and the disk is not waited for.
-                let direct = !self.options.no_sync && *size >= DIRECT_MIN_FILE;
+                let direct = *size >= DIRECT_MIN_FILE && self.direct_pays_off();
                 let opened = if direct {
                     match open
                         .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECT)
@@ -544,9 +563,11 @@ impl BackupSink for PlainDirSink {
                 match file {
                     OpenFile::Direct(direct) => {
                         let stage = self.stage.get_or_insert_with(Stage::new);
+                        let started = Instant::now();
                         direct
                             .write(stage, data)
                             .map_err(|e| Error::io("writing", path, e))?;
+                        self.direct_time += started.elapsed();
                     }
                     OpenFile::Buffered(file) => {
                         file.write_all(data)
