@@ -1,7 +1,7 @@
 //! `compare`: clone-standby against pg_basebackup and pg_receivewal, side by side.
 //!
 //! ```text
-//! cargo run --release -p benches --bin compare -- --scale 100 --rounds 3 \
+//! cargo run --release -p benches --bin compare -- --scale 100 --rounds 5 \
 //!     --json benches/results.json --markdown benches/results.md
 //! cargo run --release -p benches --bin compare -- --smoke          # CI: tiny, one round
 //! ```
@@ -29,7 +29,7 @@ use clap::Parser;
 /// --no-build is given, clone-standby is built first with
 /// `cargo build --release -p clone-standby`.
 ///
-/// The full run: cargo run --release -p benches --bin compare -- --scale 100 --rounds 3
+/// The full run: cargo run --release -p benches --bin compare -- --scale 100 --rounds 5
 ///
 /// CI smoke: cargo run --release -p benches --bin compare -- --smoke
 ///
