@@ -371,17 +371,8 @@ impl Connection {
             Stream::Unix(_) => return,
         };
         let value = bytes.min(i32::MAX as u32) as libc::c_int;
-        // SAFETY: setsockopt on an open socket with a c_int option value; a failure only
-        // means more wake-ups, so it is ignored.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVLOWAT,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        // A failure only means more wake-ups.
+        let _ = set_int_option(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, value);
     }
 
     fn deliver_notice(&self, notice: &Notice) {
@@ -541,39 +532,37 @@ async fn open_socket(
 
 /// Enables TCP keepalive through setsockopt (tokio exposes no setter).
 fn socket2_keepalive(socket: &TcpStream, idle: Option<Duration>) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
     let fd = socket.as_raw_fd();
-    let on: libc::c_int = 1;
-    // SAFETY: fd is a valid socket owned by `socket`; the option value is a c_int.
+    set_int_option(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    if let Some(idle) = idle {
+        let secs = libc::c_int::try_from(idle.as_secs())
+            .unwrap_or(libc::c_int::MAX)
+            .max(1);
+        set_int_option(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs)?;
+    }
+    Ok(())
+}
+
+/// Sets one integer socket option.
+fn set_int_option(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: setsockopt reads one c_int through a valid pointer; a bad descriptor or
+    // option is reported as an error, not undefined behaviour.
     let rc = unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_SOCKET,
-            libc::SO_KEEPALIVE,
-            (&on as *const libc::c_int).cast(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
-    }
-    if let Some(idle) = idle {
-        let secs = libc::c_int::try_from(idle.as_secs())
-            .unwrap_or(libc::c_int::MAX)
-            .max(1);
-        // SAFETY: as above.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_KEEPIDLE,
-                (&secs as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
     }
     Ok(())
 }
