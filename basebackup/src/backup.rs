@@ -316,80 +316,70 @@ impl BaseBackup {
             expect_copy_out(conn, idle, &mut out).await?;
             let mut in_manifest = false;
             let mut index = 0usize;
-            loop {
-                match read_copy(conn, idle, &mut out).await? {
-                    BackendMessage::CopyData(payload) => match demux::parse(payload)? {
-                        StreamMessage::NewArchive { name, location } => {
-                            if in_manifest {
-                                return Err(Error::protocol("a new archive after the manifest"));
-                            }
-                            let ts = tablespaces.get(index).cloned().ok_or_else(|| {
-                                Error::protocol(format!(
-                                    "archive {name} is not in the tablespace list"
-                                ))
-                            })?;
-                            if ts.location.as_deref().unwrap_or("") != location {
-                                return Err(Error::protocol(format!(
+            while let Some(payload) = next_copy_data(
+                conn,
+                idle,
+                &mut out,
+                "BASE_BACKUP failed during the transfer",
+            )
+            .await?
+            {
+                match demux::parse(payload)? {
+                    StreamMessage::NewArchive { name, location } => {
+                        if in_manifest {
+                            return Err(Error::protocol("a new archive after the manifest"));
+                        }
+                        let ts = tablespaces.get(index).cloned().ok_or_else(|| {
+                            Error::protocol(format!("archive {name} is not in the tablespace list"))
+                        })?;
+                        if ts.location.as_deref().unwrap_or("") != location {
+                            return Err(Error::protocol(format!(
                                     "archive {name} has location {location:?}, the tablespace list says {:?}",
                                     ts.location
                                 )));
-                            }
-                            let compression = [
-                                CompressionMethod::Gzip,
-                                CompressionMethod::Lz4,
-                                CompressionMethod::Zstd,
-                            ]
-                            .into_iter()
-                            .find(|m| name.ends_with(m.suffix()));
-                            let expected_compression = self.options.compression.map(|c| c.method);
-                            if compression != expected_compression
-                                || !name
-                                    .trim_end_matches(compression.map_or("", |m| m.suffix()))
-                                    .ends_with(".tar")
-                            {
-                                return Err(Error::protocol(format!(
-                                    "unexpected archive name {name:?}"
-                                )));
-                            }
-                            state.start_archive(&name, &ts, index);
-                            out.send(Msg::Archive(ArchiveInfo {
-                                name,
-                                tablespace: ts,
-                                compression,
-                            }))
-                            .await?;
-                            index += 1;
                         }
-                        StreamMessage::Data(d) => {
-                            if index == 0 && !in_manifest {
-                                return Err(Error::protocol(
-                                    "archive data before the first archive",
-                                ));
-                            }
-                            if in_manifest {
-                                out.send(Msg::Manifest(d)).await?;
-                            } else {
-                                out.data(d).await?;
-                            }
+                        let compression = [
+                            CompressionMethod::Gzip,
+                            CompressionMethod::Lz4,
+                            CompressionMethod::Zstd,
+                        ]
+                        .into_iter()
+                        .find(|m| name.ends_with(m.suffix()));
+                        let expected_compression = self.options.compression.map(|c| c.method);
+                        if compression != expected_compression
+                            || !name
+                                .trim_end_matches(compression.map_or("", |m| m.suffix()))
+                                .ends_with(".tar")
+                        {
+                            return Err(Error::protocol(format!(
+                                "unexpected archive name {name:?}"
+                            )));
                         }
-                        StreamMessage::Progress(done) => state.report(done, true),
-                        StreamMessage::Manifest => {
-                            if !manifest_expected || in_manifest {
-                                return Err(Error::protocol("unexpected manifest"));
-                            }
-                            in_manifest = true;
-                        }
-                    },
-                    BackendMessage::CopyDone => break,
-                    BackendMessage::ErrorResponse(db) => {
-                        return Err(pgwire_repl::Error::server(
-                            "BASE_BACKUP failed during the transfer",
-                            db,
-                        )
-                        .into())
+                        state.start_archive(&name, &ts, index);
+                        out.send(Msg::Archive(ArchiveInfo {
+                            name,
+                            tablespace: ts,
+                            compression,
+                        }))
+                        .await?;
+                        index += 1;
                     }
-                    other => {
-                        return Err(Error::protocol(format!("expected CopyData, got {other:?}")))
+                    StreamMessage::Data(d) => {
+                        if index == 0 && !in_manifest {
+                            return Err(Error::protocol("archive data before the first archive"));
+                        }
+                        if in_manifest {
+                            out.send(Msg::Manifest(d)).await?;
+                        } else {
+                            out.data(d).await?;
+                        }
+                    }
+                    StreamMessage::Progress(done) => state.report(done, true),
+                    StreamMessage::Manifest => {
+                        if !manifest_expected || in_manifest {
+                            return Err(Error::protocol("unexpected manifest"));
+                        }
+                        in_manifest = true;
                     }
                 }
             }
@@ -420,49 +410,31 @@ impl BaseBackup {
                 }))
                 .await?;
                 let mut done = state.archive_start;
-                loop {
-                    match read_copy(conn, idle, &mut out).await? {
-                        BackendMessage::CopyData(d) => {
-                            done += d.len() as u64;
-                            out.data(d).await?;
-                            state.report(done, false);
-                        }
-                        BackendMessage::CopyDone => break,
-                        BackendMessage::ErrorResponse(db) => {
-                            return Err(pgwire_repl::Error::server(
-                                "BASE_BACKUP failed during the transfer",
-                                db,
-                            )
-                            .into())
-                        }
-                        other => {
-                            return Err(Error::protocol(format!(
-                                "expected CopyData, got {other:?}"
-                            )))
-                        }
-                    }
+                while let Some(d) = next_copy_data(
+                    conn,
+                    idle,
+                    &mut out,
+                    "BASE_BACKUP failed during the transfer",
+                )
+                .await?
+                {
+                    done += d.len() as u64;
+                    out.data(d).await?;
+                    state.report(done, false);
                 }
                 state.report(done, true);
             }
             if manifest_expected {
                 expect_copy_out(conn, idle, &mut out).await?;
-                loop {
-                    match read_copy(conn, idle, &mut out).await? {
-                        BackendMessage::CopyData(d) => out.send(Msg::Manifest(d)).await?,
-                        BackendMessage::CopyDone => break,
-                        BackendMessage::ErrorResponse(db) => {
-                            return Err(pgwire_repl::Error::server(
-                                "BASE_BACKUP failed sending the manifest",
-                                db,
-                            )
-                            .into())
-                        }
-                        other => {
-                            return Err(Error::protocol(format!(
-                                "expected CopyData, got {other:?}"
-                            )))
-                        }
-                    }
+                while let Some(d) = next_copy_data(
+                    conn,
+                    idle,
+                    &mut out,
+                    "BASE_BACKUP failed sending the manifest",
+                )
+                .await?
+                {
+                    out.send(Msg::Manifest(d)).await?;
                 }
             }
         }
@@ -592,6 +564,22 @@ async fn read_copy(
     tokio::select! {
         message = read => Ok(message?),
         () = tx.closed() => Err(Error::protocol(WRITER_GONE)),
+    }
+}
+
+/// The next CopyData payload of an archive or manifest copy, or `None` at CopyDone;
+/// a server error is reported with `during` as its context.
+async fn next_copy_data(
+    conn: &mut Connection,
+    idle: Option<Duration>,
+    out: &mut Outbox<'_>,
+    during: &str,
+) -> Result<Option<Bytes>> {
+    match read_copy(conn, idle, out).await? {
+        BackendMessage::CopyData(payload) => Ok(Some(payload)),
+        BackendMessage::CopyDone => Ok(None),
+        BackendMessage::ErrorResponse(db) => Err(pgwire_repl::Error::server(during, db).into()),
+        other => Err(Error::protocol(format!("expected CopyData, got {other:?}"))),
     }
 }
 
