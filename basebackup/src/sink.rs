@@ -521,6 +521,9 @@ impl BackupSink for PlainDirSink {
                 }
             }
             TarEvent::File { path, mode, size } => {
+                // The parser ends every file first; finishing here keeps the staging
+                // buffer empty for the new file whatever the event order.
+                self.finish_file()?;
                 let full = self.full(path);
                 let mut open = OpenOptions::new();
                 open.write(true).mode(*mode);
