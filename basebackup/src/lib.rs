@@ -35,6 +35,7 @@ pub mod manifest;
 mod pipeline;
 pub mod sink;
 pub mod tar;
+mod targets;
 mod verify;
 
 pub use backup::{backup, BackupResult, BaseBackup, Progress, ProgressFn};
@@ -48,4 +49,5 @@ pub use sink::{
     ArchiveInfo, BackupInfo, BackupSink, PlainDirSink, SinkOptions, Tablespace, TablespaceMapping,
     TarSink,
 };
+pub use targets::{plain_target_dirs, TargetDir};
 pub use verify::{check_wal, verify_backup, verify_backup_with, VerifyOptions};

@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -54,7 +54,9 @@ pub struct ArchiveInfo {
     pub name: String,
     /// The tablespace (with `oid: None` for the base directory).
     pub tablespace: Tablespace,
-    /// Server-side compression of the stream (already undone before the sink sees bytes).
+    /// Server-side compression of the stream. The pipeline undoes it before
+    /// [`BackupSink::archive_bytes`] and [`BackupSink::entry`]; the bytes as sent reach
+    /// [`BackupSink::compressed_bytes`].
     pub compression: Option<CompressionMethod>,
 }
 
@@ -77,9 +79,14 @@ impl ArchiveInfo {
 /// elsewhere (object storage, a pipe…); the crate provides [`PlainDirSink`] and [`TarSink`].
 ///
 /// The calls come in this order: `begin_backup`, then for each archive `begin_archive`,
-/// any mix of `archive_bytes` and `entry` (each uncompressed chunk goes first to
-/// `archive_bytes`, then its parsed entries to `entry`), `end_archive`; finally `commit`
-/// (only after the manifest was verified and the server reported success) or `abort`.
+/// any mix of `compressed_bytes`, `archive_bytes` and `entry`, `end_archive`; finally
+/// `commit` (only after the manifest was verified and the server reported success) or
+/// `abort`. Within an archive, each uncompressed chunk goes first to `archive_bytes`, then
+/// its parsed entries to `entry`. When the server compressed the archive
+/// ([`ArchiveInfo::compression`]), each compressed chunk goes to `compressed_bytes` before
+/// any uncompressed data decoded from it; the last compressed chunks may follow the last
+/// uncompressed data (a frame's end carries no data). Without server compression,
+/// `compressed_bytes` is never called.
 ///
 /// ```
 /// use basebackup::{BackupSink, ArchiveInfo, BackupInfo, Result};
@@ -103,6 +110,15 @@ pub trait BackupSink: Send {
     fn begin_backup(&mut self, info: &BackupInfo) -> Result<()>;
     /// A new archive starts.
     fn begin_archive(&mut self, archive: &ArchiveInfo) -> Result<()>;
+    /// For an archive whose [`ArchiveInfo::compression`] is `Some`: the bytes exactly as
+    /// the server sent them (still compressed), in order, each chunk delivered before the
+    /// uncompressed data decoded from it reaches `archive_bytes` and `entry`. Verification
+    /// still runs on the uncompressed stream, so a sink that stores these bytes stores a
+    /// verified archive once `commit` is called. Does nothing unless overridden.
+    fn compressed_bytes(&mut self, data: &Bytes) -> Result<()> {
+        let _ = data;
+        Ok(())
+    }
     /// Uncompressed tar bytes of the current archive, in order (a zero-copy slice).
     fn archive_bytes(&mut self, data: &Bytes) -> Result<()> {
         let _ = data;
@@ -211,7 +227,8 @@ fn canonical(path: &str) -> String {
 /// Options shared by the built-in sinks.
 #[derive(Debug, Clone, Default)]
 pub struct SinkOptions {
-    /// Accept a target directory that is not empty.
+    /// Accept a target directory that is not empty (the data directory or the archive
+    /// directory only: a tablespace directory must always be new or empty).
     pub allow_non_empty: bool,
     /// Keep what was written when the backup fails (for inspection).
     pub keep_on_failure: bool,
@@ -237,6 +254,21 @@ fn prepare_dir(dir: &Path, allow_non_empty: bool) -> Result<bool> {
         }
         Err(e) => Err(Error::io("reading directory", dir, e)),
     }
+}
+
+/// Creates `dir` and any missing parents; `dir` itself gets `mode` (0700 as
+/// pg_basebackup, or 0750 with group access), the parents the process's default.
+fn create_private_dir(dir: &Path, mode: u32) -> Result<()> {
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent).map_err(|e| Error::io("creating directory", parent, e))?;
+    }
+    fs::DirBuilder::new()
+        .mode(mode)
+        .create(dir)
+        .map_err(|e| Error::io("creating directory", dir, e))?;
+    // The umask may have taken bits away; set exactly the mode asked for.
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io("setting the mode of", dir, e))
 }
 
 /// Starts writeback of a finished file so that the final fsync finds it mostly clean.
@@ -343,6 +375,7 @@ pub struct PlainDirSink {
     dir_mode: u32,
     root: PathBuf,
     tablespace_dirs: HashMap<u32, PathBuf>,
+    source_dirs: Vec<PathBuf>,
     current: Option<(OpenFile, PathBuf)>,
     /// The staging buffer of direct writes, allocated with the first large file.
     stage: Option<Stage>,
@@ -367,6 +400,7 @@ impl PlainDirSink {
             options: SinkOptions::default(),
             dir_mode: 0o700,
             tablespace_dirs: HashMap::new(),
+            source_dirs: Vec::new(),
             current: None,
             stage: None,
             began: None,
@@ -390,6 +424,14 @@ impl PlainDirSink {
         self
     }
 
+    /// The source server's own directories (its data directory, as `SHOW data_directory`
+    /// reports it), so that a target inside them on this host is refused. The source's
+    /// tablespace locations are always checked; see [`plain_target_dirs`](crate::plain_target_dirs).
+    pub fn source_directories(mut self, dirs: Vec<PathBuf>) -> Self {
+        self.source_dirs = dirs;
+        self
+    }
+
     /// Sets the data directory's mode (0700 by default; 0750 for group access).
     pub fn data_directory_mode(mut self, mode: u32) -> Self {
         self.dir_mode = mode & 0o777;
@@ -398,16 +440,6 @@ impl PlainDirSink {
 
     fn full(&self, path: &[u8]) -> PathBuf {
         self.root.join(OsStr::from_bytes(path))
-    }
-
-    fn tablespace_dir(&self, ts: &Tablespace) -> Option<PathBuf> {
-        let location = ts.location.as_deref()?;
-        Some(if location.starts_with('/') {
-            self.mapping.apply(location)
-        } else {
-            // In-place tablespace: relative to the data directory.
-            self.target.join(location)
-        })
     }
 
     /// Whether the next large file should be written with `O_DIRECT`.
@@ -450,28 +482,32 @@ impl PlainDirSink {
 impl BackupSink for PlainDirSink {
     fn begin_backup(&mut self, info: &BackupInfo) -> Result<()> {
         self.began = Some(Instant::now());
-        let mut dirs = vec![self.target.clone()];
+        // Decided before anything is written: new or empty directories only, none of
+        // them inside the source's directories on this host.
+        let dirs = crate::targets::plain_target_dirs(
+            &self.target,
+            &info.tablespaces,
+            &self.mapping,
+            &self.source_dirs,
+            self.options.allow_non_empty,
+        )?;
         for ts in &info.tablespaces {
-            if let (Some(oid), Some(dir)) = (ts.oid, self.tablespace_dir(ts)) {
-                if ts.location.as_deref().is_some_and(|l| !l.starts_with('/')) {
-                    self.tablespace_dirs.insert(oid, dir);
-                    continue;
+            if let (Some(oid), Some(location)) = (ts.oid, ts.location.as_deref()) {
+                if !location.starts_with('/') {
+                    // In-place tablespace: relative to the data directory.
+                    self.tablespace_dirs.insert(oid, self.target.join(location));
                 }
-                if dirs.contains(&dir) {
-                    return Err(Error::usage(
-                        format!("tablespace {oid} would be written to {}, which another part of the backup uses", dir.display()),
-                        "map each tablespace to its own directory outside the data directory",
-                    ));
-                }
-                self.tablespace_dirs.insert(oid, dir.clone());
-                dirs.push(dir);
             }
         }
         for dir in dirs {
-            if prepare_dir(&dir, self.options.allow_non_empty)? {
-                self.created.push(Created::Tree(dir.clone()));
+            if let Some(oid) = dir.tablespace {
+                self.tablespace_dirs.insert(oid, dir.path.clone());
             }
-            self.sync_dirs.push(dir);
+            if let Some(top) = &dir.creates {
+                create_private_dir(&dir.path, self.dir_mode)?;
+                self.created.push(Created::Tree(top.clone()));
+            }
+            self.sync_dirs.push(dir.path);
         }
         fs::set_permissions(&self.target, fs::Permissions::from_mode(self.dir_mode))
             .map_err(|e| Error::io("setting the mode of", &self.target, e))?;
@@ -666,12 +702,22 @@ fn remove_created(created: &mut Vec<Created>) {
 }
 
 enum TarOut {
+    /// The uncompressed tar stream.
     Plain(File),
+    /// The uncompressed tar stream, compressed here.
     Zstd(zstd::stream::write::Encoder<'static, File>),
+    /// The server's compressed stream, stored as it arrived.
+    AsSent(File),
 }
 
-/// Writes `base.tar`, `<oid>.tar` (optionally `.tar.zst`) and `backup_manifest`, as
-/// `pg_basebackup -Ft` does; adds the end-of-archive blocks that 13/14 servers leave out.
+/// Writes `base.tar`, `<oid>.tar` and `backup_manifest`, as `pg_basebackup -Ft` does;
+/// adds the end-of-archive blocks that 13/14 servers leave out.
+///
+/// An archive the server compressed is stored as it arrived (`base.tar.zst`,
+/// `<oid>.tar.gz`, `.tar.lz4`…), while the backup is still verified on the decompressed
+/// stream. With client-side [`zstd`](TarSink::zstd), every archive is written as
+/// `.tar.zst`, recompressing any server-compressed one.
+/// [`archive_file_name`](TarSink::archive_file_name) gives each archive's file name.
 ///
 /// Use it with [`BackupOptions::tablespace_map`](crate::BackupOptions) set, as
 /// pg_basebackup does for tar format, so that restoring does not need the links.
@@ -722,6 +768,44 @@ impl TarSink {
         self
     }
 
+    /// The file name this sink writes `archive` to, inside its directory: the archive's
+    /// [`tar_name`](ArchiveInfo::tar_name) (`base.tar` or `<oid>.tar`, never the name the
+    /// server sent) plus `.zst` with client-side zstd, or else the suffix of the server's
+    /// compression method, if any.
+    ///
+    /// ```
+    /// use basebackup::{ArchiveInfo, CompressionMethod, Tablespace, TarSink};
+    /// let base = ArchiveInfo {
+    ///     name: "base.tar.gz".into(),
+    ///     tablespace: Tablespace { oid: None, location: None, size_estimate: None },
+    ///     compression: Some(CompressionMethod::Gzip),
+    /// };
+    /// let ts = ArchiveInfo {
+    ///     name: "16385.tar".into(),
+    ///     tablespace: Tablespace {
+    ///         oid: Some(16385),
+    ///         location: Some("/srv/ts1".into()),
+    ///         size_estimate: None,
+    ///     },
+    ///     compression: None,
+    /// };
+    /// let sink = TarSink::new("/backup");
+    /// assert_eq!(sink.archive_file_name(&base), "base.tar.gz");
+    /// assert_eq!(sink.archive_file_name(&ts), "16385.tar");
+    /// let sink = TarSink::new("/backup").zstd(Some(3));
+    /// assert_eq!(sink.archive_file_name(&base), "base.tar.zst");
+    /// assert_eq!(sink.archive_file_name(&ts), "16385.tar.zst");
+    /// ```
+    pub fn archive_file_name(&self, archive: &ArchiveInfo) -> String {
+        let mut name = archive.tar_name();
+        match (self.zstd_level, archive.compression) {
+            (Some(_), _) => name.push_str(".zst"),
+            (None, Some(method)) => name.push_str(method.suffix()),
+            (None, None) => {}
+        }
+        name
+    }
+
     fn write(&mut self, data: &[u8]) -> Result<()> {
         let (out, path) = self
             .current
@@ -730,6 +814,12 @@ impl TarSink {
         let r = match out {
             TarOut::Plain(f) => f.write_all(data),
             TarOut::Zstd(z) => z.write_all(data),
+            TarOut::AsSent(_) => {
+                return Err(Error::protocol(format!(
+                    "uncompressed data for {}, which stores the server's compressed stream",
+                    path.display()
+                )))
+            }
         };
         r.map_err(|e| Error::io("writing", path, e))
     }
@@ -744,11 +834,7 @@ impl BackupSink for TarSink {
     }
 
     fn begin_archive(&mut self, archive: &ArchiveInfo) -> Result<()> {
-        let mut name = archive.tar_name();
-        if self.zstd_level.is_some() {
-            name.push_str(".zst");
-        }
-        let path = self.dir.join(name);
+        let path = self.dir.join(self.archive_file_name(archive));
         let file = OpenOptions::new()
             .write(true)
             .create_new(!self.options.allow_non_empty)
@@ -758,9 +844,10 @@ impl BackupSink for TarSink {
             .open(&path)
             .map_err(|e| Error::io("creating", &path, e))?;
         self.created.push(Created::File(path.clone()));
-        let out = match self.zstd_level {
-            None => TarOut::Plain(file),
-            Some(level) => TarOut::Zstd(
+        let out = match (self.zstd_level, archive.compression) {
+            (None, None) => TarOut::Plain(file),
+            (None, Some(_)) => TarOut::AsSent(file),
+            (Some(level), _) => TarOut::Zstd(
                 zstd::stream::write::Encoder::new(file, level)
                     .map_err(|e| Error::io("starting zstd compression of", &path, e))?,
             ),
@@ -769,17 +856,40 @@ impl BackupSink for TarSink {
         Ok(())
     }
 
+    fn compressed_bytes(&mut self, data: &Bytes) -> Result<()> {
+        match self.current.as_mut() {
+            Some((TarOut::AsSent(f), path)) => {
+                f.write_all(data).map_err(|e| Error::io("writing", path, e))
+            }
+            // Client-side zstd: the decompressed bytes are recompressed instead.
+            Some(_) => Ok(()),
+            None => Err(Error::protocol("archive data outside an archive")),
+        }
+    }
+
     fn archive_bytes(&mut self, data: &Bytes) -> Result<()> {
+        if let Some((TarOut::AsSent(_), _)) = self.current {
+            // Stored from `compressed_bytes`.
+            return Ok(());
+        }
         self.write(data)
     }
 
     fn end_archive(&mut self, trailer_present: bool) -> Result<()> {
         if !trailer_present {
+            if let Some((TarOut::AsSent(_), path)) = &self.current {
+                // Only 13/14 leave the trailer out, and they cannot compress: a stored
+                // compressed stream cannot be completed after the fact.
+                return Err(Error::protocol(format!(
+                    "the server-compressed archive {} has no end-of-archive blocks",
+                    path.display()
+                )));
+            }
             self.write(&[0u8; 1024])?;
         }
         if let Some((out, path)) = self.current.take() {
             let file = match out {
-                TarOut::Plain(f) => f,
+                TarOut::Plain(f) | TarOut::AsSent(f) => f,
                 TarOut::Zstd(z) => z
                     .finish()
                     .map_err(|e| Error::io("finishing zstd compression of", &path, e))?,
