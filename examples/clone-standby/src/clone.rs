@@ -3,31 +3,40 @@
 //! transfer and a CRC check of every WAL record.
 //!
 //! Order of events:
-//! 1. refuse a non-empty target; create it and `pg_wal` (so WAL can land while the
-//!    archive is extracted);
+//! 1. check the target (new or empty, not inside any data directory or tablespace on
+//!    this host) and create it;
 //! 2. with `--create-slot`, create the named slot before the backup, so no WAL it needs
 //!    can be recycled;
-//! 3. BASE_BACKUP; as soon as the start position is known, stream WAL on a second
-//!    connection from there (through the named slot, or a temporary one);
-//! 4. when the backup ends (manifest verified), tell the WAL stream its end position and
+//! 3. BASE_BACKUP; read the tablespace list and check every tablespace directory the
+//!    same way, before a single byte is written (pg_basebackup's order);
+//! 4. stream WAL on a second connection from the backup's start (through the named
+//!    slot, or a temporary one) while the archives arrive;
+//! 5. when the backup ends (manifest verified), tell the WAL stream its end position and
 //!    wait until everything up to it is on disk and verified;
-//! 5. give the last segment its final name, write the standby configuration.
+//! 6. give the last segment its final name (tar format: pack it into `pg_wal.tar`), write
+//!    the standby configuration.
 //!
-//! Any failure removes the target (unless `keep_on_failure`), so nothing that looks like
-//! a finished clone is left behind.
+//! A failure or an interruption stops both streams, waits until the writer has stopped,
+//! then removes exactly what this run created (directories, the slot) and reports what
+//! it removed and what it left, and why.
 
+use std::fmt;
 use std::fs;
+use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use basebackup::{
-    BackupOptions, BackupResult, BackupSink, BaseBackup, Checkpoint, ChecksumAlgorithm,
-    PlainDirSink, Progress, ProgressFn, ServerCompression, SinkOptions, TablespaceMapping, TarSink,
+    ArchiveInfo, BackupInfo, BackupOptions, BackupResult, BackupSink, BaseBackup, Checkpoint,
+    ChecksumAlgorithm, PlainDirSink, Progress, ProgressFn, ServerCompression, SinkOptions,
+    TablespaceMapping, TarSink, TargetDir,
 };
+use bytes::Bytes;
 use pgwire_repl::types::parse_wal_file_name;
 use pgwire_repl::{Config, Lsn, ReplicationClient, TimelineId, WalSegmentSize};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
 use crate::recovery;
 
@@ -47,21 +56,22 @@ pub enum WalMethod {
 pub enum Format {
     /// A data directory, ready to start.
     Plain,
-    /// `base.tar`, `<oid>.tar` and `backup_manifest`, as `pg_basebackup -Ft` writes them
-    /// (streamed WAL goes to a `pg_wal` directory beside them).
+    /// `base.tar`, `<oid>.tar` and `backup_manifest`, as `pg_basebackup -Ft` writes them;
+    /// archives the server compressed are stored as they arrived (`base.tar.zst`…), and
+    /// streamed WAL goes into `pg_wal.tar`.
     Tar,
 }
 
 /// What to clone and how.
 #[derive(Debug, Clone)]
 pub struct CloneOptions {
-    /// The primary.
+    /// The source server: a primary, or a standby (a cascading clone).
     pub source: Config,
     /// The target data directory (or archive directory for `Format::Tar`).
     pub target: PathBuf,
     /// A named slot for WAL streaming and for the standby's `primary_slot_name`.
     pub slot: Option<String>,
-    /// Create the named slot first.
+    /// Create the named slot first (and drop it again if the clone fails).
     pub create_slot: bool,
     /// How WAL is included.
     pub wal: WalMethod,
@@ -81,7 +91,7 @@ pub struct CloneOptions {
     pub write_recovery_conf: bool,
     /// Skip every fsync.
     pub no_sync: bool,
-    /// Keep the target when the clone fails.
+    /// Keep what was written (and the slot) when the clone fails.
     pub keep_on_failure: bool,
     /// Backup label.
     pub label: String,
@@ -134,88 +144,327 @@ pub enum CloneEvent {
 
 type EventFn = Box<dyn FnMut(CloneEvent) + Send>;
 
-/// Runs a clone. On failure the target is removed unless `keep_on_failure` is set, in
-/// which case `backup_manifest` is renamed so the directory cannot pass for complete.
-pub async fn clone(options: CloneOptions, mut events: EventFn) -> Result<CloneSummary, String> {
+/// What the clean-up after a failure did, line by line.
+#[derive(Debug, Clone, Default)]
+pub struct CleanupReport {
+    /// What was removed (directories, slots), each with why it was this run's to remove.
+    pub removed: Vec<String>,
+    /// What was left in place, each with why.
+    pub left: Vec<String>,
+}
+
+/// A clone that failed or was interrupted, and what was cleaned up after it.
+#[derive(Debug, Clone)]
+pub struct CloneFailure {
+    /// What went wrong.
+    pub error: String,
+    /// True when the clone was interrupted (Ctrl-C), not failed.
+    pub interrupted: bool,
+    /// What was removed and what was left.
+    pub cleanup: CleanupReport,
+}
+
+impl fmt::Display for CloneFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.error)?;
+        for line in &self.cleanup.removed {
+            write!(f, "\n  removed: {line}")?;
+        }
+        for line in &self.cleanup.left {
+            write!(f, "\n  left: {line}")?;
+        }
+        if self.cleanup.removed.is_empty() && self.cleanup.left.is_empty() {
+            f.write_str("\n  nothing had been written, so nothing was removed")?;
+        }
+        Ok(())
+    }
+}
+
+/// What woke the clone's main loop.
+enum Step {
+    Backup(Result<basebackup::Result<BackupResult>, tokio::task::JoinError>),
+    Progress(bool),
+    Wal(Result<walstream::Result<walstream::ReceiveSummary>, tokio::task::JoinError>),
+}
+
+/// What this run owns while it runs: the clean-up after a failure works from this alone.
+#[derive(Default)]
+struct Owned {
+    /// The directories written into, as found before anything was written.
+    dirs: Vec<TargetDir>,
+    /// A slot this run created.
+    slot: Option<String>,
+    wal_task: Option<JoinHandle<walstream::Result<walstream::ReceiveSummary>>>,
+    backup_task: Option<JoinHandle<basebackup::Result<BackupResult>>>,
+    /// Resolves when the backup's writer thread has let go of its sink.
+    writer_stopped: Option<oneshot::Receiver<()>>,
+}
+
+/// Runs a clone until it succeeds, fails, or `interrupt` completes (e.g. on Ctrl-C).
+///
+/// On failure or interruption the streams are stopped and, unless `keep_on_failure`,
+/// exactly what this run created is removed: the target and tablespace directories it
+/// created (or the contents of those it was given empty) and a slot made by
+/// `create_slot`. With `keep_on_failure` everything stays, and `backup_manifest` is
+/// renamed so the directory cannot pass for complete.
+pub async fn clone(
+    options: CloneOptions,
+    mut events: EventFn,
+    interrupt: impl Future<Output = ()>,
+) -> Result<CloneSummary, CloneFailure> {
     let started = Instant::now();
-    let created_target = prepare_target(&options.target)?;
-    let result = run(&options, &mut events, started).await;
-    if result.is_err() {
-        if options.keep_on_failure {
-            let manifest = options.target.join("backup_manifest");
-            if manifest.exists() {
-                let _ = fs::rename(&manifest, options.target.join("backup_manifest.incomplete"));
-            }
-        } else {
-            remove_target(&options.target, created_target).await;
+    let mut owned = Owned::default();
+    let outcome = {
+        let work = run(&options, &mut events, started, &mut owned);
+        tokio::pin!(interrupt);
+        tokio::select! {
+            result = work => result.map_err(|error| (error, false)),
+            () = &mut interrupt => Err(("interrupted".to_string(), true)),
         }
-    }
-    result
-}
-
-/// Removes what the clone wrote. The base backup's writer thread may still be finishing
-/// a file when a failure elsewhere (the WAL stream) ends the clone; it stops at its next
-/// channel read, so keep removing until nothing is left, for a few seconds at most.
-pub async fn remove_target(target: &Path, created_target: bool) {
-    for _ in 0..50 {
-        if created_target {
-            let _ = fs::remove_dir_all(target);
-            if !target.exists() {
-                return;
-            }
-        } else {
-            remove_contents(target);
-            if fs::read_dir(target).map_or(true, |mut entries| entries.next().is_none()) {
-                return;
-            }
+    };
+    match outcome {
+        Ok(summary) => Ok(summary),
+        Err((error, interrupted)) => {
+            let cleanup = clean_up(&options, &mut owned).await;
+            Err(CloneFailure {
+                error,
+                interrupted,
+                cleanup,
+            })
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// Checks the target is absent or empty and creates it with mode 0700. Returns whether
-/// it was created.
-fn prepare_target(target: &Path) -> Result<bool, String> {
-    match fs::read_dir(target) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(format!(
-                    "the target directory {} is not empty\n  what to do: choose a new or empty directory, or empty this one",
-                    target.display()
+/// How long the clean-up waits for the writer thread (it may be in a long fsync).
+const WRITER_STOP_WAIT: Duration = Duration::from_secs(60);
+/// How long dropping a slot may take.
+const SLOT_DROP_WAIT: Duration = Duration::from_secs(20);
+
+async fn clean_up(options: &CloneOptions, owned: &mut Owned) -> CleanupReport {
+    let mut report = CleanupReport::default();
+    // Stop everything that writes before removing anything.
+    let wal_task = owned.wal_task.take();
+    let backup_task = owned.backup_task.take();
+    let aborts = [
+        wal_task.as_ref().map(JoinHandle::abort_handle),
+        backup_task.as_ref().map(JoinHandle::abort_handle),
+    ];
+    for abort in aborts.iter().flatten() {
+        abort.abort();
+    }
+    if let Some(task) = wal_task {
+        let _ = task.await;
+    }
+    if let Some(task) = backup_task {
+        let _ = task.await;
+    }
+    if let Some(stopped) = owned.writer_stopped.take() {
+        if tokio::time::timeout(WRITER_STOP_WAIT, stopped)
+            .await
+            .is_err()
+        {
+            for dir in owned.dirs.iter().rev() {
+                report.left.push(format!(
+                    "{}: the backup's writer did not stop within {} s, so nothing was removed; remove it once this process has exited",
+                    dir.path.display(),
+                    WRITER_STOP_WAIT.as_secs()
                 ));
             }
-            Ok(false)
+            owned.dirs.clear();
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(target)
-                .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
-            Ok(true)
+    }
+
+    for dir in owned.dirs.iter().rev() {
+        let exists = fs::symlink_metadata(&dir.path).is_ok();
+        let what = match dir.tablespace {
+            Some(oid) => format!("tablespace {oid} directory"),
+            None => "target directory".to_string(),
+        };
+        if options.keep_on_failure {
+            if exists {
+                let manifest = dir.path.join("backup_manifest");
+                let renamed = dir.tablespace.is_none()
+                    && manifest.exists()
+                    && fs::rename(&manifest, dir.path.join("backup_manifest.incomplete")).is_ok();
+                report.left.push(format!(
+                    "{what} {} (--no-clean){}",
+                    dir.path.display(),
+                    if renamed {
+                        "; its backup_manifest was renamed backup_manifest.incomplete"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            continue;
         }
-        Err(e) => Err(format!("cannot read {}: {e}", target.display())),
+        match &dir.creates {
+            Some(top) => {
+                if fs::symlink_metadata(top).is_err() {
+                    continue;
+                }
+                match fs::remove_dir_all(top) {
+                    Ok(()) => report.removed.push(if top == &dir.path {
+                        format!("{what} {} (created by this run)", top.display())
+                    } else {
+                        format!(
+                            "{} with the {what} {} inside it (created by this run)",
+                            top.display(),
+                            dir.path.display()
+                        )
+                    }),
+                    Err(e) => report
+                        .left
+                        .push(format!("{what} {}: removing it failed: {e}", top.display())),
+                }
+            }
+            None => {
+                if !exists {
+                    continue;
+                }
+                match remove_contents(&dir.path) {
+                    Ok(0) => {}
+                    Ok(_) => report.removed.push(format!(
+                        "everything this run wrote in the {what} {} (it was empty before and is empty again)",
+                        dir.path.display()
+                    )),
+                    Err(e) => report.left.push(format!(
+                        "files in the {what} {}: removing them failed: {e}",
+                        dir.path.display()
+                    )),
+                }
+            }
+        }
+    }
+
+    if let Some(slot) = owned.slot.take() {
+        if options.keep_on_failure {
+            report.left.push(format!(
+                "replication slot {slot:?} (--no-clean); it holds WAL on the source until it is used or dropped with SELECT pg_drop_replication_slot('{slot}')"
+            ));
+        } else {
+            let dropped = tokio::time::timeout(SLOT_DROP_WAIT, async {
+                let mut client = ReplicationClient::connect(&options.source).await?;
+                client.drop_slot(&slot, true).await?;
+                client.close().await
+            })
+            .await;
+            match dropped {
+                Ok(Ok(())) => report.removed.push(format!(
+                    "replication slot {slot:?} (created by this run)"
+                )),
+                Ok(Err(e)) => report.left.push(format!(
+                    "replication slot {slot:?}: dropping it failed ({e}); it holds WAL on the source: drop it with SELECT pg_drop_replication_slot('{slot}')"
+                )),
+                Err(_) => report.left.push(format!(
+                    "replication slot {slot:?}: dropping it took longer than {} s; it holds WAL on the source: drop it with SELECT pg_drop_replication_slot('{slot}')",
+                    SLOT_DROP_WAIT.as_secs()
+                )),
+            }
+        }
+    }
+    report
+}
+
+/// Removes everything inside `dir`; returns how many entries there were.
+fn remove_contents(dir: &Path) -> std::io::Result<usize> {
+    let mut count = 0;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            fs::remove_dir_all(&path)?;
+        } else {
+            fs::remove_file(&path)?;
+        }
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// Creates `dir` (mode 0700) and its missing parents.
+fn create_target(dir: &Path) -> Result<(), String> {
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("cannot set the mode of {}: {e}", dir.display()))
+}
+
+/// A sink that says when the writer thread has let go of it: the clean-up must not
+/// remove files while the writer may still create them.
+struct SignalWhenDropped {
+    inner: Box<dyn BackupSink>,
+    _stopped: oneshot::Sender<()>,
+}
+
+impl BackupSink for SignalWhenDropped {
+    fn begin_backup(&mut self, info: &BackupInfo) -> basebackup::Result<()> {
+        self.inner.begin_backup(info)
+    }
+    fn begin_archive(&mut self, archive: &ArchiveInfo) -> basebackup::Result<()> {
+        self.inner.begin_archive(archive)
+    }
+    fn compressed_bytes(&mut self, data: &Bytes) -> basebackup::Result<()> {
+        self.inner.compressed_bytes(data)
+    }
+    fn archive_bytes(&mut self, data: &Bytes) -> basebackup::Result<()> {
+        self.inner.archive_bytes(data)
+    }
+    fn entry(&mut self, event: &basebackup::tar::TarEvent) -> basebackup::Result<()> {
+        self.inner.entry(event)
+    }
+    fn end_archive(&mut self, trailer_present: bool) -> basebackup::Result<()> {
+        self.inner.end_archive(trailer_present)
+    }
+    fn commit(&mut self, manifest: Option<&[u8]>) -> basebackup::Result<()> {
+        self.inner.commit(manifest)
+    }
+    fn abort(&mut self) {
+        self.inner.abort()
     }
 }
 
-fn remove_contents(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let _ = match entry.file_type() {
-                Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
-                _ => fs::remove_file(&path),
-            };
-        }
-    }
+/// The source's data directory, when the role may read it (superuser,
+/// pg_read_all_settings): a target inside it is then refused by identity as well.
+async fn source_data_directory(client: &mut ReplicationClient) -> Option<PathBuf> {
+    client
+        .show("data_directory")
+        .await
+        .ok()
+        .filter(|dir| dir.starts_with('/'))
+        .map(PathBuf::from)
 }
 
 async fn run(
     options: &CloneOptions,
     events: &mut EventFn,
     started: Instant,
+    owned: &mut Owned,
 ) -> Result<CloneSummary, String> {
     let source = &options.source;
+    let error = |e: basebackup::Error| e.to_string();
+
+    // The target first: nothing else happens if it cannot be used.
+    let mut target_dirs = basebackup::plain_target_dirs(
+        &options.target,
+        &[],
+        &TablespaceMapping::default(),
+        &[],
+        false,
+    )
+    .map_err(error)?;
+    let target = target_dirs.remove(0);
+    if target.creates.is_some() {
+        create_target(&options.target)?;
+    }
+    owned.dirs.push(target);
+
     if options.create_slot {
         let slot = options
             .slot
@@ -234,15 +483,8 @@ async fn run(
             )
             .await
             .map_err(|e| format!("creating replication slot {slot:?}: {e}"))?;
+        owned.slot = Some(slot.to_string());
         let _ = client.close().await;
-    }
-
-    let wal_dir = options.target.join("pg_wal");
-    if options.wal == WalMethod::Stream {
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&wal_dir)
-            .map_err(|e| format!("cannot create {}: {e}", wal_dir.display()))?;
     }
 
     let backup_options = BackupOptions {
@@ -256,22 +498,47 @@ async fn run(
         compression: options.compression,
         ..BackupOptions::default()
     };
-    let client = ReplicationClient::connect(source)
+    let mut client = ReplicationClient::connect(source)
         .await
         .map_err(|e| e.to_string())?;
     let server_major = client.server_major();
-    let backup = BaseBackup::start(client, backup_options)
+    let source_dirs: Vec<PathBuf> = source_data_directory(&mut client)
         .await
-        .map_err(|e| e.to_string())?;
+        .into_iter()
+        .collect();
+    let mut backup = BaseBackup::start(client, backup_options)
+        .await
+        .map_err(error)?;
     let (start_lsn, timeline) = (backup.start_lsn(), backup.timeline());
+
+    // Every tablespace directory is checked before a byte is written anywhere.
+    let tablespaces = backup.read_tablespaces().await.map_err(error)?.to_vec();
+    if options.format == Format::Plain {
+        let dirs = basebackup::plain_target_dirs(
+            &options.target,
+            &tablespaces,
+            &options.tablespace_mapping,
+            &source_dirs,
+            true,
+        )
+        .map_err(error)?;
+        owned
+            .dirs
+            .extend(dirs.into_iter().filter(|d| d.tablespace.is_some()));
+    }
     events(CloneEvent::Started {
         start_lsn,
         timeline,
     });
 
     // WAL streaming on a second connection, from the backup's start.
+    let wal_dir = options.target.join("pg_wal");
     let (endpos_tx, endpos_rx) = watch::channel(None);
-    let wal_task = if options.wal == WalMethod::Stream {
+    if options.wal == WalMethod::Stream {
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&wal_dir)
+            .map_err(|e| format!("cannot create {}: {e}", wal_dir.display()))?;
         let mut receive = walstream::ReceiveOptions::new(&wal_dir);
         receive.start_position = Some(start_lsn);
         receive.no_loop = true;
@@ -287,15 +554,16 @@ async fn run(
         // The flush position moves a named slot's restart_lsn, as the standby will.
         receive.report_flush = Some(options.slot.is_some());
         let config = source.clone();
-        Some(tokio::spawn(async move {
+        owned.wal_task = Some(tokio::spawn(async move {
             walstream::receive_wal(&config, &receive, std::future::pending()).await
-        }))
-    } else {
-        None
-    };
+        }));
+    }
 
     let sink_options = SinkOptions {
+        // The target holds the pg_wal made above; tablespace directories are always
+        // checked to be new or empty.
         allow_non_empty: true,
+        // The clean-up removes what this run created, once the writer has stopped.
         keep_on_failure: true,
         no_sync: options.no_sync,
     };
@@ -303,39 +571,61 @@ async fn run(
         Format::Plain => Box::new(
             PlainDirSink::new(&options.target)
                 .tablespace_mapping(options.tablespace_mapping.clone())
+                .source_directories(source_dirs)
                 .options(sink_options),
         ),
         Format::Tar => Box::new(TarSink::new(&options.target).options(sink_options)),
     };
+    let (stopped_tx, stopped_rx) = oneshot::channel();
+    owned.writer_stopped = Some(stopped_rx);
+    let sink = Box::new(SignalWhenDropped {
+        inner: sink,
+        _stopped: stopped_tx,
+    });
     let (progress_tx, mut progress_rx) = watch::channel((0u64, None::<u64>));
     let progress: ProgressFn = Box::new(move |p: &Progress| {
         let _ = progress_tx.send((p.bytes_done, p.total_estimate));
     });
     // A task of its own: the archive stream yields often (tokio's cooperative budget),
     // and each yield should not re-poll this loop's other branches.
-    let mut receiving = tokio::spawn(backup.receive(sink, Some(progress)));
-    let _stop_backup_on_early_return = AbortOnDrop(receiving.abort_handle());
-    let mut wal_task = wal_task;
+    owned.backup_task = Some(tokio::spawn(backup.receive(sink, Some(progress))));
     let mut progress_open = true;
     let backup_result: BackupResult = loop {
-        tokio::select! {
-            result = &mut receiving => break result
-                .map_err(|e| format!("the backup task failed: {e}"))?
-                .map_err(|e| e.to_string())?,
-            // The sender goes away when the stream ends, while the writer may still be
-            // finishing; a closed channel must not be polled again (it is always ready).
-            changed = progress_rx.changed(), if progress_open => {
-                if changed.is_ok() {
-                    let (done, total) = *progress_rx.borrow_and_update();
-                    events(CloneEvent::Progress { done, total });
-                } else {
-                    progress_open = false;
-                }
+        let step = {
+            let Owned {
+                wal_task,
+                backup_task,
+                ..
+            } = &mut *owned;
+            let receiving = backup_task.as_mut().ok_or("the backup task is gone")?;
+            tokio::select! {
+                result = receiving => Step::Backup(result),
+                // The sender goes away when the stream ends, while the writer may still
+                // be finishing; a closed channel must not be polled again (always ready).
+                changed = progress_rx.changed(), if progress_open => Step::Progress(changed.is_ok()),
+                // A WAL stream that fails while the backup runs fails the clone at once.
+                wal = async { match wal_task.as_mut() { Some(task) => task.await, None => std::future::pending().await } } => Step::Wal(wal),
             }
-            // A WAL stream that fails while the backup runs fails the clone at once.
-            wal = async { match wal_task.as_mut() { Some(task) => task.await, None => std::future::pending().await } } => {
+        };
+        match step {
+            Step::Backup(result) => {
+                owned.backup_task = None;
+                break result
+                    .map_err(|e| format!("the backup task failed: {e}"))?
+                    .map_err(error)?;
+            }
+            Step::Progress(true) => {
+                let (done, total) = *progress_rx.borrow_and_update();
+                events(CloneEvent::Progress { done, total });
+            }
+            Step::Progress(false) => progress_open = false,
+            Step::Wal(wal) => {
+                owned.wal_task = None;
                 return Err(match wal {
-                    Ok(Ok(summary)) => format!("the WAL stream ended before the backup did ({:?})", summary.end_reason),
+                    Ok(Ok(summary)) => format!(
+                        "the WAL stream ended before the backup did ({:?})",
+                        summary.end_reason
+                    ),
                     Ok(Err(e)) => format!("WAL streaming failed: {e}"),
                     Err(e) => format!("the WAL streaming task failed: {e}"),
                 });
@@ -345,11 +635,12 @@ async fn run(
     let end_lsn = backup_result.end_lsn;
 
     let mut wal_bytes = 0;
-    if let Some(task) = wal_task {
+    if let Some(task) = owned.wal_task.as_mut() {
         events(CloneEvent::WaitingForWal { end_lsn });
         let _ = endpos_tx.send(Some(end_lsn));
-        let summary = task
-            .await
+        let joined = task.await;
+        owned.wal_task = None;
+        let summary = joined
             .map_err(|e| format!("the WAL streaming task failed: {e}"))?
             .map_err(|e| format!("WAL streaming failed: {e}"))?;
         if summary.flushed < end_lsn {
@@ -360,6 +651,13 @@ async fn run(
         }
         wal_bytes = summary.bytes_received;
         finish_wal_dir(&wal_dir, start_lsn, end_lsn, timeline, !options.no_sync)?;
+        if options.format == Format::Tar {
+            crate::waltar::pack_wal_dir(
+                &wal_dir,
+                &options.target.join("pg_wal.tar"),
+                !options.no_sync,
+            )?;
+        }
     }
 
     if options.write_recovery_conf && options.format == Format::Plain {
@@ -550,15 +848,6 @@ pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
 
 /// How long `--start` waits for the standby by default.
 pub const DEFAULT_START_WAIT: Duration = Duration::from_secs(120);
-
-/// Cancels a spawned task when dropped, as dropping a future in place would.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -5,3 +5,4 @@ pub mod check;
 pub mod clone;
 pub mod recovery;
 pub mod status;
+pub mod waltar;

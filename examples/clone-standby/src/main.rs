@@ -47,30 +47,37 @@ enum Command {
     },
     /// Print IDENTIFY_SYSTEM, the server version and how the connection is secured.
     Identify {
-        /// libpq connection string or URI of the server (PG* variables and ~/.pgpass apply).
-        #[arg(long)]
+        /// libpq connection string or URI of the server (PG* variables and ~/.pgpass apply;
+        /// they alone decide when this is omitted).
+        #[arg(long, default_value = "")]
         source: String,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Report whether a primary can serve a standby, with the fix for each problem.
-    /// Exits non-zero when a clone would fail.
+    /// Report whether a server (a primary, or a standby for a cascading standby) can
+    /// serve a standby, with the fix for each problem and the GRANT for each missing
+    /// privilege. Exits non-zero when a clone would fail.
     Check {
-        /// libpq connection string or URI of the primary.
+        /// libpq connection string or URI of the server to clone from.
         #[arg(long)]
         source: String,
     },
-    /// Compare the primary's WAL position with the standby's receive and replay
-    /// positions. Exits non-zero when the standby is not streaming.
+    /// Compare the upstream's WAL position with the standby's receive and replay
+    /// positions. Works with a role that has only LOGIN and REPLICATION (streaming is
+    /// then inferred; pg_monitor shows the exact state). Exits non-zero when the
+    /// standby is not streaming.
     Status {
-        /// The primary (libpq connection string or URI).
-        #[arg(long)]
+        /// The upstream the standby streams from (libpq connection string or URI): the
+        /// primary, or a standby when the standby cascades from it. Its position is read
+        /// over a replication connection (SQL as the fallback).
+        #[arg(long, visible_alias = "upstream")]
         primary: String,
-        /// The standby (libpq connection string or URI).
+        /// The standby (libpq connection string or URI); needs a SQL login to a database.
         #[arg(long)]
         standby: String,
-        /// Wait until the standby streams and has replayed what the primary had written.
+        /// Wait until the standby streams and has replayed what the upstream had when
+        /// waiting began.
         #[arg(long)]
         wait: bool,
         /// How long --wait waits, in seconds.
@@ -84,8 +91,10 @@ enum Command {
 
 #[derive(clap::Args)]
 struct CloneArgs {
-    /// libpq connection string or URI of the primary (PG* variables and ~/.pgpass apply).
-    #[arg(long)]
+    /// libpq connection string or URI of the source: the primary, or a standby for a
+    /// cascading clone (PG* variables and ~/.pgpass apply; without it, PGHOST, PGPORT,
+    /// PGUSER… alone decide, as with pg_basebackup).
+    #[arg(long, default_value = "")]
     source: String,
     /// The new data directory (absent or empty).
     #[arg(long)]
@@ -132,9 +141,13 @@ struct CloneArgs {
     /// End with a JSON summary on standard output.
     #[arg(long)]
     json: bool,
-    /// Start the standby with pg_ctl and wait until it streams.
-    #[arg(long)]
+    /// Start the standby with pg_ctl and wait until it streams and has caught up with
+    /// the source.
+    #[arg(long, conflicts_with = "no_recovery_conf")]
     start: bool,
+    /// With --start: how long to wait for the standby to catch up, in seconds.
+    #[arg(long, default_value_t = cloning::DEFAULT_START_WAIT.as_secs(), requires = "start")]
+    start_timeout: u64,
     /// pg_ctl to use with --start (default: the server version's pg_ctl, then PATH).
     #[arg(long)]
     pg_ctl: Option<PathBuf>,
@@ -151,8 +164,8 @@ struct CloneArgs {
 
 #[derive(clap::Args)]
 struct ReceiveWalArgs {
-    /// libpq connection string or URI of the server.
-    #[arg(long)]
+    /// libpq connection string or URI of the server (PG* variables alone when omitted).
+    #[arg(long, default_value = "")]
     source: String,
     /// The WAL directory (created if missing).
     #[arg(long)]
@@ -199,8 +212,20 @@ fn tune_allocator() {
     }
 }
 
+/// Prints the libraries' warnings (a password file with group or world access, …) on
+/// standard error, as libpq does; they would be lost without a subscriber.
+fn show_warnings() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
 fn main() -> ExitCode {
     tune_allocator();
+    show_warnings();
     let cli = Cli::parse();
     // One thread drives the sockets and the futures (no cross-thread wake-up per socket
     // read); file writes and fsyncs run on tokio's blocking threads.
@@ -306,11 +331,11 @@ fn source_config(conninfo: &str) -> pgwire_repl::Result<Config> {
 
 async fn run_check(source: &str) -> pgwire_repl::Result<ExitCode> {
     let config = source_config(source)?;
-    let findings = check::check(&config).await;
-    let mut worst = check::Level::Ok;
-    for finding in &findings {
+    let report = check::report(&config).await;
+    for finding in &report.findings {
         let label = match finding.level {
             check::Level::Ok => "ok     ",
+            check::Level::Note => "note   ",
             check::Level::Warning => "WARNING",
             check::Level::Problem => "PROBLEM",
         };
@@ -318,44 +343,67 @@ async fn run_check(source: &str) -> pgwire_repl::Result<ExitCode> {
         if let Some(fix) = &finding.fix {
             println!("        fix: {fix}");
         }
-        worst = worst.max(finding.level);
     }
-    if worst == check::Level::Problem {
-        println!("\nthis primary cannot serve a standby until the problems above are fixed");
+    let (server, standby) = match report.source_in_recovery {
+        Some(true) => ("this standby", "a cascading standby"),
+        Some(false) => ("this primary", "a standby"),
+        None => ("this server", "a standby"),
+    };
+    if report.worst() == check::Level::Problem {
+        println!("\n{server} cannot serve {standby} until the problems above are fixed");
         Ok(ExitCode::FAILURE)
     } else {
-        println!("\nthis primary can serve a standby");
+        println!("\n{server} can serve {standby}");
         Ok(ExitCode::SUCCESS)
     }
 }
 
 async fn run_status(
-    primary: &str,
+    upstream: &str,
     standby: &str,
     wait: bool,
     timeout: Duration,
     json: bool,
 ) -> pgwire_repl::Result<ExitCode> {
-    let primary = source_config(primary)?;
+    let upstream = source_config(upstream)?;
     let standby = source_config(standby)?;
     let status = if wait {
-        status::wait_caught_up(&primary, &standby, timeout).await?
+        status::wait_caught_up(&upstream, &standby, timeout, "--timeout").await?
     } else {
-        status::observe(&primary, &standby).await?
+        status::observe(&upstream, &standby).await?
     };
+    let role = standby.effective_user().unwrap_or_else(|_| "<role>".into());
+    let hint = status
+        .streaming_inferred
+        .then(|| format!("{} shows the exact state", status::exact_state_grant(&role)));
     let show = |lsn: Option<pgwire_repl::Lsn>| lsn.map_or("none".to_string(), |l| l.to_string());
     if json {
         let value = serde_json::json!({
-            "primary_lsn": status.primary_lsn.to_string(),
+            "upstream_lsn": status.upstream_lsn.to_string(),
+            "upstream_read_over": status.upstream_source.as_str(),
+            "upstream_in_recovery": status.upstream_in_recovery,
             "streaming": status.streaming,
+            "streaming_inferred": status.streaming_inferred,
+            "wal_receiver_running": status.wal_receiver_running,
+            "wal_receiver_status": status.wal_receiver_status,
             "receive_lsn": status.receive_lsn.map(|l| l.to_string()),
             "replay_lsn": status.replay_lsn.map(|l| l.to_string()),
             "receive_lag_bytes": status.receive_lag(),
             "replay_lag_bytes": status.replay_lag(),
+            "hint": hint,
         });
         println!("{value:#}");
     } else {
-        println!("primary current LSN:   {}", status.primary_lsn);
+        let upstream_role = match status.upstream_in_recovery {
+            Some(true) => "upstream is a standby (cascading)",
+            Some(false) => "upstream is a primary",
+            None => "upstream's role unknown",
+        };
+        println!(
+            "upstream WAL position: {} (read over {}; {upstream_role})",
+            status.upstream_lsn,
+            status.upstream_source.as_str()
+        );
         println!("standby received LSN:  {}", show(status.receive_lsn));
         println!("standby replayed LSN:  {}", show(status.replay_lsn));
         println!(
@@ -370,15 +418,23 @@ async fn run_status(
                 .replay_lag()
                 .map_or("unknown".into(), |b| b.to_string())
         );
+        let receiver = match (&status.wal_receiver_status, status.wal_receiver_running) {
+            (Some(state), _) => format!("WAL receiver {state}"),
+            (None, true) => format!("inferred: a WAL receiver runs and has received WAL, but its state is hidden from role {role}"),
+            (None, false) => "no WAL receiver runs".to_string(),
+        };
         println!(
-            "streaming:             {}",
+            "streaming:             {} ({receiver})",
             if status.streaming { "yes" } else { "NO" }
         );
+        if let Some(hint) = &hint {
+            println!("hint:                  {hint}");
+        }
     }
     if status.streaming {
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("clone-standby: the standby is not streaming from the primary; check its log, primary_conninfo and the primary's pg_hba.conf");
+        eprintln!("clone-standby: the standby is not streaming from its upstream; check its log, primary_conninfo and the upstream's pg_hba.conf");
         Ok(ExitCode::FAILURE)
     }
 }
@@ -425,6 +481,9 @@ async fn run_clone(args: CloneArgs) -> pgwire_repl::Result<ExitCode> {
         if let Err(e) = pgwire_repl::proto::frontend::validate_slot_name(slot) {
             return fail(e);
         }
+    }
+    if args.start && args.format == "tar" {
+        return fail("--start needs --format plain: tar archives are not a data directory a server can start on");
     }
     let options = CloneOptions {
         source: source.clone(),
@@ -503,22 +562,20 @@ async fn run_clone(args: CloneArgs) -> pgwire_repl::Result<ExitCode> {
             }
         }
     });
-    // Ctrl-C stops cleanly: the clone future is dropped and the target removed.
-    let outcome = tokio::select! {
-        result = cloning::clone(options, events) => result,
-        _ = tokio::signal::ctrl_c() => {
-            if !args.no_clean {
-                cloning::remove_target(&args.pgdata, true).await;
-            }
-            Err("interrupted; the partial clone was removed".to_string())
+    // Ctrl-C stops the clone; it then removes what it created and says what it did.
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
         }
     };
+    let outcome = cloning::clone(options, events, interrupt).await;
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
     let summary = match outcome {
         Ok(summary) => summary,
-        Err(e) => return fail(format!("clone failed: {e}")),
+        Err(failure) if failure.interrupted => return fail(format!("clone {failure}")),
+        Err(failure) => return fail(format!("clone failed: {failure}")),
     };
     let megabytes_per_second = summary.bytes as f64 / 1e6 / summary.seconds.max(1e-9);
     let mut standby_status = None;
@@ -641,15 +698,20 @@ async fn start_standby(
     standby.user = source.user.clone();
     standby.password = source.password.clone();
     standby.passfile = source.passfile.clone();
-    status::wait_caught_up(source, &standby, cloning::DEFAULT_START_WAIT)
-        .await
-        .map_err(|e| {
-            format!(
-                "{e}\n  the standby's log ({}) ends with:\n{}",
-                log.display(),
-                log_tail(&log)
-            )
-        })
+    status::wait_caught_up(
+        source,
+        &standby,
+        Duration::from_secs(args.start_timeout),
+        "--start-timeout",
+    )
+    .await
+    .map_err(|e| {
+        format!(
+            "{e}\n  the standby's log ({}) ends with:\n{}",
+            log.display(),
+            log_tail(&log)
+        )
+    })
 }
 
 fn lookup_user(name: &str) -> Option<(u32, u32, PathBuf)> {
@@ -734,7 +796,27 @@ fn run_verify(
             );
             Ok(ExitCode::SUCCESS)
         }
-        Err(e) => fail(format!("verification failed: {e}")),
+        Err(e) => match started_since_backup(pgdata) {
+            Some(why) => fail(format!(
+                "{} has changed since the backup: {why}. That is expected once a server has run on it, so the manifest no longer describes it (first difference: {}).\n  what to do: nothing, if this is a standby that has been started on purpose; verify a clone before its first start (clone-standby clone checks every file while writing it)",
+                pgdata.display(),
+                e.message()
+            )),
+            None => fail(format!("verification failed: {e}")),
+        },
+    }
+}
+
+/// Why `pgdata` looks like a server has run on it since the backup, if it does: the
+/// startup process renames `backup_label` to `backup_label.old` once it has read it, and
+/// a running server holds `postmaster.pid`.
+fn started_since_backup(pgdata: &std::path::Path) -> Option<&'static str> {
+    if pgdata.join("postmaster.pid").exists() {
+        Some("a server is running on it (postmaster.pid exists)")
+    } else if pgdata.join("backup_label.old").exists() && !pgdata.join("backup_label").exists() {
+        Some("a server has started on it (backup_label was renamed backup_label.old)")
+    } else {
+        None
     }
 }
 

@@ -41,12 +41,18 @@ pub fn quote_guc(value: &str) -> String {
 }
 
 /// The lines appended to `postgresql.auto.conf`.
+///
+/// `primary_slot_name` is always written, empty without a slot: a clone of a standby
+/// (cascading) copies that standby's `postgresql.auto.conf`, whose own
+/// `primary_slot_name` names a slot on *its* upstream; the last setting in the file
+/// wins, so the clone never inherits it.
 pub fn auto_conf_lines(conninfo: &str, slot: Option<&str>) -> String {
     let mut lines = String::from("# Written by clone-standby\n");
     lines.push_str(&format!("primary_conninfo = {}\n", quote_guc(conninfo)));
-    if let Some(slot) = slot {
-        lines.push_str(&format!("primary_slot_name = {}\n", quote_guc(slot)));
-    }
+    lines.push_str(&format!(
+        "primary_slot_name = {}\n",
+        quote_guc(slot.unwrap_or(""))
+    ));
     lines
 }
 
@@ -107,5 +113,7 @@ mod tests {
             "{lines}"
         );
         assert!(lines.contains("primary_slot_name = 's1'"));
+        // Without a slot, an inherited primary_slot_name is overridden.
+        assert!(auto_conf_lines("user=x", None).ends_with("primary_slot_name = ''\n"));
     }
 }

@@ -87,3 +87,67 @@ async fn a_primary_with_minimal_wal_cannot_serve_and_gets_the_fix() {
     assert!(text.contains("PROBLEM wal_level = minimal"), "{text}");
     assert!(text.contains("cannot serve a standby"), "{text}");
 }
+
+#[tokio::test]
+async fn a_plain_replication_role_gets_notes_with_the_grants_and_passes() {
+    let cluster = Cluster::start(
+        ClusterOptions::new()
+            .hba("local replication,all repl trust")
+            .hba("local replication norole trust"),
+    );
+    cluster
+        .execute("CREATE ROLE repl LOGIN REPLICATION; CREATE ROLE norole LOGIN REPLICATION")
+        .await;
+    let conninfo = cluster.unix_conninfo("repl");
+    let findings = check(&Config::parse(&conninfo).unwrap()).await;
+    let note = |text: &str| {
+        findings
+            .iter()
+            .find(|f| f.level == Level::Note && f.what.contains(text))
+            .unwrap_or_else(|| panic!("no note {text:?}: {findings:?}"))
+    };
+    assert_eq!(
+        note("lacks pg_read_all_stats").fix.as_deref(),
+        Some("GRANT pg_monitor TO repl;")
+    );
+    assert!(note("lacks pg_read_all_settings")
+        .fix
+        .as_deref()
+        .unwrap()
+        .contains("GRANT pg_read_all_settings TO repl;"));
+    assert!(
+        !findings.iter().any(|f| f.level == Level::Problem),
+        "a plain REPLICATION role with a SQL login can clone: {findings:?}"
+    );
+    let (ok, text) = run_check(&conninfo);
+    assert!(ok, "check must exit 0:\n{text}");
+    assert!(
+        text.contains("note    role repl lacks pg_read_all_stats"),
+        "{text}"
+    );
+    assert!(text.contains("fix: GRANT pg_monitor TO repl;"), "{text}");
+    assert!(text.contains("this primary can serve a standby"), "{text}");
+
+    // With pg_monitor the notes become ok lines.
+    cluster.execute("GRANT pg_monitor TO repl").await;
+    let (ok, text) = run_check(&conninfo);
+    assert!(ok, "check must exit 0:\n{text}");
+    assert!(!text.contains("note    role repl"), "{text}");
+    assert!(
+        text.contains("ok      role repl has the privileges of pg_read_all_stats"),
+        "{text}"
+    );
+
+    // A role that may only replicate: the clone works, `status` would not; a warning
+    // with the pg_hba.conf fix, and still exit 0.
+    let (ok, text) = run_check(&cluster.unix_conninfo("norole"));
+    assert!(ok, "check must exit 0:\n{text}");
+    assert!(
+        text.contains("WARNING a SQL login to database postgres fails"),
+        "{text}"
+    );
+    assert!(
+        text.contains("pg_hba.conf") && text.contains("local  postgres  norole  scram-sha-256"),
+        "{text}"
+    );
+}

@@ -1,48 +1,17 @@
 //! `clone-standby clone` end to end against real primaries (version from PGREPL_TEST_PG):
 //! a standby cloned under write load starts, streams, catches up and holds the same data.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgwire_repl::{Config, SqlClient};
+use common::{bin, free_port, run, scratch, standby_config, table_digest, text, StandbyGuard};
+use pgwire_repl::SqlClient;
 use testkit::{Cluster, ClusterOptions};
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_clone-standby")
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run clone-standby")
-}
-
-fn text(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
-}
-
-/// A scratch directory the server's OS user can traverse.
-fn scratch() -> tempfile::TempDir {
-    let dir = tempfile::Builder::new()
-        .prefix("pgrepl-clone-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    dir
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Tables with data, then a background writer until the returned flag is cleared.
 async fn start_load(primary: &Cluster) -> (Arc<AtomicBool>, tokio::task::JoinHandle<u64>) {
@@ -72,56 +41,6 @@ async fn start_load(primary: &Cluster) -> (Arc<AtomicBool>, tokio::task::JoinHan
         transactions
     });
     (running, task)
-}
-
-async fn table_digest(config: &Config, table: &str) -> String {
-    let mut sql = SqlClient::connect(config).await.expect("digest connection");
-    let value = sql
-        .query_value(&format!(
-            "SELECT count(*) || ':' || coalesce(sum(hashtext(t::text)::bigint), 0) FROM {table} t"
-        ))
-        .await
-        .expect("digest query");
-    value.unwrap_or_default()
-}
-
-/// Stops a standby started by `clone --start` when the test ends, pass or fail.
-struct StandbyGuard {
-    pg_ctl: PathBuf,
-    pgdata: PathBuf,
-}
-
-impl Drop for StandbyGuard {
-    fn drop(&mut self) {
-        let mut command = Command::new(&self.pg_ctl);
-        command
-            .args(["stop", "-m", "immediate", "-D"])
-            .arg(&self.pgdata);
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            command.env_clear();
-            let status = Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(&self.pg_ctl)
-                .args(["stop", "-m", "immediate", "-D"])
-                .arg(&self.pgdata)
-                .output();
-            let _ = status;
-        } else {
-            let _ = command.output();
-        }
-    }
-}
-
-fn standby_config(pgdata: &Path) -> Config {
-    let pid = std::fs::read_to_string(pgdata.join("postmaster.pid")).expect("postmaster.pid");
-    let lines: Vec<&str> = pid.lines().collect();
-    Config::parse(&format!(
-        "host={} port={} user=postgres dbname=postgres sslmode=disable",
-        lines[4].trim(),
-        lines[3].trim()
-    ))
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,7 +116,7 @@ async fn a_standby_cloned_under_load_streams_and_holds_the_same_data() {
         transactions > 10,
         "the load ran ({transactions} transactions)"
     );
-    let standby = standby_config(&pgdata);
+    let standby = standby_config(&pgdata, "postgres");
     let primary_config = primary.config(primary.superuser());
     let status = Command::new(bin())
         .args(["status", "--wait", "--timeout", "60", "--primary"])
@@ -324,6 +243,16 @@ async fn named_slot_clone_verifies_and_its_slot_follows_the_standby() {
         table_digest(&primary_config, "t").await,
         table_digest(&standby_config, "t").await
     );
+    // Once a server has run on it, verify says the directory changed since the backup
+    // (as expected), not that the backup is damaged.
+    let verify = run(&["verify", "--pgdata", pgdata.to_str().unwrap()]);
+    assert!(!verify.status.success(), "{}", text(&verify));
+    assert!(
+        text(&verify).contains("has changed since the backup"),
+        "{}",
+        text(&verify)
+    );
+    assert!(!text(&verify).contains("damaged"), "{}", text(&verify));
     // pg_checksums only reads a cleanly shut-down cluster (a fresh clone's pg_control says
     // "in production", as pg_basebackup's do): check every page we wrote after a stop.
     standby.stop();
@@ -458,15 +387,31 @@ async fn a_tls_clone_with_verify_full_writes_a_conninfo_the_standby_can_use() {
     );
 }
 
+/// Runs a shell command line as the test's user, failing the test with its output.
+fn shell(line: &str) {
+    let output = Command::new("sh").arg("-c").arg(line).output().unwrap();
+    assert!(output.status.success(), "{line}:\n{}", text(&output));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tar_format_clone_writes_archives_manifest_and_streamed_wal() {
+async fn a_tar_format_clone_restores_with_tar_and_zstd_or_gzip_into_a_server_that_starts() {
     let primary = Cluster::start(ClusterOptions::new());
     primary
-        .execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 10000) g")
+        .execute(
+            "CREATE TABLE t AS SELECT g, repeat('z', 300) AS pad FROM generate_series(1, 30000) g",
+        )
         .await;
     let work = scratch();
     let target = work.path().join("archives");
-    let output = run(&[
+    // Server compression exists from 15 on; there the archives are stored as they arrive.
+    // The 16-18 servers installed here (npm builds) lack zstd and lz4: gzip there.
+    let compression = match primary.major() {
+        13 | 14 => None,
+        15 => Some(("server-zstd", "base.tar.zst", "zstd -dc")),
+        _ => Some(("server-gzip", "base.tar.gz", "gzip -dc")),
+    };
+    let compressed = compression.is_some();
+    let mut args = vec![
         "clone",
         "--source",
         &primary.unix_conninfo(primary.superuser()),
@@ -476,15 +421,39 @@ async fn a_tar_format_clone_writes_archives_manifest_and_streamed_wal() {
         "tar",
         "--no-sync",
         "--json",
-    ]);
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    if let Some((method, _, _)) = compression {
+        args.extend(["--compress".into(), method.into()]);
+    }
+    let output = common::run_async(args).await;
     assert!(output.status.success(), "{}", text(&output));
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert!(target.join("base.tar").metadata().unwrap().len() > 1 << 20);
+    let base = target.join(compression.map_or("base.tar", |(_, name, _)| name));
+    let base_size = base.metadata().unwrap().len();
+    if compressed {
+        assert!(!target.join("base.tar").exists());
+        assert!(
+            base_size * 4 < summary["bytes"].as_u64().unwrap(),
+            "stored compressed: {base_size} bytes for {summary}"
+        );
+    } else {
+        assert!(base_size > 1 << 20);
+    }
     assert!(target.join("backup_manifest").exists());
-    let segments: Vec<_> = std::fs::read_dir(target.join("pg_wal"))
+    // Streamed WAL is packed into pg_wal.tar, as pg_basebackup -Ft -X stream does.
+    assert!(
+        !target.join("pg_wal").exists(),
+        "no loose WAL directory is left"
+    );
+    let mut wal_tar = tar::Archive::new(std::fs::File::open(target.join("pg_wal.tar")).unwrap());
+    let segments: Vec<String> = wal_tar
+        .entries()
         .unwrap()
-        .flatten()
-        .map(|e| e.file_name().into_string().unwrap())
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .filter(|n| !n.starts_with("archive_status/"))
         .collect();
     assert!(
         !segments.is_empty() && segments.iter().all(|n| n.len() == 24),
@@ -503,6 +472,30 @@ async fn a_tar_format_clone_writes_archives_manifest_and_streamed_wal() {
     assert!(
         !target.join("standby.signal").exists(),
         "tar format writes no standby configuration"
+    );
+
+    // Restored with the ordinary tools, the data directory starts and holds the data.
+    let data = work.path().join("restored");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    if let Some((_, _, decompress)) = compression {
+        shell(&format!(
+            "{decompress} {} | tar -xf - -C {}",
+            base.display(),
+            data.display()
+        ));
+    } else {
+        shell(&format!("tar -xf {} -C {}", base.display(), data.display()));
+    }
+    shell(&format!(
+        "tar -xf {} -C {}",
+        target.join("pg_wal.tar").display(),
+        data.join("pg_wal").display()
+    ));
+    let restored = Cluster::start_on_data_dir(&data, ClusterOptions::new());
+    assert_eq!(
+        table_digest(&restored.config(restored.superuser()), "t").await,
+        table_digest(&primary.config(primary.superuser()), "t").await
     );
 }
 
