@@ -580,12 +580,24 @@ async fn run_clone(args: CloneArgs) -> pgwire_repl::Result<ExitCode> {
     let megabytes_per_second = summary.bytes as f64 / 1e6 / summary.seconds.max(1e-9);
     let mut standby_status = None;
     if args.start {
-        match start_standby(&args, &source, summary.server_major).await {
+        // The clone is complete: nothing is removed from here on, whatever happens.
+        let kept = match &args.slot {
+            Some(slot) => format!("{} and the slot {slot:?} are kept", args.pgdata.display()),
+            None => format!("{} is kept", args.pgdata.display()),
+        };
+        let started = tokio::select! {
+            result = start_standby(&args, &source, summary.server_major) => result,
+            _ = tokio::signal::ctrl_c() => Err(format!(
+                "interrupted while waiting; if the standby was started it is still running (pg_ctl stop -D {})",
+                args.pgdata.display()
+            )),
+        };
+        match started {
             Ok(status) => standby_status = Some(status),
             Err(e) => {
                 return fail(format!(
-                "the clone is complete and verified, but the standby did not start streaming: {e}"
-            ))
+                    "the clone is complete and verified ({kept}), but the standby did not start streaming: {e}"
+                ))
             }
         }
     }
@@ -745,6 +757,21 @@ fn lookup_user(name: &str) -> Option<(u32, u32, PathBuf)> {
 
 async fn run_receive_wal(args: ReceiveWalArgs) -> pgwire_repl::Result<ExitCode> {
     let source = source_config(&args.source)?;
+    // A WAL directory may hold earlier segments (it is resumed), but it must never be a
+    // server's own pg_wal or lie inside any data directory or tablespace on this host.
+    if let Err(e) = basebackup::plain_target_dirs(
+        &args.directory,
+        &[],
+        &basebackup::TablespaceMapping::default(),
+        &[],
+        true,
+    ) {
+        return fail(format!(
+            "refusing --directory {}: {}\n  what to do: give a directory outside every data directory and tablespace (a server's pg_wal belongs to that server)",
+            args.directory.display(),
+            e.message()
+        ));
+    }
     let mut options = walstream::ReceiveOptions::new(&args.directory);
     options.slot = args.slot.clone();
     options.create_slot = args.create_slot;

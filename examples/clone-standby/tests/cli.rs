@@ -107,4 +107,35 @@ async fn pg_variables_alone_name_the_source_and_a_loose_password_file_is_reporte
         .unwrap();
     assert!(output.status.success(), "{}", text(&output));
     assert!(pgdata.join("PG_VERSION").exists());
+
+    // receive-wal never writes into a server's own pg_wal (nor anywhere inside a data
+    // directory): refused before connecting.
+    let live_wal = cluster.data_dir().join("pg_wal");
+    let before: Vec<_> = std::fs::read_dir(&live_wal)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let output = run(&[
+        "receive-wal",
+        "--source",
+        "host=/nonexistent port=1",
+        "--directory",
+        live_wal.to_str().unwrap(),
+        "--no-loop",
+    ]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("lies inside a PostgreSQL data directory"),
+        "{}",
+        text(&output)
+    );
+    let after: Vec<_> = std::fs::read_dir(&live_wal)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(after
+        .iter()
+        .all(|name| before.contains(name) || !name.to_string_lossy().ends_with(".partial")));
 }
