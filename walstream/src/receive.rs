@@ -1,32 +1,27 @@
-//! [`receive_wal`]: the whole WAL receiver, equivalent to pg_receivewal.
+//! [`receive_wal`]: the whole WAL receiver, equivalent to pg_receivewal, and
+//! [`receive_wal_into`]: the same receiver writing into any [`WalDestination`].
 //!
-//! It connects, picks the start (the directory, else the slot, else the server's
+//! It connects, picks the start (the destination, else the slot, else the server's
 //! position), fetches missing timeline history files, streams through
-//! [`WalStream`], verifies every byte with [`WalVerifier`] before it is written, writes
-//! with a [`SegmentWriter`] on a dedicated thread (the network side never waits for
-//! the disk, and the channel between them is bounded), follows timeline switches and
-//! reconnects with exponential backoff after a lost connection.
+//! [`WalStream`], verifies every byte with [`WalVerifier`] before it is written, hands
+//! it to the destination's [`WalWriter`] (the local directory writes on a dedicated
+//! thread, so the network side never waits for the disk), reports what the destination
+//! holds durably as the flush position, follows timeline switches and reconnects with
+//! exponential backoff after a lost connection.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use pgwire_repl::{Config, Lsn, ReplicationClient, SystemId, TimelineId, WalSegmentSize};
-use tokio::sync::{mpsc, oneshot};
 
 use crate::decode::{VerifierConfig, WalVerifier};
+use crate::destination::{LocalDir, WalDestination, WalWriter};
 use crate::error::{Error, Result};
 use crate::stream::{StreamOptions, WalStream, DEFAULT_IDLE_TIMEOUT, DEFAULT_STATUS_INTERVAL};
-use crate::waldir::{SegmentWriter, WalDir, WalDirOptions};
+use crate::waldir::WalDirOptions;
 use crate::StreamEvent;
-
-/// Messages queued for the writer thread at most: with XLogData of at most 128 KiB,
-/// this bounds the WAL held in memory to 8 MiB (plus the receive buffer).
-const WRITER_QUEUE: usize = 64;
 
 /// How long a stop after an error may take before the connection is just dropped.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,7 +40,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ReceiveOptions {
-    /// The WAL directory (created if missing).
+    /// The WAL directory (created if missing) of [`receive_wal`];
+    /// [`receive_wal_into`] does not use it.
     pub directory: PathBuf,
     /// Stream from this physical slot (its restart_lsn follows the flushed position).
     pub slot: Option<String>,
@@ -57,7 +53,8 @@ pub struct ReceiveOptions {
     /// fsync and report the flush position after every write (pg_receivewal
     /// `--synchronous`); needed to act as a synchronous standby.
     pub synchronous: bool,
-    /// fsync and compression (pg_receivewal `--no-sync`, `--compress`).
+    /// fsync and compression (pg_receivewal `--no-sync`, `--compress`) of
+    /// [`receive_wal`]'s directory.
     pub dir_options: WalDirOptions,
     /// Report the flushed position to the server. `None` (the default) does as
     /// pg_receivewal: report it with a slot or in synchronous mode, else report 0, so
@@ -214,11 +211,41 @@ pub async fn receive_wal(
     options: &ReceiveOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<ReceiveSummary> {
+    let destination = LocalDir::new(&options.directory, options.dir_options);
+    receive_wal_into(config, options, destination, shutdown).await
+}
+
+/// [`receive_wal`] into any [`WalDestination`]: the same resume, verification,
+/// timeline following, reconnects and end positions, with the destination deciding
+/// where segments go and what is durable (reported to the server as flushed, so a slot
+/// never moves past WAL the destination has not stored).
+/// `options.directory` and `options.dir_options` are not used.
+///
+/// ```no_run
+/// # async fn demo() -> walstream::Result<()> {
+/// let config = pgwire_repl::Config::parse_with_env("host=primary user=repl")?;
+/// let mut options = walstream::ReceiveOptions::new("");
+/// options.slot = Some("archive".into());
+/// let wal = walstream::MemoryWal::new();
+/// let summary = walstream::receive_wal_into(&config, &options, wal.clone(), async {
+///     tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+/// })
+/// .await?;
+/// println!("{} complete segments, durable up to {}", wal.complete_segments().len(), summary.flushed);
+/// # Ok(()) }
+/// ```
+pub async fn receive_wal_into<D: WalDestination>(
+    config: &Config,
+    options: &ReceiveOptions,
+    destination: D,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ReceiveSummary> {
     options.validate()?;
     let shutdown = std::pin::pin!(shutdown);
     let mut receiver = Receiver {
         config,
         options,
+        destination,
         shutdown,
         system_id: None,
         slot_checked: false,
@@ -269,9 +296,10 @@ pub async fn receive_wal(
     }
 }
 
-struct Receiver<'a, F: Future<Output = ()>> {
+struct Receiver<'a, F: Future<Output = ()>, D> {
     config: &'a Config,
     options: &'a ReceiveOptions,
+    destination: D,
     shutdown: Pin<&'a mut F>,
     system_id: Option<SystemId>,
     slot_checked: bool,
@@ -294,7 +322,7 @@ struct ServerInfo {
     major: u32,
 }
 
-impl<F: Future<Output = ()>> Receiver<'_, F> {
+impl<F: Future<Output = ()>, D: WalDestination> Receiver<'_, F, D> {
     /// One connection (plus one more per timeline switch): from the directory's state
     /// to the end, a shutdown, or an error.
     async fn session(&mut self) -> Result<EndReason> {
@@ -324,19 +352,19 @@ impl<F: Future<Output = ()>> Receiver<'_, F> {
             crate::slot::create_physical_slot_if_not_exists(&mut client, slot).await?;
         }
         self.slot_checked = true;
-        let dir = WalDir::open(&options.directory, segment_size, options.dir_options)?;
+        self.destination.open(segment_size).await?;
 
-        let (mut start, mut timeline) = match dir.find_streaming_start()? {
+        let (mut start, mut timeline) = match self.destination.resume_point().await? {
             Some(resume) => {
-                if let Some(found) = dir.file_system_id(&resume.file)? {
+                if let Some(found) = resume.system_id {
                     if found != id.system_id {
                         return Err(Error::state(
                             format!(
                                 "{} belongs to database system {found}, but the server is system {}",
-                                resume.file.display(),
+                                resume.from,
                                 id.system_id
                             ),
-                            "the WAL directory holds another cluster's WAL; use a new directory for this server",
+                            "the destination holds another cluster's WAL; use a new directory (or store) for this server",
                         ));
                     }
                 }
@@ -374,13 +402,15 @@ impl<F: Future<Output = ()>> Receiver<'_, F> {
                     )
                     .await?;
             }
-            if timeline.0 > 1 && !dir.has_history(timeline) {
+            if timeline.0 > 1 && !self.destination.has_history(timeline).await? {
                 let history = current.timeline_history(timeline).await?;
-                dir.write_history(timeline, &history.content)?;
+                self.destination
+                    .write_history(timeline, history.content)
+                    .await?;
             }
             self.summary.timeline = timeline;
             match self
-                .stream_timeline(current, &dir, &server, timeline, start)
+                .stream_timeline(current, &server, timeline, start)
                 .await?
             {
                 TimelineOutcome::Ended(reason) => return Ok(reason),
@@ -441,7 +471,6 @@ impl<F: Future<Output = ()>> Receiver<'_, F> {
     async fn stream_timeline(
         &mut self,
         client: ReplicationClient,
-        dir: &WalDir,
         server: &ServerInfo,
         timeline: TimelineId,
         start: Lsn,
@@ -474,7 +503,7 @@ impl<F: Future<Output = ()>> Receiver<'_, F> {
             // latency to the primary's commits.
             stream.set_bulk_receive(256 * 1024);
         }
-        let mut writer = WriterHandle::spawn(dir.writer(timeline, start)?);
+        let mut writer = self.destination.writer(timeline, start).await?;
         let feedback = stream.feedback().clone();
         feedback.set_write(start);
         if report_flush {
@@ -483,13 +512,13 @@ impl<F: Future<Output = ()>> Receiver<'_, F> {
         let result = self
             .pump(&mut stream, &mut writer, &mut verifier, report_flush)
             .await;
-        // Whatever happened, flush what was written; segments not complete stay .partial.
+        // Whatever happened, flush what was written; segments not complete stay partial.
         let closed = writer.close().await;
         match closed {
-            Ok((written, flushed, completed)) => {
-                self.summary.written = written;
-                self.summary.flushed = flushed;
-                self.summary.segments_completed += completed;
+            Ok(totals) => {
+                self.summary.written = totals.written;
+                self.summary.flushed = totals.durable;
+                self.summary.segments_completed += totals.completed_segments;
             }
             Err(err) if result.is_ok() => return Err(err),
             Err(err) => tracing::warn!(error = %err, "closing the WAL files failed too"),
@@ -522,10 +551,10 @@ impl<F: Future<Output = ()>> Receiver<'_, F> {
     }
 
     /// Moves events from the stream through the verifier to the writer.
-    async fn pump(
+    async fn pump<W: WalWriter>(
         &mut self,
         stream: &mut WalStream,
-        writer: &mut WriterHandle,
+        writer: &mut W,
         verifier: &mut WalVerifier,
         report_flush: bool,
     ) -> Result<TimelineOutcome> {
@@ -566,6 +595,11 @@ impl<F: Future<Output = ()>> Receiver<'_, F> {
                 event = stream.next_event() => event?,
             };
             feedback.set_write(writer.written());
+            if report_flush {
+                // What the destination holds durably now (a completed segment, a
+                // finished upload) moves the slot, without waiting for a flush.
+                feedback.set_flush(writer.durable());
+            }
             match event {
                 None => return Ok(TimelineOutcome::Ended(EndReason::Shutdown)),
                 Some(StreamEvent::XLogData(x)) => {
@@ -633,129 +667,6 @@ async fn wait_for_update(
         Some(rx) => rx.changed().await,
         None => std::future::pending().await,
     }
-}
-
-enum WriterCommand {
-    Write {
-        lsn: Lsn,
-        data: Bytes,
-        verified: Lsn,
-    },
-    Flush(oneshot::Sender<Lsn>),
-}
-
-#[derive(Default)]
-struct WriterProgress {
-    written: AtomicU64,
-}
-
-/// The async side of the writer thread.
-struct WriterHandle {
-    tx: Option<mpsc::Sender<WriterCommand>>,
-    progress: Arc<WriterProgress>,
-    task: Option<tokio::task::JoinHandle<Result<(Lsn, Lsn, u64)>>>,
-}
-
-impl WriterHandle {
-    fn spawn(mut writer: SegmentWriter) -> WriterHandle {
-        let (tx, mut rx) = mpsc::channel(WRITER_QUEUE);
-        let progress = Arc::new(WriterProgress::default());
-        progress
-            .written
-            .store(writer.written().0, Ordering::Release);
-        let shared = progress.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            while let Some(command) = rx.blocking_recv() {
-                match command {
-                    WriterCommand::Write {
-                        lsn,
-                        data,
-                        verified,
-                    } => {
-                        writer.write(lsn, &data, verified)?;
-                        shared.written.store(writer.written().0, Ordering::Release);
-                    }
-                    WriterCommand::Flush(reply) => {
-                        let flushed = writer.flush()?;
-                        let _ = reply.send(flushed);
-                    }
-                }
-            }
-            let completed = writer.completed_segments();
-            let written = writer.written();
-            let flushed = writer.close()?;
-            Ok((written, flushed, completed))
-        });
-        WriterHandle {
-            tx: Some(tx),
-            progress,
-            task: Some(task),
-        }
-    }
-
-    fn written(&self) -> Lsn {
-        Lsn(self.progress.written.load(Ordering::Acquire))
-    }
-
-    async fn write(&mut self, lsn: Lsn, data: Bytes, verified: Lsn) -> Result<()> {
-        let sent = match &self.tx {
-            Some(tx) => tx
-                .send(WriterCommand::Write {
-                    lsn,
-                    data,
-                    verified,
-                })
-                .await
-                .is_ok(),
-            None => false,
-        };
-        if sent {
-            Ok(())
-        } else {
-            Err(self.failure().await)
-        }
-    }
-
-    async fn flush(&mut self) -> Result<Lsn> {
-        let (reply, answer) = oneshot::channel();
-        let sent = match &self.tx {
-            Some(tx) => tx.send(WriterCommand::Flush(reply)).await.is_ok(),
-            None => false,
-        };
-        if sent {
-            if let Ok(lsn) = answer.await {
-                return Ok(lsn);
-            }
-        }
-        Err(self.failure().await)
-    }
-
-    /// Closes the queue and waits for the thread: (written, flushed, completed).
-    async fn close(&mut self) -> Result<(Lsn, Lsn, u64)> {
-        self.tx = None;
-        match self.task.take() {
-            Some(task) => match task.await {
-                Ok(result) => result,
-                Err(join) => Err(writer_gone(&join.to_string())),
-            },
-            None => Err(writer_gone("it was already closed")),
-        }
-    }
-
-    /// The writer thread stopped: its error.
-    async fn failure(&mut self) -> Error {
-        match self.close().await {
-            Err(err) => err,
-            Ok(_) => writer_gone("it ended early"),
-        }
-    }
-}
-
-fn writer_gone(why: &str) -> Error {
-    Error::state(
-        format!("the WAL writer thread stopped unexpectedly: {why}"),
-        "this is a bug; the directory is consistent (incomplete segments stay .partial), start again",
-    )
 }
 
 impl std::fmt::Display for EndReason {
