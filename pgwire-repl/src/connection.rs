@@ -1252,6 +1252,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_shuffle_reaches_every_order() {
+        // Every one of the 6 orders of 3 hosts comes up, each roughly equally often.
+        let mut counts = HashMap::new();
+        for _ in 0..6000 {
+            let mut items = [1, 2, 3];
+            Shuffler::new().shuffle(&mut items);
+            *counts.entry(items).or_insert(0u32) += 1;
+        }
+        assert_eq!(counts.len(), 6, "{counts:?}");
+        assert!(
+            counts.values().all(|&n| (700..1300).contains(&n)),
+            "{counts:?}"
+        );
+        let mut one = [7];
+        Shuffler::new().shuffle(&mut one);
+        let mut none: [u8; 0] = [];
+        Shuffler::new().shuffle(&mut none);
+        assert_eq!(one, [7]);
+    }
+
+    #[test]
     fn server_major_forms() {
         assert_eq!(
             parse_server_major("15.18 (Debian 15.18-0+deb12u1)"),
