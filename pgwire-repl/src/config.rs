@@ -596,6 +596,29 @@ impl Config {
             .collect()
     }
 
+    /// A copy that connects only to one entry of the host list, such as the one a
+    /// connection reached ([`crate::Connection::endpoint`]): every later connection of
+    /// a multi-connection job (a base backup and its WAL stream) then talks to the same
+    /// server. `target_session_attrs` is kept, so a server that changed role meanwhile
+    /// is refused rather than used.
+    ///
+    /// ```
+    /// use pgwire_repl::config::{Config, Host};
+    /// let config = Config::parse("host=a,b port=5432,5433 load_balance_hosts=random").unwrap();
+    /// let pinned = config.for_host(&Host::Tcp("b".into()), None, 5433);
+    /// assert_eq!(pinned.targets(), vec![(Host::Tcp("b".into()), None, 5433)]);
+    /// ```
+    pub fn for_host(&self, host: &Host, host_addr: Option<&str>, port: u16) -> Config {
+        let mut config = self.clone();
+        config.hosts = vec![host.clone()];
+        config.host_addrs = host_addr
+            .map(|addr| vec![Some(addr.to_string())])
+            .unwrap_or_default();
+        config.ports = vec![port];
+        config.load_balance_hosts = LoadBalanceHosts::Disable;
+        config
+    }
+
     fn slot_count(&self) -> usize {
         if !self.host_addrs.is_empty() {
             self.host_addrs.len()

@@ -131,6 +131,10 @@ pub struct Connection {
     target: String,
     /// The kind of session the startup packet asked for.
     replication: ReplicationMode,
+    /// The configured host, hostaddr and port this connection reached.
+    host: Host,
+    host_addr: Option<String>,
+    port: u16,
     /// Bulk-receive state: see [`Connection::set_bulk_receive`].
     bulk: BulkReceive,
 }
@@ -197,7 +201,7 @@ impl Connection {
             }
             other => vec![other],
         };
-        let mut failures: Vec<(String, Error)> = Vec::new();
+        let mut failures: Vec<Failure> = Vec::new();
         for wanted in passes {
             for (host, host_addr, port) in &targets {
                 let result = connect_target(
@@ -215,7 +219,19 @@ impl Connection {
                     Ok(connection) => return Ok(connection),
                     Err(Attempt::Next(error)) => {
                         tracing::debug!(target = %describe(host, *port), error = %error, "connection attempt failed; trying the next host");
-                        failures.push((describe(host, *port), error));
+                        failures.push(Failure {
+                            target: describe(host, *port),
+                            error,
+                            wrong_kind: false,
+                        });
+                    }
+                    Err(Attempt::WrongKind(error)) => {
+                        tracing::debug!(target = %describe(host, *port), error = %error, "server of the wrong kind; trying the next host");
+                        failures.push(Failure {
+                            target: describe(host, *port),
+                            error,
+                            wrong_kind: true,
+                        });
                     }
                     Err(Attempt::Final(error)) => {
                         return Err(combine_failures(config, failures, Some(error)))
@@ -262,6 +278,14 @@ impl Connection {
     /// `host=… port=…` of the server, for messages.
     pub fn target(&self) -> &str {
         &self.target
+    }
+
+    /// The entry of the host list this connection reached: the host (a name or a
+    /// socket directory), its `hostaddr` if one was configured, and the port. With
+    /// [`Config::for_host`] it makes a configuration that reaches the same server again,
+    /// whatever `load_balance_hosts` or a failover would pick next.
+    pub fn endpoint(&self) -> (&Host, Option<&str>, u16) {
+        (&self.host, self.host_addr.as_deref(), self.port)
     }
 
     /// The send buffer; append messages with [`crate::proto::frontend`] and call
@@ -482,6 +506,8 @@ fn describe(host: &Host, port: u16) -> String {
 enum Attempt {
     /// Try the next host (libpq's `try_next_host`).
     Next(Error),
+    /// The server is not of the kind `target_session_attrs` asks for: try the next host.
+    WrongKind(Error),
     /// Give up on every host (libpq's `error_return`).
     Final(Error),
 }
@@ -549,7 +575,10 @@ async fn connect_target(
             None => attempt.await,
         };
         match result {
-            Ok(connection) => return Ok(connection),
+            Ok(mut connection) => {
+                connection.host_addr = host_addr.map(str::to_string);
+                return Ok(connection);
+            }
             Err(AddressAttempt::Unreachable(error)) => {
                 tracing::debug!(target = %target, address = ?address, error = %error, "address unreachable");
                 last_error = Some(error);
@@ -689,7 +718,7 @@ async fn check_session(
     };
     // Close politely, then try the next host.
     let _ = connection.close().await;
-    Err(Attempt::Next(Error::config(
+    Err(Attempt::WrongKind(Error::config(
         format!("{target}: {reason}"),
         format!(
             "target_session_attrs={} skips this server; list a host that qualifies, or change target_session_attrs",
@@ -763,35 +792,44 @@ async fn probe_value(
     })
 }
 
+/// A host that was tried and skipped.
+struct Failure {
+    target: String,
+    error: Error,
+    /// Skipped for `target_session_attrs` (the server works, but is of the wrong kind).
+    wrong_kind: bool,
+}
+
 /// Puts the failures of several hosts into one error, as libpq lists every host's.
-fn combine_failures(
-    config: &Config,
-    mut failures: Vec<(String, Error)>,
-    last: Option<Error>,
-) -> Error {
+fn combine_failures(config: &Config, mut failures: Vec<Failure>, last: Option<Error>) -> Error {
     if let Some(last) = last {
         if failures.is_empty() {
             return last;
         }
-        failures.push((String::new(), last));
+        failures.push(Failure {
+            target: String::new(),
+            error: last,
+            wrong_kind: false,
+        });
     }
     if failures.len() <= 1 {
         return failures
             .pop()
-            .map(|(_, error)| error)
+            .map(|failure| failure.error)
             .unwrap_or_else(|| Error::config("no host to connect to", "set host (or PGHOST)"));
     }
     let lines: Vec<String> = failures
         .iter()
-        .map(|(target, error)| {
+        .map(|failure| {
+            let error = &failure.error;
             let text = match error.db_error() {
                 Some(db) => format!("{}: {db}", error.message()),
                 None => error.message().to_string(),
             };
-            if target.is_empty() || text.contains(target.as_str()) {
+            if failure.target.is_empty() || text.contains(failure.target.as_str()) {
                 text
             } else {
-                format!("{target}: {text}")
+                format!("{}: {text}", failure.target)
             }
         })
         .collect();
@@ -799,28 +837,25 @@ fn combine_failures(
         TargetSessionAttrs::Any => String::new(),
         other => format!(" with target_session_attrs={}", other.as_str()),
     };
-    let (kind, advice) = failures
-        .last()
-        .map(|(_, error)| (error.kind(), error.advice().map(str::to_string)))
-        .unwrap_or((ErrorKind::Config, None));
-    let mismatches = failures
-        .iter()
-        .filter(|(_, error)| error.kind() == ErrorKind::Config)
-        .count();
-    let advice = if mismatches == failures.len()
-        && config.target_session_attrs != TargetSessionAttrs::Any
-    {
-        Some(format!(
-            "no host qualified for target_session_attrs={}; check which server is the primary now (SELECT pg_is_in_recovery() on each), list it in host, or change target_session_attrs",
-            config.target_session_attrs.as_str()
-        ))
-    } else {
-        advice
+    // The advice of the last real failure; if every server worked but was of the wrong
+    // kind, say so.
+    let (kind, advice) = match failures.iter().rev().find(|failure| !failure.wrong_kind) {
+        Some(failure) => (
+            failure.error.kind(),
+            failure.error.advice().map(str::to_string),
+        ),
+        None => (
+            ErrorKind::Config,
+            Some(format!(
+                "no host qualified for target_session_attrs={}; check which server is the primary now (SELECT pg_is_in_recovery() on each), list it in host, or change target_session_attrs",
+                config.target_session_attrs.as_str()
+            )),
+        ),
     };
     Error::from_parts(
         kind,
         format!(
-            "could not connect to any of {} attempts{attrs}: {}",
+            "could not connect to any host{attrs} ({} attempts): {}",
             failures.len(),
             lines.join("; ")
         ),
@@ -1233,6 +1268,9 @@ async fn connect_once(
         auth_method: auth.method(),
         target,
         replication,
+        host: host.clone(),
+        host_addr: None,
+        port,
         bulk: BulkReceive::default(),
     })
 }

@@ -71,16 +71,12 @@ async fn service_files_resolve_as_libpq_resolves_them() {
     write(
         &sysconf.join("pg_service.conf"),
         &format!(
-            "{}{}{}[broken]\nhost={}\nport {}\n[nested]\nservice=mysvc\n",
+            "{}{}[noport]\nhost={dir}\nuser=postgres\ndbname=postgres\n[broken]\nhost={dir}\nport {}\n[nested]\nservice=mysvc\n",
             section("mysvc", &b),
             section("only_sys", &a),
-            // A service whose port the connection string or PGPORT may override.
-            format!(
-                "[noport]\nhost={}\nuser=postgres\ndbname=postgres\n",
-                a.socket_dir().display()
-            ),
-            a.socket_dir().display(),
-            a.port()
+            a.port(),
+            // [noport] leaves the port to the connection string or PGPORT.
+            dir = a.socket_dir().display(),
         ),
     );
     let var = |name: &'static str, path: &Path| (name, path.display().to_string());
@@ -105,7 +101,8 @@ async fn service_files_resolve_as_libpq_resolves_them() {
     let mut pgport_and_service = system_only.clone();
     pgport_and_service.push(("PGPORT", "1".to_string()));
 
-    let cases: Vec<(&str, String, &Vec<(&str, String)>)> = vec![
+    type Env = Vec<(&'static str, String)>;
+    let cases: Vec<(&str, String, &Env)> = vec![
         ("PGSERVICEFILE wins", "service=mysvc".into(), &with_file),
         (
             "then the system file",

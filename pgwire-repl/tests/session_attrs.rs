@@ -150,7 +150,9 @@ async fn the_errors_say_why_each_host_was_skipped() {
     let err = ours(&conninfo, false).await.unwrap_err();
     assert!(err.contains("server is in hot standby mode"), "{err}");
     assert!(
-        err.contains("could not connect to any of 2 attempts with target_session_attrs=primary"),
+        err.contains(
+            "could not connect to any host with target_session_attrs=primary (2 attempts)"
+        ),
         "{err}"
     );
     assert!(err.contains("what to do:"), "{err}");
