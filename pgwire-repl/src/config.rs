@@ -302,15 +302,21 @@ impl Config {
     ///
     /// Unknown options are an error, duplicate options keep the last value, and an empty
     /// value means "not set" for string options (as in libpq).
+    ///
+    /// No file is read: a `service` is only recorded, and a configuration with a service
+    /// that was never looked up refuses to connect. Use [`Config::parse_with_env`] (or
+    /// [`Config::apply_env`]) for the service file, as libpq does.
     pub fn parse(conninfo: &str) -> Result<Config> {
         let config = Config::parse_unvalidated(conninfo)?;
         config.validate()?;
         Ok(config)
     }
 
-    /// Parses like [`Config::parse`], then fills unset fields from the PG* environment
-    /// variables, as libpq does, and validates the result (so that, as in libpq, a port
-    /// list in the string may be matched by a host list from PGHOST).
+    /// Parses like [`Config::parse`], then applies the service file (`service=` or
+    /// PGSERVICE) and fills the remaining unset fields from the PG* environment
+    /// variables, as libpq does (see [`Config::apply_env`]), and validates the result
+    /// (so that, as in libpq, a port list in the string may be matched by a host list
+    /// from PGHOST).
     pub fn parse_with_env(conninfo: &str) -> Result<Config> {
         Config::parse_with_getenv(conninfo, &|name: &str| std::env::var(name).ok())
     }
