@@ -275,3 +275,60 @@ async fn a_server_that_skips_authentication_is_refused_unless_none_is_allowed() 
         drop(server);
     }
 }
+
+#[tokio::test]
+async fn scram_with_channel_binding_counts_as_scram_sha_256() {
+    let cluster = Cluster::start(
+        ClusterOptions::new()
+            .tls(true)
+            .hba("hostssl all,replication u_scram 127.0.0.1/32 scram-sha-256"),
+    );
+    cluster
+        .execute(&format!(
+            "SET password_encryption = 'scram-sha-256';
+             CREATE ROLE u_scram LOGIN REPLICATION PASSWORD '{PASSWORD}';"
+        ))
+        .await;
+    let ca = cluster
+        .tls_files()
+        .expect("TLS files")
+        .ca_cert
+        .display()
+        .to_string();
+    let conninfo = |require_auth: &str| {
+        format!(
+            "host=127.0.0.1 port={} user=u_scram password={PASSWORD} dbname=postgres sslmode=verify-ca sslrootcert='{ca}' channel_binding=require require_auth={require_auth}",
+            cluster.port()
+        )
+    };
+    for allowed in [
+        "scram-sha-256",
+        "!password,!md5,!none",
+        "scram-sha-256,none",
+    ] {
+        let config = Config::parse(&conninfo(allowed)).unwrap();
+        let client = SqlClient::connect(&config)
+            .await
+            .unwrap_or_else(|e| panic!("require_auth={allowed}: {e}"));
+        assert_eq!(
+            client.connection().auth_method(),
+            pgwire_repl::connection::AuthMethod::ScramSha256Plus
+        );
+        client.close().await.unwrap();
+    }
+    for (refused, reason) in [
+        (
+            "!scram-sha-256",
+            "server requested SCRAM-SHA-256-PLUS authentication",
+        ),
+        ("password,md5", "server requested SASL authentication"),
+    ] {
+        let config = Config::parse(&conninfo(refused)).unwrap();
+        let err = match SqlClient::connect(&config).await {
+            Ok(_) => panic!("require_auth={refused}: connected"),
+            Err(err) => err,
+        };
+        let expected = format!("authentication method requirement \"{refused}\" failed: {reason}");
+        assert!(err.message().contains(&expected), "{err}");
+    }
+}
