@@ -21,6 +21,9 @@ fi
 step "installing PostgreSQL servers (scripts/install-postgres.sh)"
 scripts/install-postgres.sh
 
+step "installing the libpq 18 oracle for differential tests (scripts/install-test-tools.sh)"
+scripts/install-test-tools.sh
+
 step "formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

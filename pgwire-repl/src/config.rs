@@ -8,6 +8,12 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+pub(crate) mod require_auth;
+mod service;
+
+pub use require_auth::RequireAuth;
+pub use service::DEFAULT_SYSCONFDIR;
+
 /// Where to connect: a TCP host name or address, or a Unix-socket directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Host {
@@ -70,6 +76,51 @@ pub enum ReplicationMode {
     Database,
 }
 
+/// libpq's `target_session_attrs`: which kind of server a connection must reach. With
+/// several hosts, hosts that do not qualify are skipped, as libpq skips them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TargetSessionAttrs {
+    /// Any server (the default).
+    #[default]
+    Any,
+    /// A server whose sessions are read-write by default (not in hot standby and
+    /// `default_transaction_read_only` off).
+    ReadWrite,
+    /// A server whose sessions are read-only by default.
+    ReadOnly,
+    /// A server that is not in hot standby (a primary).
+    Primary,
+    /// A server in hot standby.
+    Standby,
+    /// A standby if any host is one; otherwise, in a second pass over the hosts, any.
+    PreferStandby,
+}
+
+impl TargetSessionAttrs {
+    /// The libpq spelling, e.g. `prefer-standby`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetSessionAttrs::Any => "any",
+            TargetSessionAttrs::ReadWrite => "read-write",
+            TargetSessionAttrs::ReadOnly => "read-only",
+            TargetSessionAttrs::Primary => "primary",
+            TargetSessionAttrs::Standby => "standby",
+            TargetSessionAttrs::PreferStandby => "prefer-standby",
+        }
+    }
+}
+
+/// libpq's `load_balance_hosts` (libpq 16+).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadBalanceHosts {
+    /// Try the hosts, and the addresses of each host, in order (the default).
+    #[default]
+    Disable,
+    /// Try the hosts in a random order, and the addresses of each host in a random
+    /// order, chosen anew for every connection.
+    Random,
+}
+
 /// The port libpq uses when none is given.
 pub const DEFAULT_PORT: u16 = 5432;
 
@@ -125,6 +176,19 @@ pub struct Config {
     pub channel_binding: ChannelBinding,
     /// `replication`.
     pub replication: ReplicationMode,
+    /// `service`: the name of a section in a service file (`pg_service.conf`). It is
+    /// looked up, and its options applied to every option not given explicitly, by
+    /// [`Config::parse_with_env`] and [`Config::apply_env`], in libpq's order:
+    /// `PGSERVICEFILE` (else `~/.pg_service.conf`), then `pg_service.conf` in
+    /// `PGSYSCONFDIR` (else [`DEFAULT_SYSCONFDIR`]). A configuration whose service was
+    /// never looked up (one made by [`Config::parse`] alone) refuses to connect.
+    pub service: Option<String>,
+    /// `target_session_attrs`.
+    pub target_session_attrs: TargetSessionAttrs,
+    /// `load_balance_hosts`.
+    pub load_balance_hosts: LoadBalanceHosts,
+    /// `require_auth`: the authentication methods the server may ask for.
+    pub require_auth: Option<RequireAuth>,
     /// TCP keepalives (`keepalives`, default on).
     pub keepalives: bool,
     /// `keepalives_idle`, when set.
@@ -132,6 +196,8 @@ pub struct Config {
     /// Which options were given explicitly (in the string or the environment), so that
     /// [`Config::apply_env`] does not override them, as libpq does.
     explicitly_set: KeySet,
+    /// Whether `service` has been looked up and its options applied.
+    service_applied: bool,
 }
 
 impl PartialEq for Config {
@@ -154,6 +220,10 @@ impl PartialEq for Config {
             && self.ssl_negotiation == other.ssl_negotiation
             && self.channel_binding == other.channel_binding
             && self.replication == other.replication
+            && self.service == other.service
+            && self.target_session_attrs == other.target_session_attrs
+            && self.load_balance_hosts == other.load_balance_hosts
+            && self.require_auth == other.require_auth
             && self.keepalives == other.keepalives
             && self.keepalives_idle == other.keepalives_idle
     }
@@ -183,6 +253,10 @@ impl std::fmt::Debug for Config {
             .field("ssl_negotiation", &self.ssl_negotiation)
             .field("channel_binding", &self.channel_binding)
             .field("replication", &self.replication)
+            .field("service", &self.service)
+            .field("target_session_attrs", &self.target_session_attrs)
+            .field("load_balance_hosts", &self.load_balance_hosts)
+            .field("require_auth", &self.require_auth)
             .field("keepalives", &self.keepalives)
             .field("keepalives_idle", &self.keepalives_idle)
             .finish()
@@ -210,9 +284,14 @@ impl Default for Config {
             ssl_negotiation: SslNegotiation::Postgres,
             channel_binding: ChannelBinding::Prefer,
             replication: ReplicationMode::Off,
+            service: None,
+            target_session_attrs: TargetSessionAttrs::Any,
+            load_balance_hosts: LoadBalanceHosts::Disable,
+            require_auth: None,
             keepalives: true,
             keepalives_idle: None,
             explicitly_set: KeySet::default(),
+            service_applied: false,
         }
     }
 }
@@ -223,15 +302,21 @@ impl Config {
     ///
     /// Unknown options are an error, duplicate options keep the last value, and an empty
     /// value means "not set" for string options (as in libpq).
+    ///
+    /// No file is read: a `service` is only recorded, and a configuration with a service
+    /// that was never looked up refuses to connect. Use [`Config::parse_with_env`] (or
+    /// [`Config::apply_env`]) for the service file, as libpq does.
     pub fn parse(conninfo: &str) -> Result<Config> {
         let config = Config::parse_unvalidated(conninfo)?;
         config.validate()?;
         Ok(config)
     }
 
-    /// Parses like [`Config::parse`], then fills unset fields from the PG* environment
-    /// variables, as libpq does, and validates the result (so that, as in libpq, a port
-    /// list in the string may be matched by a host list from PGHOST).
+    /// Parses like [`Config::parse`], then applies the service file (`service=` or
+    /// PGSERVICE) and fills the remaining unset fields from the PG* environment
+    /// variables, as libpq does (see [`Config::apply_env`]), and validates the result
+    /// (so that, as in libpq, a port list in the string may be matched by a host list
+    /// from PGHOST).
     pub fn parse_with_env(conninfo: &str) -> Result<Config> {
         Config::parse_with_getenv(conninfo, &|name: &str| std::env::var(name).ok())
     }
@@ -247,17 +332,23 @@ impl Config {
         Ok(config)
     }
 
-    /// Fills unset fields from environment variables read through `getenv`
-    /// (PGHOST, PGHOSTADDR, PGPORT, PGUSER, PGPASSWORD, PGPASSFILE, PGDATABASE, PGSSLMODE,
-    /// PGSSLROOTCERT, PGSSLCERT, PGSSLKEY, PGSSLNEGOTIATION, PGCHANNELBINDING, PGAPPNAME,
-    /// PGCONNECT_TIMEOUT, PGOPTIONS), then [validates](Config::validate) the result.
+    /// Applies the service file and the environment, as libpq does before connecting,
+    /// then [validates](Config::validate) the result.
+    ///
+    /// First the service named by `service` (or, when that was not given, by
+    /// `PGSERVICE`) is looked up (see [`Config::service`]) and its options fill the
+    /// options not given explicitly. Then unset fields are filled from the environment
+    /// variables read through `getenv` (PGHOST, PGHOSTADDR, PGPORT, PGUSER, PGPASSWORD,
+    /// PGPASSFILE, PGDATABASE, PGSSLMODE, PGSSLROOTCERT, PGSSLCERT, PGSSLKEY,
+    /// PGSSLNEGOTIATION, PGCHANNELBINDING, PGAPPNAME, PGCONNECT_TIMEOUT, PGOPTIONS,
+    /// PGTARGETSESSIONATTRS, PGLOADBALANCEHOSTS, PGREQUIREAUTH, …).
     ///
     /// Values already set win: options given in the connection string (even as an empty
-    /// value, as in libpq) and fields that differ from their defaults. The variables of
-    /// the libpq options this client accepts but does not implement (PGSERVICE,
-    /// PGTARGETSESSIONATTRS, PGGSSENCMODE, PGLOADBALANCEHOSTS, …) are checked the same way
-    /// as in a connection string, so that a value this client cannot honour is an error
-    /// rather than silently ignored. The deprecated PGREQUIRESSL=1 means `sslmode=require`.
+    /// value, as in libpq), then the service's, and fields that differ from their
+    /// defaults. The variables of the libpq options this client does not implement
+    /// (PGGSSENCMODE=require, …) are checked the same way as in a connection string, so
+    /// that a value this client cannot honour is an error rather than silently ignored.
+    /// The deprecated PGREQUIRESSL=1 means `sslmode=require`.
     ///
     /// When no password file is configured, it becomes `$HOME/.pgpass` (the home
     /// directory from `getenv("HOME")`, else from the password database).
@@ -425,6 +516,21 @@ impl Config {
             ReplicationMode::Physical => out.push("replication", "true"),
             ReplicationMode::Database => out.push("replication", "database"),
         }
+        if !self.service_applied {
+            // Not looked up yet: keep the name (once applied, its options are above).
+            if let Some(service) = &self.service {
+                out.push("service", service);
+            }
+        }
+        if self.target_session_attrs != TargetSessionAttrs::Any {
+            out.push("target_session_attrs", self.target_session_attrs.as_str());
+        }
+        if self.load_balance_hosts == LoadBalanceHosts::Random {
+            out.push("load_balance_hosts", "random");
+        }
+        if let Some(policy) = &self.require_auth {
+            out.push("require_auth", policy.as_str());
+        }
         if !self.keepalives {
             out.push("keepalives", "0");
         }
@@ -496,6 +602,29 @@ impl Config {
             .collect()
     }
 
+    /// A copy that connects only to one entry of the host list, such as the one a
+    /// connection reached ([`crate::Connection::endpoint`]): every later connection of
+    /// a multi-connection job (a base backup and its WAL stream) then talks to the same
+    /// server. `target_session_attrs` is kept, so a server that changed role meanwhile
+    /// is refused rather than used.
+    ///
+    /// ```
+    /// use pgwire_repl::config::{Config, Host};
+    /// let config = Config::parse("host=a,b port=5432,5433 load_balance_hosts=random").unwrap();
+    /// let pinned = config.for_host(&Host::Tcp("b".into()), None, 5433);
+    /// assert_eq!(pinned.targets(), vec![(Host::Tcp("b".into()), None, 5433)]);
+    /// ```
+    pub fn for_host(&self, host: &Host, host_addr: Option<&str>, port: u16) -> Config {
+        let mut config = self.clone();
+        config.hosts = vec![host.clone()];
+        config.host_addrs = host_addr
+            .map(|addr| vec![Some(addr.to_string())])
+            .unwrap_or_default();
+        config.ports = vec![port];
+        config.load_balance_hosts = LoadBalanceHosts::Disable;
+        config
+    }
+
     fn slot_count(&self) -> usize {
         if !self.host_addrs.is_empty() {
             self.host_addrs.len()
@@ -534,8 +663,13 @@ impl Config {
     }
 
     fn apply_env_unvalidated(&mut self, getenv: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+        self.apply_service(getenv)?;
         for info in KEYS {
             let Some(var) = info.env else { continue };
+            if info.key == Keyword::Service {
+                // Handled by apply_service, before every other variable.
+                continue;
+            }
             if self.explicitly_set.contains(info.key) || !self.is_unset(info.key) {
                 continue;
             }
@@ -555,6 +689,70 @@ impl Config {
         }
         self.apply_derived_defaults();
         Ok(())
+    }
+
+    /// Looks up the service (from `service`, else PGSERVICE) and fills the options not
+    /// given explicitly from it, as libpq's `parseServiceInfo` does.
+    fn apply_service(&mut self, getenv: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+        if self.service_applied {
+            return Ok(());
+        }
+        let from_env = self.service.is_none();
+        let name = match &self.service {
+            Some(name) => Some(name.clone()),
+            None => getenv("PGSERVICE"),
+        };
+        let Some(name) = name else {
+            self.service_applied = true;
+            return Ok(());
+        };
+        let entries = service::lookup(&name, getenv, home_dir(getenv), &|keyword| {
+            Keyword::from_name(keyword).is_some()
+        })
+        .map_err(|e| {
+            if from_env {
+                let advice = e.advice().unwrap_or_default().to_string();
+                e.with_advice(format!(
+                    "{advice}; the service name came from the environment variable PGSERVICE: unset it if it is not meant for this connection"
+                ))
+            } else {
+                e
+            }
+        })?;
+        for entry in &entries {
+            let Some(key) = Keyword::from_name(&entry.keyword) else {
+                continue;
+            };
+            if self.explicitly_set.contains(key) || !self.is_unset(key) {
+                continue;
+            }
+            self.set_option(
+                key,
+                &entry.value,
+                Source::Service {
+                    name: &name,
+                    file: &entry.file,
+                    line: entry.line,
+                },
+            )?;
+        }
+        self.service = Some(name);
+        self.explicitly_set.insert(Keyword::Service);
+        self.service_applied = true;
+        Ok(())
+    }
+
+    /// An error unless the service (if any) has been looked up: a configuration from
+    /// [`Config::parse`] alone never read the service file, and connecting with it would
+    /// silently ignore the service's options.
+    pub(crate) fn check_service_applied(&self) -> Result<()> {
+        match &self.service {
+            Some(name) if !self.service_applied => Err(Error::usage(
+                format!("service \"{name}\" was never looked up: this configuration was made with Config::parse, which reads neither service files nor the environment"),
+                "make the configuration with Config::parse_with_env (or call apply_env on it), so that the service file is read as libpq reads it",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Defaults that depend on other options: `sslrootcert=system` makes `verify-full`
@@ -595,6 +793,10 @@ impl Config {
             Keyword::Replication => self.replication == ReplicationMode::default(),
             Keyword::Keepalives => self.keepalives,
             Keyword::KeepalivesIdle => self.keepalives_idle.is_none(),
+            Keyword::Service => self.service.is_none(),
+            Keyword::TargetSessionAttrs => self.target_session_attrs == TargetSessionAttrs::Any,
+            Keyword::LoadBalanceHosts => self.load_balance_hosts == LoadBalanceHosts::Disable,
+            Keyword::RequireAuth => self.require_auth.is_none(),
             _ => true,
         }
     }
@@ -707,12 +909,16 @@ impl Config {
                 }
             }
             Keyword::RequireAuth => {
-                check_require_auth(value, source)?;
-                if !value.is_empty() {
-                    tracing::warn!(
-                        "connection option require_auth={value} is accepted but not enforced by this client"
-                    );
-                }
+                // Kept even when empty: libpq's require_auth='' still checks (and then
+                // allows only servers that ask for no authentication).
+                let policy = RequireAuth::parse(value).map_err(|message| {
+                    bad_value(
+                        source,
+                        message,
+                        "set require_auth to a comma-separated list of password, md5, gss, sspi, scram-sha-256, oauth and none, either all prefixed with ! (methods to refuse) or none (methods to allow), each named once",
+                    )
+                })?;
+                self.require_auth = Some(policy);
             }
             Keyword::KeepalivesInterval | Keyword::KeepalivesCount | Keyword::TcpUserTimeout => {
                 if !value.is_empty() {
@@ -728,24 +934,24 @@ impl Config {
                     tracing::warn!("ssl_min_protocol_version=TLSv1.3 is not enforced by this client; TLS 1.2 may be negotiated");
                 }
             }
-            Keyword::TargetSessionAttrs => match value {
-                "any" => {}
-                "read-write" | "read-only" | "primary" | "standby" | "prefer-standby" => {
-                    return Err(bad_value(
-                        source,
-                        format!("target_session_attrs=\"{value}\" is not supported: this client only connects with target_session_attrs=any"),
-                        "list only the intended server in host (or check pg_is_in_recovery() after connecting), and use target_session_attrs=any",
-                    ))
+            Keyword::TargetSessionAttrs => {
+                self.target_session_attrs = match value {
+                    "any" => TargetSessionAttrs::Any,
+                    "read-write" => TargetSessionAttrs::ReadWrite,
+                    "read-only" => TargetSessionAttrs::ReadOnly,
+                    "primary" => TargetSessionAttrs::Primary,
+                    "standby" => TargetSessionAttrs::Standby,
+                    "prefer-standby" => TargetSessionAttrs::PreferStandby,
+                    _ => {
+                        return Err(invalid_choice(
+                            key,
+                            value,
+                            source,
+                            "any, read-write, read-only, primary, standby, prefer-standby",
+                        ))
+                    }
                 }
-                _ => {
-                    return Err(invalid_choice(
-                        key,
-                        value,
-                        source,
-                        "any (read-write, read-only, primary, standby and prefer-standby are not supported)",
-                    ))
-                }
-            },
+            }
             Keyword::GssEncMode => match value {
                 "disable" | "prefer" => {}
                 "require" => {
@@ -757,17 +963,13 @@ impl Config {
                 }
                 _ => return Err(invalid_choice(key, value, source, "disable, prefer")),
             },
-            Keyword::LoadBalanceHosts => match value {
-                "disable" => {}
-                "random" => {
-                    return Err(bad_value(
-                        source,
-                        "load_balance_hosts=random is not supported: this client tries hosts in order",
-                        "use load_balance_hosts=disable, or shuffle the host list yourself",
-                    ))
+            Keyword::LoadBalanceHosts => {
+                self.load_balance_hosts = match value {
+                    "disable" => LoadBalanceHosts::Disable,
+                    "random" => LoadBalanceHosts::Random,
+                    _ => return Err(invalid_choice(key, value, source, "disable, random")),
                 }
-                _ => return Err(invalid_choice(key, value, source, "disable")),
-            },
+            }
             Keyword::SslCertMode => match value {
                 "disable" | "allow" => {}
                 "require" => {
@@ -789,13 +991,9 @@ impl Config {
                 }
             }
             Keyword::Service => {
-                if !value.is_empty() {
-                    return Err(bad_value(
-                        source,
-                        format!("service \"{value}\" is not supported: this client does not read pg_service.conf"),
-                        "give the options from the service file explicitly (host, port, dbname, user, sslmode, ...)",
-                    ));
-                }
+                // Kept even when empty: libpq looks up the service named "" then.
+                self.service = Some(value.to_string());
+                self.service_applied = false;
             }
         }
         Ok(())
@@ -1013,6 +1211,11 @@ fn unknown_option(name: &str, in_uri: bool) -> Error {
 enum Source<'a> {
     ConnInfo,
     Env(&'a str),
+    Service {
+        name: &'a str,
+        file: &'a Path,
+        line: usize,
+    },
 }
 
 fn bad_value(source: Source<'_>, message: impl Into<String>, advice: &str) -> Error {
@@ -1022,6 +1225,13 @@ fn bad_value(source: Source<'_>, message: impl Into<String>, advice: &str) -> Er
         Source::Env(var) => Error::config(
             format!("{message} (from environment variable {var})"),
             format!("{advice}; or unset {var}"),
+        ),
+        Source::Service { name, file, line } => Error::config(
+            format!(
+                "{message} (from service \"{name}\" in service file \"{}\", line {line})",
+                file.display()
+            ),
+            format!("{advice}: fix that line of the service file"),
         ),
     }
 }
@@ -1149,44 +1359,6 @@ fn parse_ports(value: &str, source: Source<'_>) -> Result<Vec<u16>> {
                 })
         })
         .collect()
-}
-
-fn check_require_auth(value: &str, source: Source<'_>) -> Result<()> {
-    if value.is_empty() {
-        return Ok(());
-    }
-    const METHODS: [&str; 7] = [
-        "password",
-        "md5",
-        "gss",
-        "sspi",
-        "scram-sha-256",
-        "oauth",
-        "none",
-    ];
-    let mut negated = None;
-    for method in value.split(',') {
-        let (negative, name) = match method.strip_prefix('!') {
-            Some(name) => (true, name),
-            None => (false, method),
-        };
-        if !METHODS.contains(&name) {
-            return Err(invalid_choice(
-                Keyword::RequireAuth,
-                value,
-                source,
-                "a comma-separated list of password, md5, gss, sspi, scram-sha-256, oauth, none (each optionally prefixed with !)",
-            ));
-        }
-        if *negated.get_or_insert(negative) != negative {
-            return Err(bad_value(
-                source,
-                format!("require_auth \"{value}\" mixes negative and non-negative methods"),
-                "use only methods to allow (scram-sha-256,md5) or only methods to refuse (!password,!md5)",
-            ));
-        }
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2042,21 +2214,12 @@ mod tests {
                 "hostaddr=db.example.com",
                 &["could not parse network address", "hostaddr"],
             ),
-            ("service=foo", &["service", "pg_service.conf"]),
             ("sslpassword=secret", &["sslpassword", "encrypted"]),
             ("gssencmode=require", &["gssencmode", "GSSAPI"]),
             ("gssencmode=bogus", &["invalid gssencmode value"]),
             (
-                "target_session_attrs=read-write",
-                &["target_session_attrs", "not supported"],
-            ),
-            (
                 "target_session_attrs=bogus",
                 &["invalid target_session_attrs value"],
-            ),
-            (
-                "load_balance_hosts=random",
-                &["load_balance_hosts", "not supported"],
             ),
             (
                 "load_balance_hosts=bogus",
@@ -2169,12 +2332,8 @@ mod tests {
             sslsni=1 sslpassword='' ssl_min_protocol_version=TLSv1.2 \
             ssl_max_protocol_version=tlsv1.3 keepalives_interval=10 keepalives_count=3 \
             tcp_user_timeout=0 requirepeer=postgres load_balance_hosts=disable \
-            require_auth=scram-sha-256,md5 service='' sslcertmode=allow gssdelegation=0";
+            sslcertmode=allow gssdelegation=0";
         assert_eq!(Config::parse(ignored).unwrap(), Config::default());
-        assert_eq!(
-            Config::parse("require_auth=!password,!md5").unwrap(),
-            Config::default()
-        );
 
         // What pg_basebackup -R writes as primary_conninfo.
         let primary = "user=repl passfile='/var/lib/postgresql/.pgpass' channel_binding=prefer \
@@ -2188,6 +2347,177 @@ mod tests {
             config.passfile,
             Some(PathBuf::from("/var/lib/postgresql/.pgpass"))
         );
+    }
+
+    #[test]
+    fn session_attrs_load_balancing_and_require_auth_values() {
+        for (value, expected) in [
+            ("any", TargetSessionAttrs::Any),
+            ("read-write", TargetSessionAttrs::ReadWrite),
+            ("read-only", TargetSessionAttrs::ReadOnly),
+            ("primary", TargetSessionAttrs::Primary),
+            ("standby", TargetSessionAttrs::Standby),
+            ("prefer-standby", TargetSessionAttrs::PreferStandby),
+        ] {
+            let config = Config::parse(&format!("target_session_attrs={value}")).unwrap();
+            assert_eq!(config.target_session_attrs, expected);
+            assert_eq!(expected.as_str(), value);
+        }
+        // As in libpq: exact spelling, and an empty value is invalid too.
+        for bad in ["Primary", "read_write", "", "master"] {
+            let err = parse_err(&format!("target_session_attrs='{bad}'"));
+            assert_eq!(
+                err.message(),
+                format!("invalid target_session_attrs value: \"{bad}\"")
+            );
+        }
+        assert_eq!(
+            Config::parse("load_balance_hosts=random")
+                .unwrap()
+                .load_balance_hosts,
+            LoadBalanceHosts::Random
+        );
+        for bad in ["RANDOM", "", "round-robin", "enable"] {
+            let err = parse_err(&format!("load_balance_hosts='{bad}'"));
+            assert_eq!(
+                err.message(),
+                format!("invalid load_balance_hosts value: \"{bad}\"")
+            );
+            assert!(err.advice().unwrap().contains("disable, random"), "{err}");
+        }
+        let config = Config::parse("require_auth=!password,!md5").unwrap();
+        assert_eq!(config.require_auth.unwrap().as_str(), "!password,!md5");
+        // require_auth='' is kept: libpq then refuses every authentication request.
+        let config = Config::parse("require_auth=''").unwrap();
+        assert_eq!(config.require_auth.unwrap().as_str(), "");
+        let err = parse_err("require_auth=password,!md5");
+        assert_eq!(
+            err.message(),
+            "negative require_auth method \"!md5\" cannot be mixed with non-negative methods"
+        );
+        let err = Config::parse_with_getenv("", &env(&[("PGREQUIREAUTH", "md5,md5")])).unwrap_err();
+        assert!(
+            err.message().contains("is specified more than once"),
+            "{err}"
+        );
+        assert!(err.message().contains("PGREQUIREAUTH"), "{err}");
+    }
+
+    #[test]
+    fn new_options_round_trip_through_conninfo_strings() {
+        let config = Config::parse(
+            "host=a,b port=1,2 target_session_attrs=prefer-standby load_balance_hosts=random \
+             require_auth='scram-sha-256,none' service=svc",
+        )
+        .unwrap();
+        let text = config.to_conninfo_string();
+        assert!(
+            text.contains("target_session_attrs='prefer-standby'"),
+            "{text}"
+        );
+        assert!(text.contains("load_balance_hosts=random"), "{text}");
+        assert!(text.contains("require_auth='scram-sha-256,none'"), "{text}");
+        assert!(text.contains("service=svc"), "{text}");
+        assert_eq!(Config::parse(&text).unwrap(), config);
+    }
+
+    fn service_file(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("pg_service.conf");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn service_options_sit_between_the_string_and_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = service_file(
+            dir.path(),
+            "[svc]\nhost=svchost\nport=5555\nuser=svcuser\nsslmode=require\nport=6666\n\
+             target_session_attrs=primary\n[other]\nhost=otherhost\n[]\nhost=emptyname\n",
+        );
+        let file = file.display().to_string();
+        let vars = [
+            ("PGSERVICEFILE", file.as_str()),
+            ("PGHOST", "envhost"),
+            ("PGUSER", "envuser"),
+            ("PGDATABASE", "envdb"),
+            ("PGSSLMODE", "disable"),
+            ("HOME", "/nonexistent"),
+        ];
+        let config = Config::parse_with_getenv("service=svc user=explicit", &env(&vars)).unwrap();
+        // The string beats the service, the service beats the environment, and the
+        // environment fills what neither set.
+        assert_eq!(config.user.as_deref(), Some("explicit"));
+        assert_eq!(config.hosts, vec![tcp("svchost")]);
+        assert_eq!(config.ssl_mode, SslMode::Require);
+        assert_eq!(config.dbname.as_deref(), Some("envdb"));
+        // The first value of a keyword in the service wins, as in libpq.
+        assert_eq!(config.ports, vec![5555]);
+        assert_eq!(config.target_session_attrs, TargetSessionAttrs::Primary);
+        assert_eq!(config.service.as_deref(), Some("svc"));
+        // Once applied, the service's options are written out, not its name.
+        let text = config.to_conninfo_string();
+        assert!(!text.contains("service"), "{text}");
+        assert!(text.contains("host=svchost"), "{text}");
+
+        // PGSERVICE names the service when the string does not.
+        let mut with_pgservice = vars.to_vec();
+        with_pgservice.push(("PGSERVICE", "other"));
+        let config = Config::parse_with_getenv("", &env(&with_pgservice)).unwrap();
+        assert_eq!(config.hosts, vec![tcp("otherhost")]);
+        let config = Config::parse_with_getenv("service=svc", &env(&with_pgservice)).unwrap();
+        assert_eq!(config.hosts, vec![tcp("svchost")]);
+        // An empty service name is looked up as "" (the [] group), as libpq does.
+        let config = Config::parse_with_getenv("service=''", &env(&vars)).unwrap();
+        assert_eq!(config.hosts, vec![tcp("emptyname")]);
+
+        // A missing service, named by the string or by PGSERVICE.
+        let err = Config::parse_with_getenv("service=nope", &env(&vars)).unwrap_err();
+        assert!(
+            err.message()
+                .starts_with("definition of service \"nope\" not found"),
+            "{err}"
+        );
+        let mut missing = vars.to_vec();
+        missing.push(("PGSERVICE", "nope"));
+        let err = Config::parse_with_getenv("", &env(&missing)).unwrap_err();
+        assert!(err.advice().unwrap().contains("PGSERVICE"), "{err}");
+    }
+
+    #[test]
+    fn service_errors_name_the_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = service_file(dir.path(), "[svc]\nhost=h\nport=notaport\n");
+        let vars = [("PGSERVICEFILE", file.to_str().unwrap()), ("HOME", "/h")];
+        let err = Config::parse_with_getenv("service=svc", &env(&vars)).unwrap_err();
+        assert!(err.message().contains("port"), "{err}");
+        assert!(err.message().contains("line 3"), "{err}");
+        assert!(err.message().contains(file.to_str().unwrap()), "{err}");
+        // A bad value the string overrides is never looked at.
+        Config::parse_with_getenv("service=svc port=5432", &env(&vars)).unwrap();
+        let file = service_file(dir.path(), "[svc]\nhost=h\nnot an option\n");
+        let vars = [("PGSERVICEFILE", file.to_str().unwrap()), ("HOME", "/h")];
+        let err = Config::parse_with_getenv("service=svc", &env(&vars)).unwrap_err();
+        assert!(
+            err.message().starts_with(&format!(
+                "syntax error in service file \"{}\", line 3",
+                file.display()
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unapplied_service_refuses_to_connect() {
+        let config = Config::parse("service=svc host=h").unwrap();
+        let err = config.check_service_applied().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Usage);
+        assert!(err.message().contains("svc"), "{err}");
+        assert!(err.advice().unwrap().contains("parse_with_env"), "{err}");
+        Config::parse("host=h")
+            .unwrap()
+            .check_service_applied()
+            .unwrap();
     }
 
     #[test]
@@ -2327,6 +2657,7 @@ mod tests {
         assert_eq!(config.channel_binding, ChannelBinding::Require);
         assert_eq!(config.application_name.as_deref(), Some("x"));
         assert_eq!(config.passfile, Some(PathBuf::from("/explicit")));
+        assert_eq!(config.target_session_attrs, TargetSessionAttrs::Any);
 
         // An explicit default value still wins, and so does an explicit empty value
         // (as in libpq).
@@ -2360,10 +2691,10 @@ mod tests {
             ("PGPORT", "abc", "port"),
             ("PGCONNECT_TIMEOUT", "soon", "connect_timeout"),
             ("PGHOSTADDR", "db.example.com", "hostaddr"),
-            ("PGSERVICE", "mydb", "service"),
-            ("PGTARGETSESSIONATTRS", "read-write", "target_session_attrs"),
+            ("PGTARGETSESSIONATTRS", "read_write", "target_session_attrs"),
             ("PGGSSENCMODE", "require", "gssencmode"),
-            ("PGLOADBALANCEHOSTS", "random", "load_balance_hosts"),
+            ("PGLOADBALANCEHOSTS", "shuffle", "load_balance_hosts"),
+            ("PGREQUIREAUTH", "scram", "require_auth"),
             ("PGCHANNELBINDING", "sometimes", "channel_binding"),
         ];
         for (var, value, key) in cases {

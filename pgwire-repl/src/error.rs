@@ -217,6 +217,12 @@ impl Error {
         self
     }
 
+    /// An error of `kind` built from parts (used to report the failures of several
+    /// hosts as one error).
+    pub(crate) fn from_parts(kind: ErrorKind, message: String, advice: Option<String>) -> Error {
+        Error::new(kind, message, advice)
+    }
+
     /// The kind of error.
     pub fn kind(&self) -> ErrorKind {
         self.0.kind

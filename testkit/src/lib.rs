@@ -33,6 +33,7 @@
 mod cluster;
 mod env;
 pub mod fake;
+pub mod oracle;
 pub mod proxy;
 mod standby;
 mod template;

@@ -194,6 +194,10 @@ struct Owned {
     dirs: Vec<TargetDir>,
     /// A slot this run created.
     slot: Option<String>,
+    /// The source narrowed to the server this run connected to first: every later
+    /// connection (the backup, the WAL stream, dropping the slot) goes there, even when
+    /// `--source` lists several hosts.
+    pinned: Option<Config>,
     wal_task: Option<JoinHandle<walstream::Result<walstream::ReceiveSummary>>>,
     backup_task: Option<JoinHandle<basebackup::Result<BackupResult>>>,
     /// Resolves when the backup's writer thread has let go of its sink.
@@ -344,7 +348,8 @@ async fn clean_up(options: &CloneOptions, owned: &mut Owned) -> CleanupReport {
             ));
         } else {
             let dropped = tokio::time::timeout(SLOT_DROP_WAIT, async {
-                let mut client = ReplicationClient::connect(&options.source).await?;
+                let source = owned.pinned.as_ref().unwrap_or(&options.source);
+                let mut client = ReplicationClient::connect(source).await?;
                 client.drop_slot(&slot, true).await?;
                 client.close().await
             })
@@ -441,13 +446,21 @@ async fn source_data_directory(client: &mut ReplicationClient) -> Option<PathBuf
         .map(PathBuf::from)
 }
 
+/// `source` narrowed to the host list entry `connection` reached.
+fn pin(source: &Config, connection: &pgwire_repl::Connection) -> Config {
+    let (host, host_addr, port) = connection.endpoint();
+    if source.targets().len() > 1 {
+        tracing::info!(server = %connection.target(), "the source lists several hosts; this clone uses this one for all its connections");
+    }
+    source.for_host(host, host_addr, port)
+}
+
 async fn run(
     options: &CloneOptions,
     events: &mut EventFn,
     started: Instant,
     owned: &mut Owned,
 ) -> Result<CloneSummary, String> {
-    let source = &options.source;
     let error = |e: basebackup::Error| e.to_string();
 
     // The target first: nothing else happens if it cannot be used.
@@ -470,9 +483,10 @@ async fn run(
             .slot
             .as_deref()
             .ok_or("--create-slot needs --slot NAME")?;
-        let mut client = ReplicationClient::connect(source)
+        let mut client = ReplicationClient::connect(&options.source)
             .await
             .map_err(|e| e.to_string())?;
+        owned.pinned = Some(pin(&options.source, client.connection()));
         client
             .create_physical_slot(
                 slot,
@@ -498,9 +512,17 @@ async fn run(
         compression: options.compression,
         ..BackupOptions::default()
     };
-    let mut client = ReplicationClient::connect(source)
+    let mut client = ReplicationClient::connect(owned.pinned.as_ref().unwrap_or(&options.source))
         .await
         .map_err(|e| e.to_string())?;
+    if owned.pinned.is_none() {
+        owned.pinned = Some(pin(&options.source, client.connection()));
+    }
+    let source = owned
+        .pinned
+        .clone()
+        .unwrap_or_else(|| options.source.clone());
+    let source = &source;
     let server_major = client.server_major();
     let source_dirs: Vec<PathBuf> = source_data_directory(&mut client)
         .await
@@ -661,7 +683,9 @@ async fn run(
     }
 
     if options.write_recovery_conf && options.format == Format::Plain {
-        let conninfo = recovery::primary_conninfo(source, server_major);
+        // The whole --source, host list and target_session_attrs included, so that the
+        // standby follows a failover as this run would have.
+        let conninfo = recovery::primary_conninfo(&options.source, server_major);
         recovery::write_standby_config(&options.target, &conninfo, options.slot.as_deref())
             .map_err(|e| {
                 format!(

@@ -6,10 +6,20 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use pgwire_repl::config::{Config, ReplicationMode, SslNegotiation};
+use pgwire_repl::config::{
+    Config, LoadBalanceHosts, ReplicationMode, SslNegotiation, TargetSessionAttrs,
+};
 
 /// Builds the `primary_conninfo` value from the connection the clone used, keeping only
 /// options the standby's own server version (`standby_major`) understands.
+///
+/// A host list is kept with its `target_session_attrs` and `load_balance_hosts`, so
+/// that the standby's WAL receiver finds the primary after a failover as the clone did.
+/// The service name is not written: its options are (the standby's server may not
+/// have the service file). Options the standby's libpq does not know are left out with
+/// a warning: `load_balance_hosts` and `require_auth` before 16, and
+/// `target_session_attrs` other than `any` and `read-write` before 14 (where `primary`
+/// becomes `read-write`, its closest older equivalent).
 pub fn primary_conninfo(source: &Config, standby_major: u32) -> String {
     let mut config = source.clone();
     // The walreceiver sets these itself, as pg_basebackup -R leaves them out.
@@ -21,6 +31,31 @@ pub fn primary_conninfo(source: &Config, standby_major: u32) -> String {
     }
     if standby_major < 16 && config.ssl_root_cert.as_deref() == Some(Path::new("system")) {
         config.ssl_root_cert = None;
+    }
+    if standby_major < 16 {
+        if config.load_balance_hosts == LoadBalanceHosts::Random {
+            tracing::warn!("primary_conninfo: load_balance_hosts=random left out: the standby's PostgreSQL {standby_major} does not know it (16+), so its WAL receiver tries the hosts in order");
+            config.load_balance_hosts = LoadBalanceHosts::Disable;
+        }
+        if let Some(policy) = config.require_auth.take() {
+            tracing::warn!("primary_conninfo: require_auth={policy} left out: the standby's PostgreSQL {standby_major} does not know it (16+), so its WAL receiver will answer any authentication method the upstream asks for; restrict the method in the upstream's pg_hba.conf instead");
+        }
+    }
+    if standby_major < 14 {
+        let attrs = config.target_session_attrs;
+        let replacement = match attrs {
+            TargetSessionAttrs::Any | TargetSessionAttrs::ReadWrite => attrs,
+            TargetSessionAttrs::Primary => TargetSessionAttrs::ReadWrite,
+            _ => TargetSessionAttrs::Any,
+        };
+        if replacement != attrs {
+            tracing::warn!(
+                "primary_conninfo: target_session_attrs={} written as {}: the standby's PostgreSQL {standby_major} knows only any and read-write (the others need 14+)",
+                attrs.as_str(),
+                replacement.as_str()
+            );
+            config.target_session_attrs = replacement;
+        }
     }
     config.to_conninfo_string()
 }
@@ -102,6 +137,29 @@ mod tests {
         assert!(!for_16.contains("sslnegotiation"));
         let for_17 = primary_conninfo(&source, 17);
         assert!(for_17.contains("sslnegotiation"));
+    }
+
+    #[test]
+    fn host_lists_keep_their_routing_options_where_the_standby_knows_them() {
+        let source = Config::parse(
+            "host=a,b port=1,2 user=repl target_session_attrs=primary load_balance_hosts=random require_auth=scram-sha-256 replication=true",
+        )
+        .unwrap();
+        let parsed = |major| Config::parse(&primary_conninfo(&source, major)).unwrap();
+        let for_16 = parsed(16);
+        assert_eq!(for_16.hosts.len(), 2);
+        assert_eq!(for_16.target_session_attrs, TargetSessionAttrs::Primary);
+        assert_eq!(for_16.load_balance_hosts, LoadBalanceHosts::Random);
+        assert_eq!(for_16.require_auth.unwrap().as_str(), "scram-sha-256");
+        let for_15 = parsed(15);
+        assert_eq!(for_15.target_session_attrs, TargetSessionAttrs::Primary);
+        assert_eq!(for_15.load_balance_hosts, LoadBalanceHosts::Disable);
+        assert!(for_15.require_auth.is_none());
+        let for_13 = parsed(13);
+        assert_eq!(for_13.target_session_attrs, TargetSessionAttrs::ReadWrite);
+        let standby = Config::parse("host=a,b target_session_attrs=prefer-standby").unwrap();
+        let for_13 = primary_conninfo(&standby, 13);
+        assert!(!for_13.contains("target_session_attrs"), "{for_13}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use postgres_protocol::authentication::sasl::{
     ChannelBinding as ScramBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
 };
 
-use crate::config::ChannelBinding;
+use crate::config::{ChannelBinding, RequireAuth};
 use crate::error::{Error, Result};
 use crate::proto::backend::AuthRequest;
 use crate::proto::frontend;
@@ -51,6 +51,8 @@ pub struct Authenticator {
     settings: AuthSettings,
     method: AuthMethod,
     scram: Option<ScramSha256>,
+    /// libpq's `require_auth`, when given.
+    require_auth: Option<RequireAuth>,
 }
 
 /// What the authentication exchange needs to know.
@@ -91,7 +93,108 @@ impl Authenticator {
             settings,
             method: AuthMethod::None,
             scram: None,
+            require_auth: None,
         }
+    }
+
+    /// Enforces libpq's `require_auth`: every authentication request is checked against
+    /// `policy` before it is answered (so a refused method never sees the password), and
+    /// an AuthenticationOk without a completed exchange is refused unless the policy
+    /// allows `none`.
+    ///
+    /// ```
+    /// use pgwire_repl::config::{ChannelBinding, RequireAuth};
+    /// use pgwire_repl::proto::auth::{AuthSettings, Authenticator};
+    /// use pgwire_repl::proto::backend::AuthRequest;
+    ///
+    /// let settings = AuthSettings {
+    ///     user: "repl".into(),
+    ///     password: Some("secret".into()),
+    ///     channel_binding: ChannelBinding::Prefer,
+    ///     tls_in_use: false,
+    ///     server_cert_hash: None,
+    ///     target: "db1".into(),
+    /// };
+    /// let policy = RequireAuth::parse("scram-sha-256").unwrap();
+    /// let mut auth = Authenticator::new(settings).with_require_auth(Some(policy));
+    /// let err = auth.respond(AuthRequest::CleartextPassword).unwrap_err();
+    /// assert!(err.message().contains(
+    ///     "authentication method requirement \"scram-sha-256\" failed: server requested a cleartext password"
+    /// ));
+    /// ```
+    pub fn with_require_auth(mut self, policy: Option<RequireAuth>) -> Authenticator {
+        self.require_auth = policy;
+        self
+    }
+
+    /// Whether the client has completed an exchange: sent a password, or verified the
+    /// server's SCRAM signature.
+    fn exchange_finished(&self) -> bool {
+        match self.method {
+            AuthMethod::None => false,
+            AuthMethod::Cleartext | AuthMethod::Md5 => true,
+            AuthMethod::ScramSha256 | AuthMethod::ScramSha256Plus => self.scram.is_none(),
+        }
+    }
+
+    /// libpq's `check_expected_areq` for `require_auth`.
+    fn check_required(&self, request: &AuthRequest) -> Result<()> {
+        let Some(policy) = &self.require_auth else {
+            return Ok(());
+        };
+        let code: u32 = match request {
+            AuthRequest::Ok => 0,
+            AuthRequest::KerberosV5 => 2,
+            AuthRequest::CleartextPassword => 3,
+            AuthRequest::Md5Password { .. } => 5,
+            AuthRequest::ScmCredential => 6,
+            AuthRequest::Gss => 7,
+            AuthRequest::GssContinue(_) => 8,
+            AuthRequest::Sspi => 9,
+            AuthRequest::Sasl { .. } => 10,
+            AuthRequest::SaslContinue(_) => 11,
+            AuthRequest::SaslFinal(_) => 12,
+            // Negative codes are as unknown as large ones.
+            AuthRequest::Other { code } => u32::try_from(*code).unwrap_or(u32::MAX),
+        };
+        policy
+            .check_request(code, self.exchange_finished())
+            .map_err(|refusal| self.refused(policy, refusal))
+    }
+
+    fn refused(
+        &self,
+        policy: &RequireAuth,
+        refusal: crate::config::require_auth::Refusal,
+    ) -> Error {
+        let allowed = policy.allowed_methods();
+        let allowed = if allowed.is_empty() {
+            "no method at all".to_string()
+        } else {
+            allowed.join(", ")
+        };
+        let advice = if refusal.server_method == "trust" {
+            format!(
+                "the server let this role in without asking for a password (trust, peer, ident or cert in its pg_hba.conf), which require_auth={} does not allow (it allows {allowed}); add none to require_auth if that is intended, or change the server's pg_hba.conf entry to a method that authenticates",
+                quote_policy(policy)
+            )
+        } else {
+            format!(
+                "the server's pg_hba.conf entry for this connection uses {}, which require_auth={} does not allow (it allows {allowed}); nothing was sent to the server. Change the pg_hba.conf entry to an allowed method, or allow {} in require_auth if you trust it",
+                refusal.server_method,
+                quote_policy(policy),
+                refusal.server_method
+            )
+        };
+        Error::auth(
+            format!(
+                "authentication method requirement \"{}\" failed: {} ({})",
+                policy.as_str(),
+                refusal.reason,
+                self.settings.target
+            ),
+            advice,
+        )
     }
 
     /// How the client has authenticated so far.
@@ -141,6 +244,7 @@ impl Authenticator {
 
     /// Handles one authentication request; returns the bytes to send, if any.
     pub fn respond(&mut self, request: AuthRequest) -> Result<Option<BytesMut>> {
+        self.check_required(&request)?;
         let mut out = BytesMut::new();
         match request {
             AuthRequest::Ok => {
@@ -216,6 +320,11 @@ impl Authenticator {
                         "configure the server's pg_hba.conf with scram-sha-256 for this user",
                     ));
                 };
+                if let Some(policy) = &self.require_auth {
+                    policy
+                        .check_sasl_mechanism(mechanism)
+                        .map_err(|refusal| self.refused(policy, refusal))?;
+                }
                 let password = self.password(mechanism)?;
                 let scram = ScramSha256::new(password.as_bytes(), binding);
                 frontend::sasl_initial_response(mechanism, scram.message(), &mut out)?;
@@ -276,4 +385,12 @@ fn unsupported_method(target: &str, method: &str) -> Error {
         format!("{target} asked for {method} authentication, which this client does not support"),
         "change the server's pg_hba.conf entry for this user to scram-sha-256, md5, password, cert or trust",
     )
+}
+
+fn quote_policy(policy: &RequireAuth) -> String {
+    if policy.as_str().is_empty() {
+        "''".to_string()
+    } else {
+        policy.as_str().to_string()
+    }
 }
