@@ -6,14 +6,43 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use clone_standby::clone::{self as cloning, CloneEvent, CloneOptions, Format, WalMethod};
-use clone_standby::{check, status};
+use clap::{Parser, Subcommand, ValueEnum};
 use pgwire_repl::connection::AuthMethod;
 use pgwire_repl::{Config, ReplicationClient};
+use standby::clone::{self as cloning, CloneEvent, CloneOptions, Format, WalMethod};
+use standby::start::{StartOptions, DEFAULT_START_WAIT};
+use standby::{check, status};
 use std::io::IsTerminal;
-use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+
+/// `--wal`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum WalArg {
+    /// A second connection streams WAL while the backup runs.
+    Stream,
+    /// The server includes WAL at the end of the backup.
+    Fetch,
+    /// No WAL (the clone needs an archive or a streaming source to start).
+    None,
+}
+
+/// `--checkpoint`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CheckpointArg {
+    /// Checkpoint at once (I/O burst on the source).
+    Fast,
+    /// Wait for a spread checkpoint.
+    Spread,
+}
+
+/// `--format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FormatArg {
+    /// A data directory, ready to start.
+    Plain,
+    /// base.tar, <oid>.tar, pg_wal.tar and backup_manifest.
+    Tar,
+}
 
 #[derive(Parser)]
 #[command(
@@ -106,11 +135,11 @@ struct CloneArgs {
     #[arg(long, requires = "slot")]
     create_slot: bool,
     /// How WAL is included: stream (a second connection), fetch (at the end) or none.
-    #[arg(long, default_value = "stream", value_parser = ["stream", "fetch", "none"])]
-    wal: String,
+    #[arg(long, value_enum, default_value_t = WalArg::Stream)]
+    wal: WalArg,
     /// Checkpoint at the start: fast or spread.
-    #[arg(long, default_value = "fast", value_parser = ["fast", "spread"])]
-    checkpoint: String,
+    #[arg(long, value_enum, default_value_t = CheckpointArg::Fast)]
+    checkpoint: CheckpointArg,
     /// Server-side transfer rate limit, kB/s or with a k/M suffix (32k to 1024M).
     #[arg(long)]
     max_rate: Option<String>,
@@ -121,8 +150,8 @@ struct CloneArgs {
     #[arg(long = "tablespace-mapping")]
     tablespace_mapping: Vec<String>,
     /// plain (a data directory) or tar (base.tar, <oid>.tar, backup_manifest).
-    #[arg(long, default_value = "plain", value_parser = ["plain", "tar"])]
-    format: String,
+    #[arg(long, value_enum, default_value_t = FormatArg::Plain)]
+    format: FormatArg,
     /// Manifest checksum algorithm: CRC32C, SHA224, SHA256, SHA384, SHA512 or NONE.
     #[arg(long, default_value = "CRC32C")]
     manifest_checksums: String,
@@ -146,7 +175,7 @@ struct CloneArgs {
     #[arg(long, conflicts_with = "no_recovery_conf")]
     start: bool,
     /// With --start: how long to wait for the standby to catch up, in seconds.
-    #[arg(long, default_value_t = cloning::DEFAULT_START_WAIT.as_secs(), requires = "start")]
+    #[arg(long, default_value_t = DEFAULT_START_WAIT.as_secs(), requires = "start")]
     start_timeout: u64,
     /// pg_ctl to use with --start (default: the server version's pg_ctl, then PATH).
     #[arg(long)]
@@ -482,7 +511,7 @@ async fn run_clone(args: CloneArgs) -> pgwire_repl::Result<ExitCode> {
             return fail(e);
         }
     }
-    if args.start && args.format == "tar" {
+    if args.start && args.format == FormatArg::Tar {
         return fail("--start needs --format plain: tar archives are not a data directory a server can start on");
     }
     let options = CloneOptions {
@@ -490,23 +519,21 @@ async fn run_clone(args: CloneArgs) -> pgwire_repl::Result<ExitCode> {
         target: args.pgdata.clone(),
         slot: args.slot.clone(),
         create_slot: args.create_slot,
-        wal: match args.wal.as_str() {
-            "fetch" => WalMethod::Fetch,
-            "none" => WalMethod::None,
-            _ => WalMethod::Stream,
+        wal: match args.wal {
+            WalArg::Stream => WalMethod::Stream,
+            WalArg::Fetch => WalMethod::Fetch,
+            WalArg::None => WalMethod::None,
         },
-        checkpoint: if args.checkpoint == "spread" {
-            basebackup::Checkpoint::Spread
-        } else {
-            basebackup::Checkpoint::Fast
+        checkpoint: match args.checkpoint {
+            CheckpointArg::Fast => basebackup::Checkpoint::Fast,
+            CheckpointArg::Spread => basebackup::Checkpoint::Spread,
         },
         max_rate,
         compression,
         tablespace_mapping: mapping,
-        format: if args.format == "tar" {
-            Format::Tar
-        } else {
-            Format::Plain
+        format: match args.format {
+            FormatArg::Plain => Format::Plain,
+            FormatArg::Tar => Format::Tar,
         },
         manifest_checksums,
         write_recovery_conf: !args.no_recovery_conf,
@@ -585,12 +612,20 @@ async fn run_clone(args: CloneArgs) -> pgwire_repl::Result<ExitCode> {
             Some(slot) => format!("{} and the slot {slot:?} are kept", args.pgdata.display()),
             None => format!("{} is kept", args.pgdata.display()),
         };
+        let start = StartOptions {
+            pgdata: args.pgdata.clone(),
+            pg_ctl: args.pg_ctl.clone(),
+            port: args.standby_port,
+            owner: args.owner.clone(),
+            timeout: Duration::from_secs(args.start_timeout),
+            timeout_option: "--start-timeout".into(),
+        };
         let started = tokio::select! {
-            result = start_standby(&args, &source, summary.server_major) => result,
-            _ = tokio::signal::ctrl_c() => Err(format!(
+            result = standby::start::start_standby(&start, &source, summary.server_major) => result,
+            _ = tokio::signal::ctrl_c() => Err(standby::Error::interrupted(format!(
                 "interrupted while waiting; if the standby was started it is still running (pg_ctl stop -D {})",
                 args.pgdata.display()
-            )),
+            ))),
         };
         match started {
             Ok(status) => standby_status = Some(status),
@@ -634,125 +669,6 @@ async fn run_clone(args: CloneArgs) -> pgwire_repl::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Starts the clone with pg_ctl as its owner and waits until it streams.
-async fn start_standby(
-    args: &CloneArgs,
-    source: &Config,
-    major: u32,
-) -> Result<status::Status, String> {
-    use std::os::unix::process::CommandExt;
-    let pgdata = &args.pgdata;
-    if let Some(port) = args.standby_port {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(pgdata.join("postgresql.auto.conf"))
-            .map_err(|e| format!("opening postgresql.auto.conf: {e}"))?;
-        writeln!(file, "port = {port}")
-            .map_err(|e| format!("writing postgresql.auto.conf: {e}"))?;
-    }
-    let pg_ctl = match &args.pg_ctl {
-        Some(path) => path.clone(),
-        None => [
-            PathBuf::from(format!("/var/cache/pgrepl/postgres/{major}/bin/pg_ctl")),
-            PathBuf::from(format!("/usr/lib/postgresql/{major}/bin/pg_ctl")),
-        ]
-        .into_iter()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("pg_ctl")),
-    };
-    let mut command = std::process::Command::new(&pg_ctl);
-    let log = pgdata.join("clone-standby-start.log");
-    command
-        .arg("start")
-        .arg("-w")
-        .arg("-t")
-        .arg("120")
-        .arg("-D")
-        .arg(pgdata)
-        .arg("-l")
-        .arg(&log);
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        let owner = args.owner.clone().unwrap_or_else(|| "postgres".into());
-        let (uid, gid, home) = lookup_user(&owner)
-            .ok_or_else(|| format!("no OS user {owner:?} to run the standby as; pass --owner"))?;
-        cloning::chown_tree(pgdata, uid, gid)?;
-        // The standby's walreceiver reads ~/.postgresql and ~/.pgpass of its own user.
-        command.uid(uid).gid(gid).env("HOME", home);
-    }
-    let output = command
-        .output()
-        .map_err(|e| format!("running {}: {e}", pg_ctl.display()))?;
-    if !output.status.success() {
-        let server_log = std::fs::read_to_string(&log).unwrap_or_default();
-        return Err(format!(
-            "{} start failed: {}{}\n{server_log}",
-            pg_ctl.display(),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    // postmaster.pid line 4 is the port, line 5 the socket directory.
-    let pid_file = std::fs::read_to_string(pgdata.join("postmaster.pid"))
-        .map_err(|e| format!("reading postmaster.pid: {e}"))?;
-    let lines: Vec<&str> = pid_file.lines().collect();
-    let port = lines.get(3).map(|s| s.trim()).unwrap_or("5432");
-    let socket_dir = lines
-        .get(4)
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
-        .unwrap_or("/var/run/postgresql");
-    let mut standby = Config::parse(&format!("host={socket_dir} port={port} dbname=postgres"))
-        .map_err(|e| e.to_string())?;
-    standby.user = source.user.clone();
-    standby.password = source.password.clone();
-    standby.passfile = source.passfile.clone();
-    status::wait_caught_up(
-        source,
-        &standby,
-        Duration::from_secs(args.start_timeout),
-        "--start-timeout",
-    )
-    .await
-    .map_err(|e| {
-        format!(
-            "{e}\n  the standby's log ({}) ends with:\n{}",
-            log.display(),
-            log_tail(&log)
-        )
-    })
-}
-
-fn lookup_user(name: &str) -> Option<(u32, u32, PathBuf)> {
-    let c_name = std::ffi::CString::new(name).ok()?;
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: an all-zero passwd is a valid out-parameter for getpwnam_r.
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: all pointers are valid for the duration of the call; buf's length is passed.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            c_name.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 || result.is_null() {
-        return None;
-    }
-    let home = if pwd.pw_dir.is_null() {
-        PathBuf::from("/")
-    } else {
-        // SAFETY: getpwnam_r succeeded, so pw_dir is a NUL-terminated string inside buf.
-        let dir = unsafe { std::ffi::CStr::from_ptr(pwd.pw_dir) };
-        PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()))
-    };
-    Some((pwd.pw_uid, pwd.pw_gid, home))
 }
 
 async fn run_receive_wal(args: ReceiveWalArgs) -> pgwire_repl::Result<ExitCode> {
@@ -845,14 +761,4 @@ fn started_since_backup(pgdata: &std::path::Path) -> Option<&'static str> {
     } else {
         None
     }
-}
-
-/// The last lines of a log file, indented, for error messages.
-fn log_tail(path: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(8)..]
-        .iter()
-        .map(|l| format!("    {l}\n"))
-        .collect()
 }

@@ -2,8 +2,8 @@
 
 use std::process::Command;
 
-use clone_standby::check::{check, Level};
 use pgwire_repl::Config;
+use standby::check::{check, Level};
 use testkit::{Cluster, ClusterOptions};
 
 fn run_check(conninfo: &str) -> (bool, String) {

@@ -38,6 +38,7 @@ use pgwire_repl::{Config, Lsn, ReplicationClient, TimelineId, WalSegmentSize};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::error::{Error, Result};
 use crate::recovery;
 
 /// How WAL reaches the clone.
@@ -97,6 +98,32 @@ pub struct CloneOptions {
     pub label: String,
 }
 
+impl CloneOptions {
+    /// A clone of `source` into `target` as `pg_basebackup -R -X stream` makes it: WAL
+    /// streamed through a temporary slot, a fast checkpoint, CRC32C manifest
+    /// checksums, plain format, standby configuration written, durable, cleaned up on
+    /// failure.
+    pub fn new(source: Config, target: impl Into<PathBuf>) -> CloneOptions {
+        CloneOptions {
+            source,
+            target: target.into(),
+            slot: None,
+            create_slot: false,
+            wal: WalMethod::Stream,
+            checkpoint: Checkpoint::Fast,
+            max_rate: None,
+            compression: None,
+            tablespace_mapping: TablespaceMapping::default(),
+            format: Format::Plain,
+            manifest_checksums: ChecksumAlgorithm::Crc32c,
+            write_recovery_conf: true,
+            no_sync: false,
+            keep_on_failure: false,
+            label: "clone-standby".into(),
+        }
+    }
+}
+
 /// What a finished clone reports.
 #[derive(Debug, Clone)]
 pub struct CloneSummary {
@@ -154,10 +181,10 @@ pub struct CleanupReport {
 }
 
 /// A clone that failed or was interrupted, and what was cleaned up after it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CloneFailure {
     /// What went wrong.
-    pub error: String,
+    pub error: Error,
     /// True when the clone was interrupted (Ctrl-C), not failed.
     pub interrupted: bool,
     /// What was removed and what was left.
@@ -166,7 +193,7 @@ pub struct CloneFailure {
 
 impl fmt::Display for CloneFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.error)?;
+        write!(f, "{}", self.error)?;
         for line in &self.cleanup.removed {
             write!(f, "\n  removed: {line}")?;
         }
@@ -185,6 +212,12 @@ enum Step {
     Backup(Result<basebackup::Result<BackupResult>, tokio::task::JoinError>),
     Progress(bool),
     Wal(Result<walstream::Result<walstream::ReceiveSummary>, tokio::task::JoinError>),
+}
+
+impl std::error::Error for CloneFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
 }
 
 /// What this run owns while it runs: the clean-up after a failure works from this alone.
@@ -223,7 +256,7 @@ pub async fn clone(
         tokio::pin!(interrupt);
         tokio::select! {
             result = work => result.map_err(|error| (error, false)),
-            () = &mut interrupt => Err(("interrupted".to_string(), true)),
+            () = &mut interrupt => Err((Error::interrupted("interrupted"), true)),
         }
     };
     match outcome {
@@ -388,17 +421,16 @@ fn remove_contents(dir: &Path) -> std::io::Result<usize> {
 }
 
 /// Creates `dir` (mode 0700) and its missing parents.
-fn create_target(dir: &Path) -> Result<(), String> {
+fn create_target(dir: &Path) -> Result<()> {
     if let Some(parent) = dir.parent() {
-        fs::create_dir_all(parent)
-            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
     }
     fs::DirBuilder::new()
         .mode(0o700)
         .create(dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        .map_err(|e| Error::io("creating", dir, e))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("cannot set the mode of {}: {e}", dir.display()))
+        .map_err(|e| Error::io("setting the mode of", dir, e))
 }
 
 /// A sink that says when the writer thread has let go of it: the clean-up must not
@@ -460,9 +492,7 @@ async fn run(
     events: &mut EventFn,
     started: Instant,
     owned: &mut Owned,
-) -> Result<CloneSummary, String> {
-    let error = |e: basebackup::Error| e.to_string();
-
+) -> Result<CloneSummary> {
     // The target first: nothing else happens if it cannot be used.
     let mut target_dirs = basebackup::plain_target_dirs(
         &options.target,
@@ -470,8 +500,7 @@ async fn run(
         &TablespaceMapping::default(),
         &[],
         false,
-    )
-    .map_err(error)?;
+    )?;
     let target = target_dirs.remove(0);
     if target.creates.is_some() {
         create_target(&options.target)?;
@@ -479,13 +508,13 @@ async fn run(
     owned.dirs.push(target);
 
     if options.create_slot {
-        let slot = options
-            .slot
-            .as_deref()
-            .ok_or("--create-slot needs --slot NAME")?;
-        let mut client = ReplicationClient::connect(&options.source)
-            .await
-            .map_err(|e| e.to_string())?;
+        let slot = options.slot.as_deref().ok_or_else(|| {
+            Error::usage(
+                "create_slot is set but no slot is named",
+                "name the slot (--slot NAME)",
+            )
+        })?;
+        let mut client = ReplicationClient::connect(&options.source).await?;
         owned.pinned = Some(pin(&options.source, client.connection()));
         client
             .create_physical_slot(
@@ -496,7 +525,7 @@ async fn run(
                 },
             )
             .await
-            .map_err(|e| format!("creating replication slot {slot:?}: {e}"))?;
+            .map_err(|e| Error::from(e).context(format!("creating replication slot {slot:?}")))?;
         owned.slot = Some(slot.to_string());
         let _ = client.close().await;
     }
@@ -512,9 +541,8 @@ async fn run(
         compression: options.compression,
         ..BackupOptions::default()
     };
-    let mut client = ReplicationClient::connect(owned.pinned.as_ref().unwrap_or(&options.source))
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut client =
+        ReplicationClient::connect(owned.pinned.as_ref().unwrap_or(&options.source)).await?;
     if owned.pinned.is_none() {
         owned.pinned = Some(pin(&options.source, client.connection()));
     }
@@ -528,13 +556,11 @@ async fn run(
         .await
         .into_iter()
         .collect();
-    let mut backup = BaseBackup::start(client, backup_options)
-        .await
-        .map_err(error)?;
+    let mut backup = BaseBackup::start(client, backup_options).await?;
     let (start_lsn, timeline) = (backup.start_lsn(), backup.timeline());
 
     // Every tablespace directory is checked before a byte is written anywhere.
-    let tablespaces = backup.read_tablespaces().await.map_err(error)?.to_vec();
+    let tablespaces = backup.read_tablespaces().await?.to_vec();
     if options.format == Format::Plain {
         let dirs = basebackup::plain_target_dirs(
             &options.target,
@@ -542,8 +568,7 @@ async fn run(
             &options.tablespace_mapping,
             &source_dirs,
             true,
-        )
-        .map_err(error)?;
+        )?;
         owned
             .dirs
             .extend(dirs.into_iter().filter(|d| d.tablespace.is_some()));
@@ -560,7 +585,7 @@ async fn run(
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&wal_dir)
-            .map_err(|e| format!("cannot create {}: {e}", wal_dir.display()))?;
+            .map_err(|e| Error::io("creating", &wal_dir, e))?;
         let mut receive = walstream::ReceiveOptions::new(&wal_dir);
         receive.start_position = Some(start_lsn);
         receive.no_loop = true;
@@ -619,7 +644,9 @@ async fn run(
                 backup_task,
                 ..
             } = &mut *owned;
-            let receiving = backup_task.as_mut().ok_or("the backup task is gone")?;
+            let Some(receiving) = backup_task.as_mut() else {
+                return Err(Error::interrupted("the backup task is gone"));
+            };
             tokio::select! {
                 result = receiving => Step::Backup(result),
                 // The sender goes away when the stream ends, while the writer may still
@@ -633,8 +660,7 @@ async fn run(
             Step::Backup(result) => {
                 owned.backup_task = None;
                 break result
-                    .map_err(|e| format!("the backup task failed: {e}"))?
-                    .map_err(error)?;
+                    .map_err(|e| Error::interrupted(format!("the backup task failed: {e}")))??;
             }
             Step::Progress(true) => {
                 let (done, total) = *progress_rx.borrow_and_update();
@@ -644,12 +670,15 @@ async fn run(
             Step::Wal(wal) => {
                 owned.wal_task = None;
                 return Err(match wal {
-                    Ok(Ok(summary)) => format!(
-                        "the WAL stream ended before the backup did ({:?})",
-                        summary.end_reason
+                    Ok(Ok(summary)) => Error::verify(
+                        format!(
+                            "the WAL stream ended before the backup did ({})",
+                            summary.end_reason
+                        ),
+                        "check the source's log; the clone needs every WAL record from the backup's start to its end",
                     ),
-                    Ok(Err(e)) => format!("WAL streaming failed: {e}"),
-                    Err(e) => format!("the WAL streaming task failed: {e}"),
+                    Ok(Err(e)) => Error::from(e).context("WAL streaming failed"),
+                    Err(e) => Error::interrupted(format!("the WAL streaming task failed: {e}")),
                 });
             }
         }
@@ -663,12 +692,15 @@ async fn run(
         let joined = task.await;
         owned.wal_task = None;
         let summary = joined
-            .map_err(|e| format!("the WAL streaming task failed: {e}"))?
-            .map_err(|e| format!("WAL streaming failed: {e}"))?;
+            .map_err(|e| Error::interrupted(format!("the WAL streaming task failed: {e}")))?
+            .map_err(|e| Error::from(e).context("WAL streaming failed"))?;
         if summary.flushed < end_lsn {
-            return Err(format!(
-                "WAL streaming stopped at {} before the backup's end {end_lsn}; the clone would not be consistent",
-                summary.flushed
+            return Err(Error::verify(
+                format!(
+                    "WAL streaming stopped at {} before the backup's end {end_lsn}; the clone would not be consistent",
+                    summary.flushed
+                ),
+                "run the clone again; check the source's log if it happens again",
             ));
         }
         wal_bytes = summary.bytes_received;
@@ -687,12 +719,7 @@ async fn run(
         // standby follows a failover as this run would have.
         let conninfo = recovery::primary_conninfo(&options.source, server_major);
         recovery::write_standby_config(&options.target, &conninfo, options.slot.as_deref())
-            .map_err(|e| {
-                format!(
-                    "writing the standby configuration in {}: {e}",
-                    options.target.display()
-                )
-            })?;
+            .map_err(|e| Error::io("writing the standby configuration in", &options.target, e))?;
     }
     if !options.no_sync {
         sync_dir(&options.target)?;
@@ -719,9 +746,9 @@ fn finish_wal_dir(
     end: Lsn,
     timeline: TimelineId,
     sync: bool,
-) -> Result<(), String> {
+) -> Result<()> {
     let segment_size = detect_segment_size(dir)?;
-    let entries = fs::read_dir(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+    let entries = fs::read_dir(dir).map_err(|e| Error::io("reading", dir, e))?;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
@@ -729,10 +756,13 @@ fn finish_wal_dir(
             if parse_wal_file_name(base, segment_size).is_some() {
                 let final_path = dir.join(base);
                 if final_path.exists() {
-                    return Err(format!("both {name} and {base} exist in {}", dir.display()));
+                    return Err(Error::verify(
+                        format!("both {name} and {base} exist in {}", dir.display()),
+                        "the WAL directory was changed by something else while the clone ran; clone again",
+                    ));
                 }
                 fs::rename(entry.path(), &final_path)
-                    .map_err(|e| format!("renaming {name}: {e}"))?;
+                    .map_err(|e| Error::io("renaming", &entry.path(), e))?;
             }
         }
     }
@@ -748,11 +778,23 @@ fn finish_wal_dir(
         let path = dir.join(&name);
         match fs::metadata(&path) {
             Ok(meta) if meta.len() == segment_size.bytes() => {}
-            Ok(meta) => return Err(format!("WAL segment {name} has {} bytes, expected {}", meta.len(), segment_size.bytes())),
+            Ok(meta) => {
+                return Err(Error::verify(
+                    format!(
+                        "WAL segment {name} has {} bytes, expected {}",
+                        meta.len(),
+                        segment_size.bytes()
+                    ),
+                    "clone again; the streamed WAL is incomplete",
+                ))
+            }
             Err(_) => {
-                return Err(format!(
-                    "WAL segment {name} (between the backup's start {start} and end {end}) is missing from {}",
-                    dir.display()
+                return Err(Error::verify(
+                    format!(
+                        "WAL segment {name} (between the backup's start {start} and end {end}) is missing from {}",
+                        dir.display()
+                    ),
+                    "clone again; the streamed WAL is incomplete",
                 ))
             }
         }
@@ -760,8 +802,8 @@ fn finish_wal_dir(
     Ok(())
 }
 
-fn detect_segment_size(dir: &Path) -> Result<WalSegmentSize, String> {
-    let entries = fs::read_dir(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+fn detect_segment_size(dir: &Path) -> Result<WalSegmentSize> {
+    let entries = fs::read_dir(dir).map_err(|e| Error::io("reading", dir, e))?;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let is_segment = name.to_str().is_some_and(|n| {
@@ -776,20 +818,31 @@ fn detect_segment_size(dir: &Path) -> Result<WalSegmentSize, String> {
             }
         }
     }
-    Err(format!(
-        "no WAL segment was streamed into {}",
-        dir.display()
+    Err(Error::verify(
+        format!("no WAL segment was streamed into {}", dir.display()),
+        "clone again; check the source's log",
     ))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), String> {
+fn sync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir)
         .and_then(|f| f.sync_all())
-        .map_err(|e| format!("fsync of {}: {e}", dir.display()))
+        .map_err(|e| Error::io("fsync of", dir, e))
 }
 
 /// Parses `--compress server-zstd[:LEVEL]` (also `server-gzip`, `server-lz4`).
-pub fn parse_compression(value: &str) -> Result<ServerCompression, String> {
+///
+/// ```
+/// assert!(standby::clone::parse_compression("server-zstd:level=3").is_ok());
+/// assert!(standby::clone::parse_compression("client-zstd").is_err());
+/// ```
+pub fn parse_compression(value: &str) -> Result<ServerCompression> {
+    let usage = |what: String| {
+        Error::usage(
+            what,
+            "use server-zstd[:LEVEL], server-lz4[:LEVEL] or server-gzip[:LEVEL]",
+        )
+    };
     let (method, level) = match value.split_once(':') {
         Some((method, level)) => {
             let level = level.strip_prefix("level=").unwrap_or(level);
@@ -798,7 +851,7 @@ pub fn parse_compression(value: &str) -> Result<ServerCompression, String> {
                 Some(
                     level
                         .parse::<i32>()
-                        .map_err(|_| format!("invalid compression level {level:?}"))?,
+                        .map_err(|_| usage(format!("invalid compression level {level:?}")))?,
                 ),
             )
         }
@@ -808,11 +861,7 @@ pub fn parse_compression(value: &str) -> Result<ServerCompression, String> {
         "server-zstd" => basebackup::CompressionMethod::Zstd,
         "server-lz4" => basebackup::CompressionMethod::Lz4,
         "server-gzip" => basebackup::CompressionMethod::Gzip,
-        other => {
-            return Err(format!(
-                "unknown compression {other:?}: use server-zstd[:LEVEL], server-lz4[:LEVEL] or server-gzip[:LEVEL]"
-            ))
-        }
+        other => return Err(usage(format!("unknown compression {other:?}"))),
     };
     let mut compression = ServerCompression::new(method);
     if let Some(level) = level {
@@ -822,7 +871,12 @@ pub fn parse_compression(value: &str) -> Result<ServerCompression, String> {
 }
 
 /// Parses `--max-rate` like pg_basebackup: kB/s, or with a `k` or `M` suffix.
-pub fn parse_max_rate(value: &str) -> Result<u32, String> {
+///
+/// ```
+/// assert_eq!(standby::clone::parse_max_rate("32M").unwrap(), 32 * 1024);
+/// assert!(standby::clone::parse_max_rate("10").is_err());
+/// ```
+pub fn parse_max_rate(value: &str) -> Result<u32> {
     let value = value.trim();
     let (number, factor) = if let Some(n) = value.strip_suffix(['M', 'm']) {
         (n, 1024)
@@ -831,47 +885,21 @@ pub fn parse_max_rate(value: &str) -> Result<u32, String> {
     } else {
         (value, 1)
     };
+    let advice = "give kB/s from 32 kB/s to 1024 MB/s, e.g. 32M or 500k";
     let rate = number
         .trim()
         .parse::<u32>()
         .ok()
         .and_then(|n| n.checked_mul(factor))
-        .ok_or_else(|| format!("invalid --max-rate {value:?}: give kB/s, e.g. 32M or 500k"))?;
+        .ok_or_else(|| Error::usage(format!("invalid --max-rate {value:?}"), advice))?;
     if !(32..=1_048_576).contains(&rate) {
-        return Err(format!(
-            "--max-rate {value} is outside 32 kB/s .. 1024 MB/s"
+        return Err(Error::usage(
+            format!("--max-rate {value} is outside 32 kB/s .. 1024 MB/s"),
+            advice,
         ));
     }
     Ok(rate)
 }
-
-/// Changes the owner of `dir` and everything below it (used before starting the
-/// standby as its OS user when running as root).
-pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
-    fn walk(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-        std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
-        let meta = fs::symlink_metadata(path)?;
-        if meta.is_dir() {
-            for entry in fs::read_dir(path)? {
-                walk(&entry?.path(), uid, gid)?;
-            }
-        } else if meta.file_type().is_symlink() {
-            // Tablespace links: chown their targets too.
-            if let Ok(target) = fs::canonicalize(path) {
-                if fs::metadata(&target).is_ok_and(|m| m.is_dir()) {
-                    walk(&target, uid, gid)?;
-                }
-            }
-        }
-        Ok(())
-    }
-    walk(dir, uid, gid).map_err(|e| format!("changing the owner of {}: {e}", dir.display()))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("setting the mode of {}: {e}", dir.display()))
-}
-
-/// How long `--start` waits for the standby by default.
-pub const DEFAULT_START_WAIT: Duration = Duration::from_secs(120);
 
 #[cfg(test)]
 mod tests {

@@ -7,6 +7,8 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::error::{Error, Result};
+
 /// Packs the WAL segments and timeline history files of `wal_dir` into the tar archive
 /// `archive` (each segment followed by its `archive_status/<name>.done` marker, as
 /// pg_basebackup writes them, so the restored server does not archive them again),
@@ -17,16 +19,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// let wal = dir.path().join("pg_wal");
 /// std::fs::create_dir(&wal).unwrap();
 /// std::fs::write(wal.join("000000010000000000000001"), vec![0u8; 1 << 20]).unwrap();
-/// clone_standby::waltar::pack_wal_dir(&wal, &dir.path().join("pg_wal.tar"), false).unwrap();
+/// standby::waltar::pack_wal_dir(&wal, &dir.path().join("pg_wal.tar"), false).unwrap();
 /// assert!(!wal.exists());
 /// let mut archive = tar::Archive::new(std::fs::File::open(dir.path().join("pg_wal.tar")).unwrap());
 /// let names: Vec<String> = archive.entries().unwrap()
 ///     .map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
 /// assert_eq!(names, ["000000010000000000000001", "archive_status/000000010000000000000001.done"]);
 /// ```
-pub fn pack_wal_dir(wal_dir: &Path, archive: &Path, sync: bool) -> Result<(), String> {
-    let fail =
-        |what: &str, path: &Path, e: std::io::Error| format!("{what} {}: {e}", path.display());
+pub fn pack_wal_dir(wal_dir: &Path, archive: &Path, sync: bool) -> Result<()> {
+    let fail = |what: &str, path: &Path, e: std::io::Error| Error::io(what, path, e);
     let mut names: Vec<String> = fs::read_dir(wal_dir)
         .map_err(|e| fail("reading", wal_dir, e))?
         .flatten()
