@@ -5,6 +5,10 @@
 
 mod common;
 
+#[allow(dead_code)]
+#[path = "../examples/custom_destination.rs"]
+mod custom_destination;
+
 use std::time::Duration;
 
 use common::*;
@@ -87,4 +91,26 @@ async fn memory_destination_resumes_after_cuts_without_gap() {
         "restart_lsn {restart}, flushed {}",
         summary.flushed
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_custom_destination_example_streams_and_counts() {
+    let primary = start_primary();
+    let start = lsn(&primary, "SELECT pg_current_wal_lsn()").await;
+    generate_wal(&primary, 20_000).await;
+    let end = segment_end(switch_wal(&primary).await);
+    let wal =
+        custom_destination::stream_range(&primary.unix_conninfo(primary.superuser()), start, end)
+            .await
+            .unwrap_or_else(|e| panic!("the example failed: {e}"));
+    let counted = wal.bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        counted >= end.0 - start.0,
+        "{counted} bytes counted, {start}..{end} streamed"
+    );
+    let last = segment_name(1, Lsn(end.0 - 1));
+    assert!(wal.store.complete_segments().contains(&last));
+    let ours = wal.store.segment(&last).unwrap();
+    let theirs = std::fs::read(primary.data_dir().join("pg_wal").join(&last)).unwrap();
+    assert!(ours[..] == theirs[..], "{last} differs from the server's");
 }
