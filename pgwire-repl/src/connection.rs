@@ -579,22 +579,13 @@ async fn start_tls(
             "report this as a bug",
         ));
     };
-    let tls_config = crate::tls::client_config(config)?;
-    let server_name = crate::tls::server_name(name)?;
-    let connector = tokio_rustls::TlsConnector::from(tls_config);
-    let stream = connector.connect(server_name, socket).await.map_err(|e| {
-        let advice = match config.ssl_mode {
-            SslMode::VerifyFull => "the server's certificate must be signed by a CA in sslrootcert and name this host (subjectAltName); use the host name from the certificate, or sslmode=verify-ca to skip the name check",
-            SslMode::VerifyCa => "the server's certificate must be signed by a CA in sslrootcert",
-            _ => "check the server's ssl settings and its log",
-        };
-        let what = if direct { "direct TLS handshake" } else { "TLS handshake" };
-        let mut message = format!("{what} with {name} failed: {e}");
-        if direct {
-            message.push_str(" (direct TLS needs PostgreSQL 17 or later; use sslnegotiation=postgres for older servers)");
-        }
-        Error::tls(message, advice)
-    })?;
+    let setup = crate::tls::prepare(config, name)?;
+    let connector = tokio_rustls::TlsConnector::from(setup.client_config.clone());
+    let stream = connector
+        .connect(setup.server_name.clone(), socket)
+        .await
+        .map_err(|e| crate::tls::handshake_error(config, name, direct, &e))?;
+    setup.check_client_cert_mode(config, &format!("host={name}"))?;
     Ok(Stream::Tls(Box::new(stream)))
 }
 
@@ -669,6 +660,9 @@ async fn connect_once(
         }
     }
 
+    if !matches!(stream, Stream::Tls(_)) {
+        crate::tls::check_client_cert_mode_without_tls(config, &target)?;
+    }
     let tls = match &stream {
         Stream::Tls(tls) => {
             let (_, session) = tls.get_ref();
