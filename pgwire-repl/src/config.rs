@@ -24,7 +24,9 @@ pub enum SslMode {
     Disable,
     /// Try without TLS first; use TLS if the server insists.
     Allow,
-    /// Try TLS first; fall back to no TLS (the libpq default).
+    /// Try TLS first; fall back to no TLS (the libpq default). As in libpq, a TLS
+    /// attempt verifies the chain like `VerifyCa` when a root certificate file is given
+    /// (or `~/.postgresql/root.crt` exists), and a failed verification falls back too.
     #[default]
     Prefer,
     /// Use TLS without verifying the server's certificate (unless a root certificate

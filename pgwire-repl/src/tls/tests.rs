@@ -543,3 +543,91 @@ fn host_names_follow_libpq() {
     host(&v6, "::1").unwrap();
     refused(host(&v6, "127.0.0.1"), "does not match");
 }
+
+mod mutation {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// DER of a root, an intermediate, a server certificate and a CRL.
+    type Material = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>);
+
+    /// A small chain to corrupt.
+    fn material() -> &'static Material {
+        static MATERIAL: std::sync::OnceLock<Material> = std::sync::OnceLock::new();
+        MATERIAL.get_or_init(|| {
+            let root = self_signed(ca_params("Root CA"));
+            let mid = signed(ca_params("Intermediate CA"), &root);
+            let leaf = signed(leaf_params("db", &["db.example.com", "10.0.0.1"]), &mid);
+            let crl = CertificateRevocationListParams {
+                this_update: rcgen::date_time_ymd(2020, 1, 1),
+                next_update: rcgen::date_time_ymd(2099, 1, 1),
+                crl_number: SerialNumber::from(7u64),
+                issuing_distribution_point: None,
+                revoked_certs: vec![],
+                key_identifier_method: KeyIdMethod::Sha256,
+            }
+            .signed_by(&mid.issuer)
+            .unwrap();
+            (
+                root.cert.der.clone(),
+                mid.cert.der.clone(),
+                leaf.cert.der.clone(),
+                crl.der().to_vec(),
+            )
+        })
+    }
+
+    fn corrupt(bytes: &[u8], edits: &[(usize, u8)]) -> Vec<u8> {
+        let mut out = bytes.to_vec();
+        for &(at, value) in edits {
+            if out.is_empty() {
+                break;
+            }
+            let i = at % out.len();
+            out[i] = value;
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Corrupted certificates and CRLs from a peer or a file are errors or are
+        /// refused; nothing panics, and a corrupted chain is never accepted unless the
+        /// corruption left the signed bytes intact.
+        #[test]
+        fn corrupted_chains_never_panic(
+            which in 0usize..4,
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+            host in "[a-z0-9.*:]{0,20}",
+        ) {
+            let (root, mid, leaf, crl) = material();
+            let mut parts = [root.clone(), mid.clone(), leaf.clone(), crl.clone()];
+            parts[which] = corrupt(&parts[which], &edits);
+            let changed = parts[which] != [root, mid, leaf, crl][which].as_slice();
+            let [root_der, mid_der, leaf_der, crl_der] = parts;
+            let (Ok(root), Ok(mid), Ok(leaf)) =
+                (Cert::parse(&root_der), Cert::parse(&mid_der), Cert::parse(&leaf_der))
+            else {
+                return Ok(());
+            };
+            let crls: Vec<Crl> = Crl::parse(&crl_der).into_iter().collect();
+            let anchors = [root];
+            for mode in [Mode::Fallback, Mode::AfterWebPki] {
+                let plain = chain::verify(&leaf, std::slice::from_ref(&mid), &policy(&anchors, None, mode));
+                let revocation =
+                    chain::verify(&leaf, std::slice::from_ref(&mid), &policy(&anchors, Some(&crls), mode));
+                // A changed intermediate or server certificate breaks a signature; a
+                // changed CRL breaks its signature (or is no CRL at all).
+                if changed && (which == 1 || which == 2) {
+                    prop_assert!(plain.is_err(), "corrupted certificate {which} accepted");
+                }
+                if changed {
+                    prop_assert!(revocation.is_err() || which == 0, "corruption of part {which} accepted with CRLs");
+                }
+            }
+            let _ = hostname::check(&leaf, &host);
+        }
+    }
+}
