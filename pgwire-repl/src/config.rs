@@ -30,7 +30,9 @@ pub enum SslMode {
     Disable,
     /// Try without TLS first; use TLS if the server insists.
     Allow,
-    /// Try TLS first; fall back to no TLS (the libpq default).
+    /// Try TLS first; fall back to no TLS (the libpq default). As in libpq, a TLS
+    /// attempt verifies the chain like `VerifyCa` when a root certificate file is given
+    /// (or `~/.postgresql/root.crt` exists), and a failed verification falls back too.
     #[default]
     Prefer,
     /// Use TLS without verifying the server's certificate (unless a root certificate
@@ -62,6 +64,48 @@ pub enum SslNegotiation {
     Postgres,
     /// Start the TLS handshake at once, with ALPN `postgresql` (PG17+ only).
     Direct,
+}
+
+/// A TLS protocol version, for libpq's `ssl_min_protocol_version` and
+/// `ssl_max_protocol_version`.
+///
+/// This client speaks TLS 1.2 and 1.3. A minimum of `TLSv1` or `TLSv1.1` is honoured
+/// (every version it offers is newer); a maximum below `TLSv1.2` is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum SslProtocolVersion {
+    /// `TLSv1` (TLS 1.0).
+    Tls1_0,
+    /// `TLSv1.1`.
+    Tls1_1,
+    /// `TLSv1.2`, libpq's default minimum.
+    #[default]
+    Tls1_2,
+    /// `TLSv1.3`.
+    Tls1_3,
+}
+
+impl SslProtocolVersion {
+    /// libpq's spelling, e.g. `TLSv1.2`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SslProtocolVersion::Tls1_0 => "TLSv1",
+            SslProtocolVersion::Tls1_1 => "TLSv1.1",
+            SslProtocolVersion::Tls1_2 => "TLSv1.2",
+            SslProtocolVersion::Tls1_3 => "TLSv1.3",
+        }
+    }
+}
+
+/// libpq's `sslcertmode` (libpq 16+).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SslCertMode {
+    /// Never send a client certificate, even when one is configured.
+    Disable,
+    /// Send the configured client certificate when the server asks for one.
+    #[default]
+    Allow,
+    /// Fail unless the server asked for a client certificate and one was sent.
+    Require,
 }
 
 /// What kind of session the startup packet asks for.
@@ -172,6 +216,29 @@ pub struct Config {
     pub ssl_key: Option<PathBuf>,
     /// `sslnegotiation`.
     pub ssl_negotiation: SslNegotiation,
+    /// `sslcrl`: a PEM file of certificate revocation lists. When the server's
+    /// certificate is verified (a root certificate is configured), every certificate of
+    /// the chain must be covered by a current CRL from its issuer and not be revoked, as
+    /// libpq (OpenSSL) checks it. Defaults to `~/.postgresql/root.crl` when that exists.
+    pub ssl_crl: Option<PathBuf>,
+    /// `sslcrldir`: a directory of CRLs named by OpenSSL's issuer hash (`<hash>.r0`, as
+    /// `openssl rehash` names them); checked like [`Config::ssl_crl`].
+    pub ssl_crl_dir: Option<PathBuf>,
+    /// `sslsni`: send the host name as TLS Server Name Indication (default on; as in
+    /// libpq, any value not starting with `1` turns it off). Never sent for IP
+    /// addresses.
+    pub ssl_sni: bool,
+    /// `ssl_min_protocol_version` (default `TLSv1.2`, as in libpq).
+    pub ssl_min_protocol_version: SslProtocolVersion,
+    /// `ssl_max_protocol_version` (default: no maximum).
+    pub ssl_max_protocol_version: Option<SslProtocolVersion>,
+    /// `sslcertmode`.
+    pub ssl_cert_mode: SslCertMode,
+    /// `sslpassword`: the pass phrase of an encrypted (PKCS#8) `sslkey`.
+    pub ssl_password: Option<String>,
+    /// `requirepeer`: over a Unix socket, the OS user the server process must run as
+    /// (checked with the socket's peer credentials before anything is sent).
+    pub require_peer: Option<String>,
     /// `channel_binding`.
     pub channel_binding: ChannelBinding,
     /// `replication`.
@@ -218,6 +285,14 @@ impl PartialEq for Config {
             && self.ssl_cert == other.ssl_cert
             && self.ssl_key == other.ssl_key
             && self.ssl_negotiation == other.ssl_negotiation
+            && self.ssl_crl == other.ssl_crl
+            && self.ssl_crl_dir == other.ssl_crl_dir
+            && self.ssl_sni == other.ssl_sni
+            && self.ssl_min_protocol_version == other.ssl_min_protocol_version
+            && self.ssl_max_protocol_version == other.ssl_max_protocol_version
+            && self.ssl_cert_mode == other.ssl_cert_mode
+            && self.ssl_password == other.ssl_password
+            && self.require_peer == other.require_peer
             && self.channel_binding == other.channel_binding
             && self.replication == other.replication
             && self.service == other.service
@@ -251,6 +326,17 @@ impl std::fmt::Debug for Config {
             .field("ssl_cert", &self.ssl_cert)
             .field("ssl_key", &self.ssl_key)
             .field("ssl_negotiation", &self.ssl_negotiation)
+            .field("ssl_crl", &self.ssl_crl)
+            .field("ssl_crl_dir", &self.ssl_crl_dir)
+            .field("ssl_sni", &self.ssl_sni)
+            .field("ssl_min_protocol_version", &self.ssl_min_protocol_version)
+            .field("ssl_max_protocol_version", &self.ssl_max_protocol_version)
+            .field("ssl_cert_mode", &self.ssl_cert_mode)
+            .field(
+                "ssl_password",
+                &self.ssl_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("require_peer", &self.require_peer)
             .field("channel_binding", &self.channel_binding)
             .field("replication", &self.replication)
             .field("service", &self.service)
@@ -282,6 +368,14 @@ impl Default for Config {
             ssl_cert: None,
             ssl_key: None,
             ssl_negotiation: SslNegotiation::Postgres,
+            ssl_crl: None,
+            ssl_crl_dir: None,
+            ssl_sni: true,
+            ssl_min_protocol_version: SslProtocolVersion::Tls1_2,
+            ssl_max_protocol_version: None,
+            ssl_cert_mode: SslCertMode::Allow,
+            ssl_password: None,
+            require_peer: None,
             channel_binding: ChannelBinding::Prefer,
             replication: ReplicationMode::Off,
             service: None,
@@ -362,6 +456,7 @@ impl Config {
     /// `sslmode`, `channel_binding=require` with `sslmode=disable`, and
     /// `sslrootcert=system` with anything but `sslmode=verify-full`.
     pub fn validate(&self) -> Result<()> {
+        self.validate_tls_versions()?;
         if !self.hosts.is_empty()
             && !self.host_addrs.is_empty()
             && self.hosts.len() != self.host_addrs.len()
@@ -419,6 +514,34 @@ impl Config {
                     ssl_mode_name(self.ssl_mode)
                 ),
                 "use sslmode=verify-full with sslrootcert=system (or use sslrootcert=./system for a file named system)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// libpq's `ssl_min_protocol_version` / `ssl_max_protocol_version` range check,
+    /// plus this client's floor: a maximum below TLS 1.2 cannot be honoured.
+    pub(crate) fn validate_tls_versions(&self) -> Result<()> {
+        let Some(max) = self.ssl_max_protocol_version else {
+            return Ok(());
+        };
+        if max < SslProtocolVersion::Tls1_2 {
+            return Err(Error::config(
+                format!(
+                    "ssl_max_protocol_version={} is not supported: this client speaks TLS 1.2 and TLS 1.3 only",
+                    max.name()
+                ),
+                "raise ssl_max_protocol_version to TLSv1.2 or TLSv1.3 (or remove it), and enable TLS 1.2 or later on the server",
+            ));
+        }
+        if max < self.ssl_min_protocol_version {
+            return Err(Error::config(
+                format!(
+                    "invalid SSL protocol version range: ssl_min_protocol_version={} is above ssl_max_protocol_version={}",
+                    self.ssl_min_protocol_version.name(),
+                    max.name()
+                ),
+                "make ssl_min_protocol_version lower than or equal to ssl_max_protocol_version",
             ));
         }
         Ok(())
@@ -511,6 +634,29 @@ impl Config {
         out.opt_path("sslrootcert", self.ssl_root_cert.as_deref());
         out.opt_path("sslcert", self.ssl_cert.as_deref());
         out.opt_path("sslkey", self.ssl_key.as_deref());
+        out.opt("sslpassword", self.ssl_password.as_deref());
+        out.opt_path("sslcrl", self.ssl_crl.as_deref());
+        out.opt_path("sslcrldir", self.ssl_crl_dir.as_deref());
+        if !self.ssl_sni {
+            out.push("sslsni", "0");
+        }
+        if self.ssl_min_protocol_version != SslProtocolVersion::default() {
+            out.push(
+                "ssl_min_protocol_version",
+                self.ssl_min_protocol_version.name(),
+            );
+        }
+        if let Some(max) = self.ssl_max_protocol_version {
+            out.push("ssl_max_protocol_version", max.name());
+        }
+        match self.ssl_cert_mode {
+            SslCertMode::Allow => {}
+            SslCertMode::Disable => out.push("sslcertmode", "disable"),
+            SslCertMode::Require => out.push("sslcertmode", "require"),
+        }
+        if let Some(peer) = &self.require_peer {
+            out.push("requirepeer", peer);
+        }
         match self.replication {
             ReplicationMode::Off => {}
             ReplicationMode::Physical => out.push("replication", "true"),
@@ -789,6 +935,15 @@ impl Config {
             Keyword::SslCert => self.ssl_cert.is_none(),
             Keyword::SslKey => self.ssl_key.is_none(),
             Keyword::SslNegotiation => self.ssl_negotiation == SslNegotiation::default(),
+            Keyword::SslCrl => self.ssl_crl.is_none(),
+            Keyword::SslCrlDir => self.ssl_crl_dir.is_none(),
+            Keyword::SslSni => self.ssl_sni,
+            Keyword::SslMinProtocolVersion => {
+                self.ssl_min_protocol_version == SslProtocolVersion::default()
+            }
+            Keyword::SslMaxProtocolVersion => self.ssl_max_protocol_version.is_none(),
+            Keyword::SslCertMode => self.ssl_cert_mode == SslCertMode::default(),
+            Keyword::SslPassword => self.ssl_password.is_none(),
             Keyword::ChannelBinding => self.channel_binding == ChannelBinding::default(),
             Keyword::Replication => self.replication == ReplicationMode::default(),
             Keyword::Keepalives => self.keepalives,
@@ -797,6 +952,7 @@ impl Config {
             Keyword::TargetSessionAttrs => self.target_session_attrs == TargetSessionAttrs::Any,
             Keyword::LoadBalanceHosts => self.load_balance_hosts == LoadBalanceHosts::Disable,
             Keyword::RequireAuth => self.require_auth.is_none(),
+            Keyword::RequirePeer => self.require_peer.is_none(),
             _ => true,
         }
     }
@@ -896,18 +1052,11 @@ impl Config {
             }
             // Accepted and ignored.
             Keyword::ClientEncoding | Keyword::KrbSrvName | Keyword::SslCompression | Keyword::GssDelegation => {}
-            Keyword::SslSni => {
-                if value == "0" {
-                    tracing::warn!("sslsni=0 is not supported; this client always sends the TLS server name indication");
-                }
-            }
-            Keyword::SslCrl | Keyword::SslCrlDir | Keyword::RequirePeer => {
-                if !value.is_empty() {
-                    tracing::warn!(
-                        "connection option {name} is accepted but not enforced by this client"
-                    );
-                }
-            }
+            // As in libpq: SNI is on only when the value starts with '1'.
+            Keyword::SslSni => self.ssl_sni = value.starts_with('1'),
+            Keyword::SslCrl => self.ssl_crl = path(),
+            Keyword::SslCrlDir => self.ssl_crl_dir = path(),
+            Keyword::RequirePeer => self.require_peer = text(),
             Keyword::RequireAuth => {
                 // Kept even when empty: libpq's require_auth='' still checks (and then
                 // allows only servers that ask for no authentication).
@@ -926,12 +1075,22 @@ impl Config {
                 }
             }
             Keyword::SslMinProtocolVersion | Keyword::SslMaxProtocolVersion => {
-                const VERSIONS: [&str; 4] = ["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"];
-                if !value.is_empty() && !VERSIONS.iter().any(|v| v.eq_ignore_ascii_case(value)) {
-                    return Err(invalid_choice(key, value, source, "TLSv1, TLSv1.1, TLSv1.2, TLSv1.3"));
-                }
-                if key == Keyword::SslMinProtocolVersion && value.eq_ignore_ascii_case("TLSv1.3") {
-                    tracing::warn!("ssl_min_protocol_version=TLSv1.3 is not enforced by this client; TLS 1.2 may be negotiated");
+                // Case-insensitive, as libpq's sslVerifyProtocolVersion().
+                const VERSIONS: [SslProtocolVersion; 4] = [
+                    SslProtocolVersion::Tls1_0,
+                    SslProtocolVersion::Tls1_1,
+                    SslProtocolVersion::Tls1_2,
+                    SslProtocolVersion::Tls1_3,
+                ];
+                let version = match VERSIONS.iter().find(|v| v.name().eq_ignore_ascii_case(value)) {
+                    Some(version) => Some(*version),
+                    None if value.is_empty() => None,
+                    None => return Err(invalid_choice(key, value, source, "TLSv1, TLSv1.1, TLSv1.2, TLSv1.3")),
+                };
+                if key == Keyword::SslMinProtocolVersion {
+                    self.ssl_min_protocol_version = version.unwrap_or_default();
+                } else {
+                    self.ssl_max_protocol_version = version;
                 }
             }
             Keyword::TargetSessionAttrs => {
@@ -971,24 +1130,13 @@ impl Config {
                 }
             }
             Keyword::SslCertMode => match value {
-                "disable" | "allow" => {}
-                "require" => {
-                    return Err(bad_value(
-                        source,
-                        "sslcertmode=require is not supported by this client",
-                        "use sslcertmode=allow (a configured sslcert is sent when the server asks for one)",
-                    ))
-                }
-                _ => return Err(invalid_choice(key, value, source, "disable, allow")),
+                "disable" => self.ssl_cert_mode = SslCertMode::Disable,
+                "allow" => self.ssl_cert_mode = SslCertMode::Allow,
+                "require" => self.ssl_cert_mode = SslCertMode::Require,
+                _ => return Err(invalid_choice(key, value, source, "disable, allow, require")),
             },
             Keyword::SslPassword => {
-                if !value.is_empty() {
-                    return Err(bad_value(
-                        source,
-                        "sslpassword is not supported: this client cannot read encrypted private keys",
-                        "decrypt the key (openssl pkey -in client.key -out client-plain.key), protect it with mode 0600, point sslkey at it and remove sslpassword",
-                    ));
-                }
+                self.ssl_password = text();
             }
             Keyword::Service => {
                 // Kept even when empty: libpq looks up the service named "" then.
@@ -2214,7 +2362,6 @@ mod tests {
                 "hostaddr=db.example.com",
                 &["could not parse network address", "hostaddr"],
             ),
-            ("sslpassword=secret", &["sslpassword", "encrypted"]),
             ("gssencmode=require", &["gssencmode", "GSSAPI"]),
             ("gssencmode=bogus", &["invalid gssencmode value"]),
             (
@@ -2225,7 +2372,15 @@ mod tests {
                 "load_balance_hosts=bogus",
                 &["invalid load_balance_hosts value"],
             ),
-            ("sslcertmode=require", &["sslcertmode"]),
+            ("sslcertmode=always", &["invalid sslcertmode value"]),
+            (
+                "ssl_max_protocol_version=TLSv1.1 ssl_min_protocol_version=TLSv1",
+                &["ssl_max_protocol_version=TLSv1.1", "TLS 1.2"],
+            ),
+            (
+                "ssl_min_protocol_version=TLSv1.3 ssl_max_protocol_version=TLSv1.2",
+                &["invalid SSL protocol version range"],
+            ),
             ("require_auth=bogus", &["require_auth"]),
             ("require_auth=!md5,password", &["require_auth", "negative"]),
             (
@@ -2328,10 +2483,10 @@ mod tests {
     #[test]
     fn accepted_and_ignored_options() {
         let ignored = "client_encoding=UTF8 target_session_attrs=any gssencmode=disable \
-            gssencmode=prefer krbsrvname=postgres sslcompression=0 sslcrl=/x sslcrldir=/y \
+            gssencmode=prefer krbsrvname=postgres sslcompression=0 sslcrl='' sslcrldir='' \
             sslsni=1 sslpassword='' ssl_min_protocol_version=TLSv1.2 \
-            ssl_max_protocol_version=tlsv1.3 keepalives_interval=10 keepalives_count=3 \
-            tcp_user_timeout=0 requirepeer=postgres load_balance_hosts=disable \
+            ssl_max_protocol_version='' keepalives_interval=10 keepalives_count=3 \
+            tcp_user_timeout=0 requirepeer='' load_balance_hosts=disable \
             sslcertmode=allow gssdelegation=0";
         assert_eq!(Config::parse(ignored).unwrap(), Config::default());
 
@@ -2997,6 +3152,67 @@ mod tests {
 
     fn non_empty(value: String) -> Option<String> {
         (!value.is_empty()).then_some(value)
+    }
+
+    #[test]
+    fn tls_options_are_stored_and_round_trip() {
+        let config = Config::parse(
+            "sslcrl=/c.crl sslcrldir=/crls sslsni=0 ssl_min_protocol_version=tlsv1.3 \
+             ssl_max_protocol_version=TLSv1.3 sslcertmode=require sslpassword='s3 cret'",
+        )
+        .unwrap();
+        assert_eq!(config.ssl_crl, Some(PathBuf::from("/c.crl")));
+        assert_eq!(config.ssl_crl_dir, Some(PathBuf::from("/crls")));
+        assert!(!config.ssl_sni);
+        assert_eq!(config.ssl_min_protocol_version, SslProtocolVersion::Tls1_3);
+        assert_eq!(
+            config.ssl_max_protocol_version,
+            Some(SslProtocolVersion::Tls1_3)
+        );
+        assert_eq!(config.ssl_cert_mode, SslCertMode::Require);
+        assert_eq!(config.ssl_password.as_deref(), Some("s3 cret"));
+        assert!(!format!("{config:?}").contains("s3 cret"));
+        let text = config.to_conninfo_string();
+        assert_eq!(Config::parse(&text).unwrap(), config, "{text}");
+
+        // libpq turns SNI on only for values starting with '1'.
+        for (value, sni) in [("1", true), ("0", false), ("yes", false), ("10", true)] {
+            let parsed = Config::parse(&format!("sslsni={value}")).unwrap();
+            assert_eq!(parsed.ssl_sni, sni, "sslsni={value}");
+        }
+        // A floor below TLS 1.2 is met by every version this client speaks.
+        let low = Config::parse("ssl_min_protocol_version=TLSv1").unwrap();
+        assert_eq!(low.ssl_min_protocol_version, SslProtocolVersion::Tls1_0);
+        let disable = Config::parse("sslcertmode=disable").unwrap();
+        assert_eq!(disable.ssl_cert_mode, SslCertMode::Disable);
+        assert!(disable.to_conninfo_string().contains("sslcertmode=disable"));
+
+        // The environment fills them like any other option.
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| value.to_string())
+            }
+        };
+        let mut from_env = Config::parse("sslsni=1").unwrap();
+        from_env
+            .apply_env(env(&[
+                ("PGSSLCRL", "/e.crl"),
+                ("PGSSLSNI", "0"),
+                ("PGSSLMAXPROTOCOLVERSION", "TLSv1.2"),
+                ("PGSSLCERTMODE", "disable"),
+                ("HOME", "/h"),
+            ]))
+            .unwrap();
+        assert_eq!(from_env.ssl_crl, Some(PathBuf::from("/e.crl")));
+        assert!(from_env.ssl_sni, "the string's sslsni=1 wins over PGSSLSNI");
+        assert_eq!(
+            from_env.ssl_max_protocol_version,
+            Some(SslProtocolVersion::Tls1_2)
+        );
+        assert_eq!(from_env.ssl_cert_mode, SslCertMode::Disable);
     }
 
     proptest! {

@@ -912,12 +912,62 @@ fn may_retry_with_other_encryption(error: &Error) -> bool {
     )
 }
 
+/// libpq's `requirepeer`: the server at the other end of a Unix socket must run as
+/// the OS user `expected`, checked before anything is sent to it.
+fn check_peer(socket: &UnixStream, expected: &str, path: &std::path::Path) -> Result<()> {
+    let credentials = socket.peer_cred().map_err(|e| {
+        Error::io(
+            format!(
+                "reading the peer credentials of socket {} (requirepeer)",
+                path.display()
+            ),
+            e,
+        )
+    })?;
+    let uid = credentials.uid();
+    let Some(actual) = user_name(uid) else {
+        return Err(Error::auth(
+            format!("requirepeer: the server process runs as user ID {uid}, which has no user name on this machine ({})", path.display()),
+            format!("check which server listens on {}; requirepeer={expected} expects user {expected:?}", path.display()),
+        ));
+    };
+    if actual != expected {
+        return Err(Error::auth(
+            format!(
+                "requirepeer specifies \"{expected}\", but actual peer user name is \"{actual}\" ({})",
+                path.display()
+            ),
+            "the socket is served by a process of another user: check that the socket directory is the real server's, or fix requirepeer",
+        ));
+    }
+    Ok(())
+}
+
+/// The name of the OS user `uid`, if it has one.
+fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: an all-zero passwd is a valid out-parameter for getpwuid_r.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: all pointers are valid for the duration of the call; buf's length is passed.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
+        return None;
+    }
+    // SAFETY: getpwuid_r succeeded, so pw_name is a NUL-terminated string inside buf.
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+    Some(name.to_string_lossy().into_owned())
+}
+
 async fn open_socket(config: &Config, host: &Host, address: &Address, port: u16) -> Result<Stream> {
     match address {
         Address::Unix(path) => {
             let socket = UnixStream::connect(path)
                 .await
                 .map_err(|e| Error::io(format!("connecting to socket {}", path.display()), e))?;
+            if let Some(expected) = &config.require_peer {
+                check_peer(&socket, expected, path)?;
+            }
             Ok(Stream::Unix(socket))
         }
         Address::Tcp(address) => {
@@ -1009,22 +1059,13 @@ async fn start_tls(
             "report this as a bug",
         ));
     };
-    let tls_config = crate::tls::client_config(config)?;
-    let server_name = crate::tls::server_name(name)?;
-    let connector = tokio_rustls::TlsConnector::from(tls_config);
-    let stream = connector.connect(server_name, socket).await.map_err(|e| {
-        let advice = match config.ssl_mode {
-            SslMode::VerifyFull => "the server's certificate must be signed by a CA in sslrootcert and name this host (subjectAltName); use the host name from the certificate, or sslmode=verify-ca to skip the name check",
-            SslMode::VerifyCa => "the server's certificate must be signed by a CA in sslrootcert",
-            _ => "check the server's ssl settings and its log",
-        };
-        let what = if direct { "direct TLS handshake" } else { "TLS handshake" };
-        let mut message = format!("{what} with {name} failed: {e}");
-        if direct {
-            message.push_str(" (direct TLS needs PostgreSQL 17 or later; use sslnegotiation=postgres for older servers)");
-        }
-        Error::tls(message, advice)
-    })?;
+    let setup = crate::tls::prepare(config, name)?;
+    let connector = tokio_rustls::TlsConnector::from(setup.client_config.clone());
+    let stream = connector
+        .connect(setup.server_name.clone(), socket)
+        .await
+        .map_err(|e| crate::tls::handshake_error(config, name, direct, &e))?;
+    setup.check_client_cert_mode(config, &format!("host={name}"))?;
     Ok(Stream::Tls(Box::new(stream)))
 }
 
@@ -1097,6 +1138,9 @@ async fn connect_once(
         }
     }
 
+    if !matches!(stream, Stream::Tls(_)) {
+        crate::tls::check_client_cert_mode_without_tls(config, &target)?;
+    }
     let tls = match &stream {
         Stream::Tls(tls) => {
             let (_, session) = tls.get_ref();

@@ -400,6 +400,38 @@ impl Cluster {
         value
     }
 
+    /// Replaces the server's certificate (a PEM chain, server certificate first) and
+    /// private key (PEM) with these, for tests of certificates made elsewhere (with the
+    /// `openssl` command, by another CA). They take effect at the next
+    /// [`Cluster::reload`] or restart; [`Cluster::tls_files`] keeps naming the same
+    /// paths. Panics if the cluster was started without TLS.
+    pub fn set_server_certificate(&self, cert_pem: &str, key_pem: &str) {
+        let tls = self.tls.as_ref().unwrap_or_else(|| {
+            panic!("testkit: set_server_certificate() needs ClusterOptions::tls(true)")
+        });
+        tls.replace_server_files(cert_pem, key_pem, self.user.as_ref());
+    }
+
+    /// Reloads the server's configuration files, certificates included
+    /// (`pg_reload_conf()`), and waits until the postmaster has applied them: new
+    /// sessions then see a later `pg_conf_load_time()`, so the next connection uses the
+    /// new settings. Panics (with the server log) if that takes more than 30 seconds.
+    pub async fn reload(&self) {
+        let load_time = "SELECT pg_conf_load_time()::text";
+        let before = self.query_value(load_time).await;
+        self.execute("SELECT pg_reload_conf()").await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.query_value(load_time).await == before {
+            if Instant::now() >= deadline {
+                panic!(
+                    "testkit: the server did not reload its configuration within 30 s\n--- server log ---\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Stops the server with a fast shutdown and starts it again on the same port.
     pub fn restart(&mut self) {
         self.stop();

@@ -217,6 +217,18 @@ impl TlsFiles {
         files
     }
 
+    /// Overwrites the server certificate and key files (same paths, same owner and
+    /// modes).
+    pub(crate) fn replace_server_files(
+        &self,
+        cert_pem: &str,
+        key_pem: &str,
+        owner: Option<&ServerUser>,
+    ) {
+        write_file(&self.server_cert, cert_pem, 0o644, owner);
+        write_file(&self.server_key, key_pem, 0o600, owner);
+    }
+
     /// Generates a client certificate with `CN=<user>` signed by the cluster's CA, for
     /// `cert` authentication, and returns `(certificate, private key)` PEM paths.
     ///
