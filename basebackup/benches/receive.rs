@@ -46,7 +46,7 @@ impl BackupSink for Count {
     fn commit(&mut self, _: Option<&[u8]>) -> basebackup::Result<()> {
         Ok(())
     }
-    fn abort(&mut self) {}
+    fn abort(&mut self, _: &basebackup::Error) {}
 }
 
 fn header(name: &str, size: usize) -> Vec<u8> {
@@ -200,10 +200,10 @@ async fn one_backup(version: &str, wire: Bytes) -> (Duration, u64) {
     let backup = BaseBackup::start(client, BackupOptions::default())
         .await
         .unwrap();
-    let sink = Count::default();
-    let result = backup.receive(Box::new(sink), None).await.unwrap();
+    let (result, sink) = backup.receive(Count::default(), None).await.unwrap();
     let elapsed = started.elapsed();
     assert_eq!(result.files, FILES);
+    assert!(sink.bytes >= (FILES * (FILE_SIZE + 512)) as u64);
     let _ = server.outcomes().await;
     (elapsed, result.bytes)
 }

@@ -101,9 +101,9 @@ async fn plain_and_tar_backups_restore_and_match() {
     let reports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let r2 = reports.clone();
     let started = Instant::now();
-    let result = backup
+    let (result, _sink) = backup
         .receive(
-            Box::new(PlainDirSink::new(&data).tablespace_mapping(mapping)),
+            PlainDirSink::new(&data).tablespace_mapping(mapping),
             Some(Box::new(move |p: &basebackup::Progress| {
                 r2.lock().unwrap().push(p.clone())
             })),
@@ -158,7 +158,7 @@ async fn plain_and_tar_backups_restore_and_match() {
     let client = ReplicationClient::connect(&source.config("postgres"))
         .await
         .unwrap();
-    let tar_result = BaseBackup::start(client, opts)
+    let (tar_result, _) = BaseBackup::start(client, opts)
         .await
         .unwrap()
         .receive(
@@ -257,12 +257,9 @@ async fn tar_with_server_compression_stores_the_compressed_archives() {
         };
         let (config, tar_dir) = (source.config("postgres"), tar_dir.clone());
         async move {
-            basebackup::backup(
-                &config,
-                opts,
-                Box::new(TarSink::new(&tar_dir).options(no_sync())),
-            )
-            .await
+            basebackup::backup(&config, opts, TarSink::new(&tar_dir).options(no_sync()))
+                .await
+                .map(|(result, _sink)| result)
         }
     };
     let result = match take(CompressionMethod::Zstd).await {
@@ -537,7 +534,7 @@ impl basebackup::BackupSink for Discard {
     fn commit(&mut self, _: Option<&[u8]>) -> basebackup::Result<()> {
         Ok(())
     }
-    fn abort(&mut self) {}
+    fn abort(&mut self, _: &basebackup::Error) {}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -545,7 +542,7 @@ async fn max_rate_and_server_compression() {
     let source = Cluster::start(ClusterOptions::new());
     let config = source.config("postgres");
     let t = Instant::now();
-    let plain = basebackup::backup(&config, BackupOptions::default(), Box::new(Discard))
+    let (plain, _) = basebackup::backup(&config, BackupOptions::default(), Discard)
         .await
         .unwrap();
     let fast = t.elapsed();
@@ -578,9 +575,7 @@ async fn max_rate_and_server_compression() {
             manifest: mode,
             ..BackupOptions::default().manifest_checksums(alg)
         };
-        let r = basebackup::backup(&config, opts, Box::new(Discard))
-            .await
-            .unwrap();
+        let (r, _) = basebackup::backup(&config, opts, Discard).await.unwrap();
         let m = r.manifest.unwrap();
         assert!(m.files.len() > 100 && m.files.iter().all(|f| f.algorithm == alg));
     }
@@ -588,9 +583,7 @@ async fn max_rate_and_server_compression() {
         manifest: ManifestMode::No,
         ..BackupOptions::default()
     };
-    let r = basebackup::backup(&config, opts, Box::new(Discard))
-        .await
-        .unwrap();
+    let (r, _) = basebackup::backup(&config, opts, Discard).await.unwrap();
     assert!(r.manifest.is_none() && r.files > 100);
 
     let work = scratch();
