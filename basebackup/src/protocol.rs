@@ -726,3 +726,493 @@ fn tablespaces(rows: &[Vec<Option<Bytes>>]) -> Result<Vec<Tablespace>> {
     }
     Ok(list)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use pgwire_repl::proto::backend::{CopyResponse, FieldDescription};
+    use pgwire_repl::DbError;
+
+    fn column(name: &str) -> FieldDescription {
+        FieldDescription {
+            name: name.into(),
+            table_oid: 0,
+            column_id: 0,
+            type_oid: 25,
+            type_size: -1,
+            type_modifier: -1,
+            format: 0,
+        }
+    }
+
+    fn row(cells: &[Option<&str>]) -> BackendMessage {
+        BackendMessage::DataRow(
+            cells
+                .iter()
+                .map(|c| c.map(|t| Bytes::copy_from_slice(t.as_bytes())))
+                .collect(),
+        )
+    }
+
+    fn complete() -> BackendMessage {
+        BackendMessage::CommandComplete {
+            tag: "SELECT".into(),
+        }
+    }
+
+    fn copy_out() -> BackendMessage {
+        BackendMessage::CopyOutResponse(CopyResponse {
+            format: 0,
+            column_formats: vec![],
+        })
+    }
+
+    fn data(payload: &[u8]) -> BackendMessage {
+        BackendMessage::CopyData(Bytes::copy_from_slice(payload))
+    }
+
+    /// A machine past the start position and a tablespace list of one tablespace
+    /// (16385 at /srv/ts) and the base directory.
+    fn opened(major: u32, options: &BackupOptions) -> BackupResponse {
+        let mut r = BackupResponse::new(major, options);
+        let mut events = Vec::new();
+        for m in [
+            BackendMessage::RowDescription(vec![column("recptr"), column("tli")]),
+            row(&[Some("0/2000028"), Some("1")]),
+            complete(),
+            BackendMessage::RowDescription(vec![
+                column("spcoid"),
+                column("spclocation"),
+                column("size"),
+            ]),
+            row(&[Some("16385"), Some("/srv/ts"), Some("4")]),
+            row(&[None, None, Some("8")]),
+            complete(),
+        ] {
+            events.extend(r.handle(m).unwrap());
+        }
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            r.tablespaces().unwrap()[0].size_estimate,
+            Some(4096),
+            "kB become bytes"
+        );
+        r
+    }
+
+    fn feed(r: &mut BackupResponse, messages: Vec<BackendMessage>) -> Result<Vec<BackupEvent>> {
+        let mut events = Vec::new();
+        for m in messages {
+            events.extend(r.handle(m)?);
+        }
+        Ok(events)
+    }
+
+    #[test]
+    fn a_new_archive_ends_the_previous_one_and_the_manifest_ends_the_last() {
+        let mut r = opened(15, &BackupOptions::default());
+        let events = feed(
+            &mut r,
+            vec![
+                copy_out(),
+                data(b"n16385.tar\0/srv/ts\0"),
+                data(b"dab"),
+                data(b"nbase.tar\0\0"),
+                data(b"dcd"),
+                data(b"m"),
+                data(b"d{}"),
+                BackendMessage::CopyDone,
+            ],
+        )
+        .unwrap();
+        let kinds: Vec<&str> = events
+            .iter()
+            .map(|e| match e {
+                BackupEvent::ArchiveStart(_) => "start",
+                BackupEvent::ArchiveData(_) => "data",
+                BackupEvent::ArchiveEnd => "end",
+                BackupEvent::ManifestStart => "manifest",
+                BackupEvent::ManifestData(_) => "manifest data",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "start",
+                "data",
+                "end",
+                "start",
+                "data",
+                "end",
+                "manifest",
+                "manifest data"
+            ]
+        );
+        assert!(!r.is_done() && !r.is_copying());
+    }
+
+    #[test]
+    fn out_of_order_archives_and_manifests_are_refused() {
+        let options = BackupOptions::default();
+        for (case, messages, words) in [
+            (
+                "data before any archive",
+                vec![copy_out(), data(b"dxx")],
+                "before the first archive",
+            ),
+            (
+                "archive in the wrong order",
+                vec![copy_out(), data(b"nbase.tar\0\0")],
+                "tablespace list says",
+            ),
+            (
+                "manifest before the last archive",
+                vec![copy_out(), data(b"n16385.tar\0/srv/ts\0"), data(b"m")],
+                "archives must come first",
+            ),
+            (
+                "an archive after the manifest",
+                vec![
+                    copy_out(),
+                    data(b"n16385.tar\0/srv/ts\0"),
+                    data(b"nbase.tar\0\0"),
+                    data(b"m"),
+                    data(b"nbase.tar\0\0"),
+                ],
+                "after the manifest",
+            ),
+            (
+                "a third archive",
+                vec![
+                    copy_out(),
+                    data(b"n16385.tar\0/srv/ts\0"),
+                    data(b"nbase.tar\0\0"),
+                    data(b"n16386.tar\0/x\0"),
+                ],
+                "not in the tablespace list",
+            ),
+            (
+                "compressed although not asked",
+                vec![copy_out(), data(b"n16385.tar.zst\0/srv/ts\0")],
+                "without compression",
+            ),
+            (
+                "too few archives",
+                vec![
+                    copy_out(),
+                    data(b"n16385.tar\0/srv/ts\0"),
+                    BackendMessage::CopyDone,
+                ],
+                "sent 1 archives, its tablespace list has 2",
+            ),
+        ] {
+            let mut r = opened(16, &options);
+            let e = feed(&mut r, messages).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Protocol, "{case}: {e}");
+            assert!(e.to_string().contains(words), "{case}: {e}");
+            assert!(r.is_failed());
+            // Failed stays failed, even for what would have been valid.
+            assert!(r.handle(BackendMessage::CopyDone).is_err(), "{case}");
+        }
+        // No manifest although asked for: the same error in both framings.
+        let mut r = opened(15, &options);
+        let e = feed(
+            &mut r,
+            vec![
+                copy_out(),
+                data(b"n16385.tar\0/srv/ts\0"),
+                data(b"nbase.tar\0\0"),
+                BackendMessage::CopyDone,
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.kind(), e.path()),
+            (ErrorKind::Verify, Some("backup_manifest"))
+        );
+        let mut r = opened(14, &options);
+        let e = feed(
+            &mut r,
+            vec![
+                copy_out(),
+                BackendMessage::CopyDone,
+                copy_out(),
+                BackendMessage::CopyDone,
+                BackendMessage::RowDescription(vec![column("recptr"), column("tli")]),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.kind(), e.path()),
+            (ErrorKind::Verify, Some("backup_manifest"))
+        );
+    }
+
+    #[test]
+    fn the_13_14_framing_names_archives_from_the_list() {
+        let mut r = opened(13, &BackupOptions::default());
+        let events = feed(
+            &mut r,
+            vec![
+                copy_out(),
+                data(b"xyz"),
+                BackendMessage::CopyDone,
+                copy_out(),
+            ],
+        )
+        .unwrap();
+        let names: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                BackupEvent::ArchiveStart(a) => Some(a.name.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(names, ["16385.tar", "base.tar"]);
+        assert_eq!(r.bytes_done(), 3);
+        assert!(r.is_copying());
+    }
+
+    #[test]
+    fn server_errors_keep_their_fields_and_say_where() {
+        let db = |code: &str| DbError {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: "something".into(),
+            detail: Some("the detail".into()),
+            hint: Some("the hint".into()),
+            ..DbError::default()
+        };
+        let mut r = opened(15, &BackupOptions::default());
+        let e = feed(
+            &mut r,
+            vec![
+                copy_out(),
+                data(b"n16385.tar\0/srv/ts\0"),
+                BackendMessage::ErrorResponse(db("58P01")),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Server);
+        assert!(e.message().contains("during the transfer"), "{e}");
+        let fields = e.db_error().unwrap();
+        assert_eq!(
+            (
+                fields.code.as_str(),
+                fields.detail.as_deref(),
+                fields.hint.as_deref()
+            ),
+            ("58P01", Some("the detail"), Some("the hint"))
+        );
+        assert!(!e.is_retryable());
+
+        // XX001 after the end position: advice about damaged pages.
+        let mut r = opened(
+            14,
+            &BackupOptions::default().manifest_checksums(crate::ChecksumAlgorithm::None),
+        );
+        let mut messages = vec![
+            copy_out(),
+            BackendMessage::CopyDone,
+            copy_out(),
+            BackendMessage::CopyDone,
+        ];
+        messages.extend([
+            copy_out(),
+            BackendMessage::CopyDone,
+            BackendMessage::RowDescription(vec![column("recptr"), column("tli")]),
+            row(&[Some("0/3000000"), Some("1")]),
+            complete(),
+            BackendMessage::ErrorResponse(db("XX001")),
+        ]);
+        let e = feed(&mut r, messages).unwrap_err();
+        assert_eq!(e.sqlstate(), Some("XX001"));
+        assert!(e.message().contains("at the end"), "{e}");
+        assert!(e.advice().unwrap().contains("damaged data pages"), "{e}");
+        assert_eq!(
+            r.end().map(|(l, _)| l.to_string()).as_deref(),
+            Some("0/3000000")
+        );
+
+        // A shutting-down server is worth retrying.
+        let mut r = BackupResponse::new(15, &BackupOptions::default());
+        let e = r
+            .handle(BackendMessage::ErrorResponse(DbError {
+                severity: "FATAL".into(),
+                ..db("57P01")
+            }))
+            .unwrap_err();
+        assert!(
+            e.is_retryable() && e.message().contains("start position"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn result_sets_are_checked() {
+        let start = |messages: Vec<BackendMessage>| {
+            let mut r = BackupResponse::new(15, &BackupOptions::default());
+            feed(&mut r, messages)
+        };
+        let desc = || BackendMessage::RowDescription(vec![column("recptr"), column("tli")]);
+        for (case, messages, words) in [
+            ("no rows", vec![desc(), complete()], "no row"),
+            (
+                "two rows",
+                vec![
+                    desc(),
+                    row(&[Some("0/1"), Some("1")]),
+                    row(&[Some("0/1"), Some("1")]),
+                ],
+                "more than 1 rows",
+            ),
+            (
+                "three columns",
+                vec![BackendMessage::RowDescription(vec![
+                    column("a"),
+                    column("b"),
+                    column("c"),
+                ])],
+                "3 columns",
+            ),
+            (
+                "bad LSN",
+                vec![desc(), row(&[Some("zz"), Some("1")]), complete()],
+                "invalid start LSN",
+            ),
+            (
+                "timeline 0",
+                vec![desc(), row(&[Some("0/1"), Some("0")]), complete()],
+                "invalid start timeline",
+            ),
+            (
+                "short row",
+                vec![desc(), row(&[Some("0/1")])],
+                "1 values, expected 2",
+            ),
+            (
+                "data before the description",
+                vec![row(&[Some("0/1"), Some("1")])],
+                "got DataRow",
+            ),
+        ] {
+            let e = start(messages).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Protocol, "{case}: {e}");
+            assert!(e.to_string().contains(words), "{case}: {e}");
+        }
+        let mut r = BackupResponse::new(15, &BackupOptions::default());
+        feed(
+            &mut r,
+            vec![desc(), row(&[Some("0/1"), Some("1")]), complete()],
+        )
+        .unwrap();
+        let ts = || {
+            BackendMessage::RowDescription(vec![
+                column("spcoid"),
+                column("spclocation"),
+                column("size"),
+            ])
+        };
+        for (case, rows, words) in [
+            ("empty", vec![], "does not end with the base directory"),
+            (
+                "base first",
+                vec![
+                    row(&[None, None, None]),
+                    row(&[Some("1"), Some("/a"), None]),
+                ],
+                "before its end",
+            ),
+            (
+                "duplicate",
+                vec![
+                    row(&[Some("7"), Some("/a"), None]),
+                    row(&[Some("7"), Some("/b"), None]),
+                    row(&[None, None, None]),
+                ],
+                "twice",
+            ),
+            (
+                "bad OID",
+                vec![
+                    row(&[Some("x"), Some("/a"), None]),
+                    row(&[None, None, None]),
+                ],
+                "invalid tablespace OID",
+            ),
+        ] {
+            let mut r = r.clone();
+            let mut messages = vec![ts()];
+            messages.extend(rows);
+            messages.push(complete());
+            let e = feed(&mut r, messages).unwrap_err();
+            assert!(e.to_string().contains(words), "{case}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_tablespace_list_is_bounded() {
+        let mut r = BackupResponse::new(15, &BackupOptions::default());
+        feed(
+            &mut r,
+            vec![
+                BackendMessage::RowDescription(vec![column("recptr"), column("tli")]),
+                row(&[Some("0/1"), Some("1")]),
+                complete(),
+                BackendMessage::RowDescription(vec![
+                    column("spcoid"),
+                    column("spclocation"),
+                    column("size"),
+                ]),
+            ],
+        )
+        .unwrap();
+        let mut failed = None;
+        for i in 0..=MAX_TABLESPACES {
+            if let Err(e) = r.handle(row(&[Some(&i.to_string()), Some("/a"), None])) {
+                failed = Some((i, e));
+                break;
+            }
+        }
+        let (at, e) = failed.expect("an endless tablespace list was accepted");
+        assert_eq!(at, MAX_TABLESPACES);
+        assert!(e.to_string().contains("more than 65536 rows"), "{e}");
+    }
+
+    #[test]
+    fn notices_are_ignored_and_done_accepts_nothing_more() {
+        let mut r = opened(
+            15,
+            &BackupOptions {
+                manifest: ManifestMode::No,
+                ..BackupOptions::default()
+            },
+        );
+        let events = feed(
+            &mut r,
+            vec![
+                copy_out(),
+                BackendMessage::NoticeResponse(DbError::default()),
+                data(b"n16385.tar\0/srv/ts\0"),
+                data(b"nbase.tar\0\0"),
+                data(&[b'p', 0, 0, 0, 0, 0, 0, 4, 0]),
+                BackendMessage::CopyDone,
+                BackendMessage::RowDescription(vec![column("recptr"), column("tli")]),
+                row(&[Some("0/3000000"), Some("1")]),
+                complete(),
+                BackendMessage::CommandComplete {
+                    tag: "BASE_BACKUP".into(),
+                },
+                BackendMessage::ReadyForQuery { status: b'I' },
+            ],
+        )
+        .unwrap();
+        assert_eq!(events.last(), Some(&BackupEvent::Done));
+        assert_eq!(r.bytes_done(), 1024);
+        assert!(r.is_done() && !r.is_failed());
+        let e = r.handle(BackendMessage::CopyDone).unwrap_err();
+        assert!(e.to_string().contains("after BASE_BACKUP completed"), "{e}");
+    }
+}
