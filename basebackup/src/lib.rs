@@ -8,6 +8,7 @@
 //! - [`tar`]: an incremental tar parser with the safety checks (pure);
 //! - [`manifest`]: `backup_manifest` parsing, its SHA-256, per-file checksums (pure);
 //! - [`sink`]: the [`BackupSink`] trait, [`PlainDirSink`] and [`TarSink`];
+//! - [`async_sink`]: the [`AsyncBackupSink`] trait for asynchronous destinations;
 //! - [`BaseBackup`]: the async driver, a thin loop over [`protocol::BackupResponse`]; a
 //!   writer thread does decompression, parsing, checksums and disk writes, fed through a
 //!   bounded channel;
@@ -32,6 +33,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod async_sink;
 mod backup;
 pub mod command;
 pub mod demux;
@@ -45,6 +47,7 @@ pub mod tar;
 mod targets;
 mod verify;
 
+pub use async_sink::AsyncBackupSink;
 pub use backup::{backup, BackupResult, BaseBackup, Progress, ProgressFn};
 /// The byte buffers sinks are handed (zero-copy slices of the receive buffer).
 pub use bytes::Bytes;
@@ -61,4 +64,6 @@ pub use sink::{
 };
 pub use tar::TarEvent;
 pub use targets::{plain_target_dirs, TargetDir};
-pub use verify::{check_wal, verify_backup, verify_backup_with, VerifyOptions};
+pub use verify::{
+    check_wal, verify_backup, verify_backup_with, VerifyOptions,
+};
