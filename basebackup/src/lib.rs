@@ -12,7 +12,8 @@
 //! - [`BaseBackup`]: the async driver, a thin loop over [`protocol::BackupResponse`]; a
 //!   writer thread does decompression, parsing, checksums and disk writes, fed through a
 //!   bounded channel;
-//! - [`verify_backup`]: pg_verifybackup's checks on an existing backup.
+//! - [`verify_backup`] and [`verify_backup_async`]: pg_verifybackup's checks on an
+//!   existing backup.
 //!
 //! Errors are one opaque [`Error`] with a [`kind`](Error::kind),
 //! [`db_error`](Error::db_error) (the server's SQLSTATE, detail and hint) and
@@ -65,5 +66,5 @@ pub use sink::{
 pub use tar::TarEvent;
 pub use targets::{plain_target_dirs, TargetDir};
 pub use verify::{
-    check_wal, verify_backup, verify_backup_with, VerifyOptions,
+    check_wal, verify_backup, verify_backup_async, verify_backup_with, VerifyOptions,
 };

@@ -463,6 +463,15 @@ async fn corruption_is_detected_and_cleaned_up() {
         (ErrorKind::Verify, Some(file.as_str())),
         "{e}"
     );
+    // The async form says the same, without blocking the runtime's workers.
+    let e = basebackup::verify_backup_async(good.clone(), Default::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.path()),
+        (ErrorKind::Verify, Some(file.as_str())),
+        "{e}"
+    );
     bytes[100] ^= 0xff;
     std::fs::write(&victim, &bytes).unwrap();
     let map = good.join("global/pg_filenode.map");
@@ -478,6 +487,10 @@ async fn corruption_is_detected_and_cleaned_up() {
     assert_eq!(e.path(), Some("base/extra"), "{e}");
     std::fs::remove_file(good.join("base/extra")).unwrap();
     let manifest = basebackup::verify_backup(&good).unwrap();
+    let again = basebackup::verify_backup_async(good.clone(), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(again.files.len(), manifest.files.len());
 
     // Damaged WAL: the page holding the start LSN.
     let range = manifest.wal_ranges[0];
