@@ -670,3 +670,78 @@ async fn page_checksum_failure_fails_the_backup() {
     assert!(err.to_string().contains("damaged data pages"), "{err}");
     assert!(!target.exists());
 }
+
+/// The embedder example, compiled here as a module so that its exact code runs against
+/// the test server (its `main` is for `cargo run --example hashing_sink`).
+#[allow(dead_code)]
+#[path = "../examples/hashing_sink.rs"]
+mod hashing_sink;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hashing_sink_example_counts_and_hashes_a_real_backup() {
+    use sha2::Digest;
+    let (source, _ts) = source_with_tablespace().await;
+    let conninfo = source.unix_conninfo("postgres");
+    // Server-compressed archives where the server can (gzip is in every 15+ build):
+    // the sink sees both the stream as sent and the decompressed one.
+    let mut options = BackupOptions::default();
+    if source.major() >= 15 {
+        options = options.compression(ServerCompression::new(CompressionMethod::Gzip).level(1));
+    }
+    let (result, totals) = hashing_sink::hash_backup(&conninfo, options)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(totals.committed);
+    let manifest = result.manifest.as_ref().unwrap();
+
+    // Every file, once, with the manifest's paths and sizes.
+    assert_eq!(totals.files, result.files);
+    let listed: std::collections::BTreeSet<String> = manifest
+        .files
+        .iter()
+        .map(|f| String::from_utf8_lossy(&f.path).into_owned())
+        .collect();
+    let hashed: std::collections::BTreeSet<String> = totals.file_sha256.keys().cloned().collect();
+    assert_eq!(hashed, listed);
+    assert_eq!(
+        totals.file_bytes,
+        manifest.files.iter().map(|f| f.size).sum::<u64>()
+    );
+    assert!(hashed.iter().any(|p| p.starts_with("pg_tblspc/")));
+    assert_eq!(totals.links, 1, "the tablespace link");
+    assert!(totals.directories > 10);
+
+    // The hashes are of the files' real contents.
+    for path in ["PG_VERSION", "base/1/PG_VERSION"] {
+        let on_disk = std::fs::read(source.data_dir().join(path)).unwrap();
+        let expected: String = sha2::Sha256::digest(&on_disk)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(totals.file_sha256[path], expected, "{path}");
+    }
+
+    // One archive per tablespace, base last; compressed as asked.
+    let names: Vec<&str> = totals.archives.iter().map(|a| a.name.as_str()).collect();
+    let suffix = if source.major() >= 15 { ".gz" } else { "" };
+    assert_eq!(names.len(), 2);
+    assert!(names[0].ends_with(&format!(".tar{suffix}")) && names[0] != names[1]);
+    assert_eq!(names[1], format!("base.tar{suffix}"));
+    for a in &totals.archives {
+        assert_eq!(a.tar_sha256.len(), 64);
+        assert!(a.tar_bytes > 0);
+        if source.major() >= 15 {
+            assert!(
+                a.compressed_bytes > 0 && a.compressed_bytes < a.tar_bytes,
+                "{a:?}"
+            );
+            assert!(a.compressed_sha256.is_some());
+        } else {
+            assert_eq!(
+                (a.compressed_bytes, a.compressed_sha256.as_deref()),
+                (0, None)
+            );
+        }
+    }
+    assert_eq!(totals.manifest_sha256.as_ref().map(String::len), Some(64));
+}
