@@ -40,7 +40,7 @@ const BRIDGE_BATCH_COMMANDS: usize = 1024;
 
 /// An asynchronous destination for a base backup (object storage, a network service…),
 /// run by [`BaseBackup::receive_async`]. The counterpart of
-/// [`BackupSink`](crate::BackupSink), with the same calls in the same order and owned
+/// [`BackupSink`], with the same calls in the same order and owned
 /// data (the [`Bytes`] are zero-copy slices, cheap to keep or send on):
 ///
 /// `begin_backup`, then for each archive `begin_archive`, any mix of `compressed_bytes`,
