@@ -1,5 +1,7 @@
-//! The async side: send `BASE_BACKUP`, read both response framings, feed the writer.
+//! The async driver: send `BASE_BACKUP`, feed each backend message to the sans-IO
+//! [`BackupResponse`], hand the archives to the writer thread.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -8,15 +10,13 @@ use pgwire_repl::proto::frontend;
 use pgwire_repl::{Config, Connection, Lsn, ReplicationClient, TimelineId};
 use tokio::sync::mpsc;
 
-use crate::command::{build_command, BackupOptions, CompressionMethod, ManifestMode};
-use crate::demux::{self, StreamMessage};
+use crate::command::{build_command, BackupOptions, ManifestMode};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::pipeline::{self, Msg};
+use crate::protocol::{BackupEvent, BackupResponse};
 use crate::sink::{ArchiveInfo, BackupInfo, BackupSink, Tablespace};
 
-/// Messages in flight between the network and the writer thread. With CopyData slices of
-/// a 256 KiB receive buffer this keeps memory well under 64 MiB.
 /// Messages queued for the writer at most. Archive data travels in batches of about
 /// [`BATCH_BYTES`], so this bounds the data in flight to a few MiB.
 const CHANNEL_CAPACITY: usize = 8;
@@ -71,6 +71,10 @@ pub struct BackupResult {
 
 /// A base backup in progress: the command was sent and the start position is known.
 ///
+/// Drives a [`BackupResponse`] (the protocol rules) over the connection; the archives go
+/// to a sink on a writer thread ([`receive`](BaseBackup::receive)) or to an asynchronous
+/// sink ([`receive_async`](BaseBackup::receive_async)).
+///
 /// ```no_run
 /// # async fn demo() -> basebackup::Result<()> {
 /// use basebackup::{BaseBackup, BackupOptions, PlainDirSink};
@@ -79,17 +83,17 @@ pub struct BackupResult {
 /// let backup = BaseBackup::start(client, BackupOptions::default()).await?;
 /// // Start WAL streaming on a second connection from here.
 /// println!("starts at {} on timeline {}", backup.start_lsn(), backup.timeline());
-/// let result = backup.receive(Box::new(PlainDirSink::new("/backup/data")), None).await?;
+/// let (result, _sink) = backup.receive(PlainDirSink::new("/backup/data"), None).await?;
 /// println!("ends at {}", result.end_lsn);
 /// # Ok(()) }
 /// ```
 pub struct BaseBackup {
-    conn: Connection,
-    options: BackupOptions,
-    major: u32,
+    pub(crate) conn: Connection,
+    pub(crate) options: BackupOptions,
+    pub(crate) major: u32,
     start_lsn: Lsn,
     timeline: TimelineId,
-    tablespaces: Option<Vec<Tablespace>>,
+    pub(crate) response: BackupResponse,
 }
 
 impl std::fmt::Debug for BaseBackup {
@@ -98,18 +102,29 @@ impl std::fmt::Debug for BaseBackup {
             .field("server_major", &self.major)
             .field("start_lsn", &self.start_lsn)
             .field("timeline", &self.timeline)
-            .field("tablespaces", &self.tablespaces)
+            .field("tablespaces", &self.response.tablespaces())
             .finish()
     }
 }
 
 /// Connects, takes a backup into `sink` and verifies it: the one-call form of
-/// [`BaseBackup::start`] + [`BaseBackup::receive`].
-pub async fn backup(
+/// [`BaseBackup::start`] + [`BaseBackup::receive`]. Gives the sink back with the result.
+///
+/// Cancel safety: as [`BaseBackup::receive`]; dropping the future abandons the backup.
+///
+/// ```no_run
+/// # async fn demo() -> basebackup::Result<()> {
+/// let config = pgwire_repl::Config::parse_with_env("host=primary user=replicator")?;
+/// let sink = basebackup::TarSink::new("/backup/2026-11-26");
+/// let (result, _sink) = basebackup::backup(&config, basebackup::BackupOptions::default(), sink).await?;
+/// println!("{} files, consistent at {}", result.files, result.end_lsn);
+/// # Ok(()) }
+/// ```
+pub async fn backup<S: BackupSink + 'static>(
     config: &Config,
     options: BackupOptions,
-    sink: Box<dyn BackupSink>,
-) -> Result<BackupResult> {
+    sink: S,
+) -> Result<(BackupResult, S)> {
     let client = ReplicationClient::connect(config).await?;
     BaseBackup::start(client, options)
         .await?
@@ -117,100 +132,57 @@ pub async fn backup(
         .await
 }
 
-fn text(value: &Option<Bytes>, what: &str) -> Result<Option<String>> {
-    match value {
-        None => Ok(None),
-        Some(b) => String::from_utf8(b.to_vec())
-            .map(Some)
-            .map_err(|_| Error::protocol(format!("{what} is not UTF-8"))),
-    }
-}
-
-/// Reads one result set (RowDescription, DataRows, CommandComplete).
-async fn read_result_set(conn: &mut Connection, what: &str) -> Result<Vec<Vec<Option<Bytes>>>> {
-    let mut rows = Vec::new();
-    let mut described = false;
-    loop {
-        match conn.read_message().await? {
-            BackendMessage::RowDescription(_) if !described => described = true,
-            BackendMessage::DataRow(row) if described => rows.push(row),
-            BackendMessage::CommandComplete { .. } if described => return Ok(rows),
-            BackendMessage::ErrorResponse(db) => {
-                return Err(
-                    pgwire_repl::Error::server(format!("BASE_BACKUP failed ({what})"), db).into(),
-                )
-            }
-            other => return Err(Error::protocol(format!("expected {what}, got {other:?}"))),
-        }
-    }
-}
-
-fn position(rows: &[Vec<Option<Bytes>>], what: &str) -> Result<(Lsn, TimelineId)> {
-    let row = rows
-        .first()
-        .ok_or_else(|| Error::protocol(format!("no row with the {what}")))?;
-    let lsn: Lsn = text(row.first().unwrap_or(&None), what)?
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::protocol(format!("invalid {what} LSN")))?;
-    let tli = text(row.get(1).unwrap_or(&None), what)?
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Error::protocol(format!("invalid {what} timeline")))?;
-    Ok((lsn, TimelineId(tli)))
-}
-
 impl BaseBackup {
     /// Sends `BASE_BACKUP` with `options` and returns as soon as the server reports the
     /// start position (after its checkpoint), so that WAL streaming can begin on a second
     /// connection before the data flows.
+    ///
+    /// Cancel safety: dropping the future drops the connection, which ends the command
+    /// on the server (it sees the client go away); nothing else is left behind.
     pub async fn start(client: ReplicationClient, options: BackupOptions) -> Result<BaseBackup> {
         let major = client.server_major();
         let command = build_command(&options, major)?;
         let mut conn = client.into_connection();
         frontend::query(&command, conn.write_buf())?;
         conn.flush().await?;
-        let rows = read_result_set(&mut conn, "the start position").await?;
-        let (start_lsn, timeline) = position(&rows, "start")?;
+        let mut response = BackupResponse::new(major, &options);
+        let (start_lsn, timeline) = loop {
+            // Only `Started` can come before the start position is known.
+            response.handle(conn.read_message().await?)?;
+            if let Some(start) = response.start() {
+                break start;
+            }
+        };
         Ok(BaseBackup {
             conn,
             options,
             major,
             start_lsn,
             timeline,
-            tablespaces: None,
+            response,
         })
     }
 
     /// The server's tablespaces, base directory last; read from the server on the first
     /// call (with PROGRESS the server sizes every tablespace first).
+    ///
+    /// Cancel safety: cancel-safe. A message is fed to the state machine in the same
+    /// poll that completes its read, and a partly received message stays in the
+    /// connection's buffer, so calling again after a dropped call continues where it
+    /// stopped.
     pub async fn read_tablespaces(&mut self) -> Result<&[Tablespace]> {
-        if self.tablespaces.is_none() {
-            let rows = read_result_set(&mut self.conn, "the tablespace list").await?;
-            let mut tablespaces = Vec::new();
-            for row in &rows {
-                let oid = text(row.first().unwrap_or(&None), "spcoid")?
-                    .map(|s| {
-                        s.parse::<u32>()
-                            .map_err(|_| Error::protocol("invalid tablespace OID"))
-                    })
-                    .transpose()?;
-                let location = text(row.get(1).unwrap_or(&None), "spclocation")?;
-                let size_estimate = text(row.get(2).unwrap_or(&None), "size")?
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .map(|kb| kb * 1024);
-                tablespaces.push(Tablespace {
-                    oid,
-                    location,
-                    size_estimate,
-                });
-            }
-            if tablespaces.last().is_none_or(|t| t.oid.is_some()) {
-                return Err(Error::protocol(
-                    "the tablespace list does not end with the base directory",
+        while self.response.tablespaces().is_none() {
+            if self.response.is_failed() {
+                return Err(Error::usage(
+                    "this BASE_BACKUP already failed",
+                    "start a new backup with BaseBackup::start",
                 ));
             }
-            self.tablespaces = Some(tablespaces);
+            let message = self.conn.read_message().await?;
+            // Only `Tablespaces` can come before the list is known.
+            self.response.handle(message)?;
         }
-        Ok(self.tablespaces.as_deref().unwrap_or_default())
+        Ok(self.response.tablespaces().unwrap_or_default())
     }
 
     /// Where the backup starts.
@@ -228,250 +200,197 @@ impl BaseBackup {
         self.major
     }
 
-    /// Receives the archives into `sink`, verifies them against the manifest and commits.
-    /// On any failure the sink is told to abort (removing what it created).
-    pub async fn receive(
+    /// Receives the archives into `sink`, verifies them against the manifest and commits,
+    /// then gives the sink back (to read what it counted, or reuse it). On any failure
+    /// the sink is told to [`abort`](BackupSink::abort), with the reason, and dropped.
+    ///
+    /// The sink runs on a writer thread (`spawn_blocking`), fed through a bounded
+    /// channel: it may block, and memory stays bounded by the channel (a few MiB)
+    /// whatever the size of the backup. For a sink that is asynchronous itself, use
+    /// [`receive_async`](BaseBackup::receive_async).
+    ///
+    /// Cancel safety: not resumable. Dropping the future abandons the backup: the
+    /// connection is closed, and the writer thread stops at its next message, calls the
+    /// sink's `abort` with an [`ErrorKind::Cancelled`](crate::ErrorKind::Cancelled)
+    /// reason and drops the sink. The sink's current call, if any, finishes first.
+    ///
+    /// ```no_run
+    /// # async fn demo(backup: basebackup::BaseBackup) -> basebackup::Result<()> {
+    /// use basebackup::{PlainDirSink, Progress};
+    /// let progress = Box::new(|p: &Progress| eprintln!("{} / {:?} bytes", p.bytes_done, p.total_estimate));
+    /// let (result, _sink) = backup.receive(PlainDirSink::new("/backup/data"), Some(progress)).await?;
+    /// println!("{} files verified, consistent at {}", result.files, result.end_lsn);
+    /// # Ok(()) }
+    /// ```
+    pub async fn receive<S: BackupSink + 'static>(
         mut self,
-        mut sink: Box<dyn BackupSink>,
+        sink: S,
         progress: Option<ProgressFn>,
-    ) -> Result<BackupResult> {
+    ) -> Result<(BackupResult, S)> {
         self.read_tablespaces().await?;
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let stopped = StopReason::default();
+        let writer_stopped = stopped.clone();
         let algorithm = self.options.manifest_checksums;
         let manifest_expected = self.options.manifest != ManifestMode::No;
         let writer = tokio::task::spawn_blocking(move || {
-            pipeline::run(rx, sink.as_mut(), algorithm, manifest_expected)
+            let mut sink = sink;
+            let outcome =
+                pipeline::run(rx, &mut sink, algorithm, manifest_expected, &writer_stopped);
+            (outcome, sink)
         });
-        let net = self.receive_stream(&tx, progress).await;
+        let mut net = self.receive_stream(&tx, progress).await;
         self.conn.set_bulk_receive(0);
-        match net {
-            Ok((end_lsn, end_timeline, bytes)) => {
-                // Only now, after the server's final CommandComplete, may the writer commit.
-                let _ = tx.send(Msg::End).await;
-                drop(tx);
-                let outcome = join(writer).await?;
-                Ok(BackupResult {
+        if net.is_ok() && tx.send(Msg::End).await.is_err() {
+            // Only now, after the server's final ReadyForQuery, may the writer commit.
+            net = Err(Stop::Writer);
+        }
+        if let Err(Stop::Failed(e)) = &net {
+            // The sink's `abort` is told the root cause, not just that the stream ended.
+            stopped.set(e.clone());
+        }
+        drop(tx);
+        let (outcome, sink) = match writer.await {
+            Ok(pair) => pair,
+            Err(join) => {
+                return Err(match net {
+                    Err(Stop::Failed(e)) => e,
+                    _ => Error::writer_panicked(join),
+                })
+            }
+        };
+        match (net, outcome) {
+            (Ok((end_lsn, end_timeline)), Ok(outcome)) => Ok((
+                BackupResult {
                     start_lsn: self.start_lsn,
                     start_timeline: self.timeline,
                     end_lsn,
                     end_timeline,
-                    bytes,
+                    bytes: self.response.bytes_done(),
                     files: outcome.files,
                     manifest: outcome.manifest,
-                })
-            }
-            Err(net_err) => {
-                drop(tx);
-                // A writer error (verification, unsafe entry, disk) is the root cause when
-                // it made the network side stop; otherwise report the network error.
-                match join(writer).await {
-                    Err(w) if net_err.message().contains(WRITER_GONE) => Err(w),
-                    _ => Err(net_err),
-                }
-            }
+                },
+                sink,
+            )),
+            // The network side failed first (server error, lost connection, protocol).
+            (Err(Stop::Failed(e)), _) => Err(e),
+            // The writer failed (verification, unsafe entry, disk, sink): the root cause.
+            (_, Err(w)) => Err(w),
+            (Err(Stop::Writer), Ok(_)) => Err(Error::writer_panicked(
+                "the writer stopped before the end of the backup without an error",
+            )),
         }
     }
 
+    /// Reads the response up to `ReadyForQuery`, handing archives and manifest to the
+    /// writer; returns the end position.
     async fn receive_stream(
         &mut self,
         tx: &mpsc::Sender<Msg>,
-        mut progress: Option<ProgressFn>,
-    ) -> Result<(Lsn, TimelineId, u64)> {
-        let tablespaces = self.tablespaces.clone().unwrap_or_default();
-        let info = BackupInfo {
+        progress: Option<ProgressFn>,
+    ) -> Result<(Lsn, TimelineId), Stop> {
+        let tablespaces = self.response.tablespaces().unwrap_or_default().to_vec();
+        let mut progress = ProgressState::new(progress, &tablespaces);
+        let mut out = Outbox::new(tx);
+        out.send(Msg::Begin(BackupInfo {
             server_major: self.major,
             start_lsn: self.start_lsn,
             timeline: self.timeline,
-            tablespaces: tablespaces.clone(),
-        };
-        let mut out = Outbox::new(tx);
-        out.send(Msg::Begin(info)).await?;
-        let total_estimate = tablespaces
-            .iter()
-            .map(|t| t.size_estimate)
-            .sum::<Option<u64>>();
-        let archives = tablespaces.len();
-        let mut state = ProgressState {
-            cb: progress.take(),
-            p: Progress {
-                archive: String::new(),
-                tablespace: None,
-                archive_index: 0,
-                archives,
-                archive_bytes: 0,
-                archive_estimate: None,
-                bytes_done: 0,
-                total_estimate,
-            },
-            archive_start: 0,
-            last_report: 0,
-        };
-        let manifest_expected = self.options.manifest != ManifestMode::No;
-        // Every read of the copy stream is bounded by `idle_timeout`, so that a server or
-        // link that stalls mid-copy fails the backup instead of hanging it forever.
+            tablespaces,
+        }))
+        .await?;
+        // Every read is bounded by `idle_timeout`, so that a server or link that stalls
+        // mid-copy fails the backup instead of hanging it forever.
         let idle = self.options.idle_timeout;
         let conn = &mut self.conn;
+        let response = &mut self.response;
         conn.set_bulk_receive(BULK_RECEIVE_BYTES);
-        if self.major >= 15 {
-            expect_copy_out(conn, idle, &mut out).await?;
-            let mut in_manifest = false;
-            let mut index = 0usize;
-            while let Some(payload) = next_copy_data(
-                conn,
-                idle,
-                &mut out,
-                "BASE_BACKUP failed during the transfer",
-            )
-            .await?
-            {
-                match demux::parse(payload)? {
-                    StreamMessage::NewArchive { name, location } => {
-                        if in_manifest {
-                            return Err(Error::protocol("a new archive after the manifest"));
-                        }
-                        let ts = tablespaces.get(index).cloned().ok_or_else(|| {
-                            Error::protocol(format!("archive {name} is not in the tablespace list"))
-                        })?;
-                        if ts.location.as_deref().unwrap_or("") != location {
-                            return Err(Error::protocol(format!(
-                                    "archive {name} has location {location:?}, the tablespace list says {:?}",
-                                    ts.location
-                                )));
-                        }
-                        let compression = [
-                            CompressionMethod::Gzip,
-                            CompressionMethod::Lz4,
-                            CompressionMethod::Zstd,
-                        ]
-                        .into_iter()
-                        .find(|m| name.ends_with(m.suffix()));
-                        let expected_compression = self.options.compression.map(|c| c.method);
-                        if compression != expected_compression
-                            || !name
-                                .trim_end_matches(compression.map_or("", |m| m.suffix()))
-                                .ends_with(".tar")
-                        {
-                            return Err(Error::protocol(format!(
-                                "unexpected archive name {name:?}"
-                            )));
-                        }
-                        state.start_archive(&name, &ts, index);
-                        out.send(Msg::Archive(ArchiveInfo {
-                            name,
-                            tablespace: ts,
-                            compression,
-                        }))
-                        .await?;
-                        index += 1;
-                    }
-                    StreamMessage::Data(d) => {
-                        if index == 0 && !in_manifest {
-                            return Err(Error::protocol("archive data before the first archive"));
-                        }
-                        if in_manifest {
-                            out.send(Msg::Manifest(d)).await?;
-                        } else {
-                            out.data(d).await?;
-                        }
-                    }
-                    StreamMessage::Progress(done) => state.report(done, true),
-                    StreamMessage::Manifest => {
-                        if !manifest_expected || in_manifest {
-                            return Err(Error::protocol("unexpected manifest"));
-                        }
-                        in_manifest = true;
-                    }
-                }
-            }
-            if index != tablespaces.len() {
-                return Err(Error::protocol(format!(
-                    "the server sent {index} archives, its tablespace list has {}",
-                    tablespaces.len()
-                )));
-            }
-            if manifest_expected && !in_manifest {
-                return Err(Error::verify(
-                    "backup_manifest",
-                    "the server sent no manifest",
-                ));
-            }
-        } else {
-            for (index, ts) in tablespaces.clone().into_iter().enumerate() {
-                expect_copy_out(conn, idle, &mut out).await?;
-                let name = match ts.oid {
-                    Some(oid) => format!("{oid}.tar"),
-                    None => "base.tar".into(),
-                };
-                state.start_archive(&name, &ts, index);
-                out.send(Msg::Archive(ArchiveInfo {
-                    name,
-                    tablespace: ts,
-                    compression: None,
-                }))
-                .await?;
-                let mut done = state.archive_start;
-                while let Some(d) = next_copy_data(
-                    conn,
-                    idle,
-                    &mut out,
-                    "BASE_BACKUP failed during the transfer",
-                )
-                .await?
-                {
-                    done += d.len() as u64;
-                    out.data(d).await?;
-                    state.report(done, false);
-                }
-                state.report(done, true);
-            }
-            if manifest_expected {
-                expect_copy_out(conn, idle, &mut out).await?;
-                while let Some(d) = next_copy_data(
-                    conn,
-                    idle,
-                    &mut out,
-                    "BASE_BACKUP failed sending the manifest",
-                )
-                .await?
-                {
-                    out.send(Msg::Manifest(d)).await?;
-                }
-            }
-        }
-        out.flush().await?;
-        let rows = read_result_set(conn, "the end position").await?;
-        let (end_lsn, end_tli) = position(&rows, "end")?;
-        // An error here (XX001: page checksum failures) fails the backup.
         loop {
-            match conn.read_message_timeout(Duration::from_secs(300)).await? {
-                BackendMessage::CommandComplete { .. } => {}
-                BackendMessage::ReadyForQuery { .. } => break,
-                BackendMessage::ErrorResponse(db) => {
-                    let advice = if db.code == "XX001" {
-                        "the server found damaged data pages (see the WARNINGs in its log); repair or restore the damaged relations before taking a backup, or turn off verify_checksums to copy them as they are"
-                    } else {
-                        "see the server log"
-                    };
-                    let e: Error = pgwire_repl::Error::server("BASE_BACKUP failed at the end", db)
-                        .with_advice(advice)
-                        .into();
-                    return Err(e);
-                }
-                other => {
-                    return Err(Error::protocol(format!(
-                        "expected CommandComplete, got {other:?}"
-                    )))
+            let message = read_copy(conn, idle, &mut out).await?;
+            for event in response.handle(message)? {
+                match event {
+                    BackupEvent::ArchiveStart(archive) => {
+                        progress.start_archive(
+                            &archive,
+                            response.archives_started() - 1,
+                            response.bytes_done(),
+                        );
+                        out.send(Msg::Archive(archive)).await?;
+                    }
+                    BackupEvent::ArchiveData(data) => {
+                        out.data(data).await?;
+                        progress.report(response.bytes_done(), false);
+                    }
+                    BackupEvent::Progress(_) | BackupEvent::ArchiveEnd => {
+                        progress.report(response.bytes_done(), true)
+                    }
+                    BackupEvent::ManifestStart => {}
+                    BackupEvent::ManifestData(data) => out.send(Msg::Manifest(data)).await?,
+                    BackupEvent::Ended { .. } => {
+                        out.flush().await?;
+                        conn.set_bulk_receive(0);
+                    }
+                    BackupEvent::Done => {
+                        return response.end().ok_or_else(|| {
+                            Stop::Failed(Error::protocol(
+                                "the backup ended without an end position",
+                            ))
+                        })
+                    }
+                    // Produced before the copy, by `start` and `read_tablespaces`.
+                    BackupEvent::Started { .. } | BackupEvent::Tablespaces(_) => {}
                 }
             }
         }
-        Ok((end_lsn, end_tli, state.p.bytes_done))
     }
 }
 
-const WRITER_GONE: &str = "the writer stopped";
+/// Why the network side stopped.
+#[derive(Debug)]
+enum Stop {
+    /// The writer thread went away (it failed): its error is the root cause.
+    Writer,
+    /// The network side failed (server error, lost connection, protocol violation).
+    Failed(Error),
+}
 
-async fn send(tx: &mpsc::Sender<Msg>, msg: Msg) -> Result<()> {
-    tx.send(msg).await.map_err(|_| Error::protocol(WRITER_GONE))
+impl From<Error> for Stop {
+    fn from(e: Error) -> Stop {
+        Stop::Failed(e)
+    }
+}
+
+impl From<pgwire_repl::Error> for Stop {
+    fn from(e: pgwire_repl::Error) -> Stop {
+        Stop::Failed(e.into())
+    }
+}
+
+/// Why the network side stopped feeding the writer, for the sink's `abort`: set before
+/// the channel closes; empty when the receiving future was dropped (cancelled).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StopReason(Arc<Mutex<Option<Error>>>);
+
+impl StopReason {
+    fn set(&self, error: Error) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(error);
+        }
+    }
+
+    /// The reason the stream ended before `End`: the network side's error, or else
+    /// cancellation.
+    pub(crate) fn take(&self) -> Error {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|mut slot| slot.take())
+            .unwrap_or_else(Error::cancelled)
+    }
+}
+
+async fn send(tx: &mpsc::Sender<Msg>, msg: Msg) -> Result<(), Stop> {
+    tx.send(msg).await.map_err(|_| Stop::Writer)
 }
 
 /// The network side's end of the writer channel: batches archive data, and keeps order
@@ -491,7 +410,7 @@ impl<'a> Outbox<'a> {
         }
     }
 
-    async fn data(&mut self, chunk: Bytes) -> Result<()> {
+    async fn data(&mut self, chunk: Bytes) -> Result<(), Stop> {
         self.batch_bytes += chunk.len();
         self.batch.push(chunk);
         if self.batch_bytes >= BATCH_BYTES {
@@ -500,7 +419,7 @@ impl<'a> Outbox<'a> {
         Ok(())
     }
 
-    async fn flush(&mut self) -> Result<()> {
+    async fn flush(&mut self) -> Result<(), Stop> {
         if !self.batch.is_empty() {
             let batch = std::mem::take(&mut self.batch);
             self.batch_bytes = 0;
@@ -509,18 +428,9 @@ impl<'a> Outbox<'a> {
         Ok(())
     }
 
-    async fn send(&mut self, msg: Msg) -> Result<()> {
+    async fn send(&mut self, msg: Msg) -> Result<(), Stop> {
         self.flush().await?;
         send(self.tx, msg).await
-    }
-}
-
-async fn join(
-    writer: tokio::task::JoinHandle<Result<pipeline::Outcome>>,
-) -> Result<pipeline::Outcome> {
-    match writer.await {
-        Ok(r) => r,
-        Err(e) => Err(Error::protocol(format!("the writer thread failed: {e}"))),
     }
 }
 
@@ -531,7 +441,7 @@ const BULK_RECEIVE_BYTES: u32 = 256 * 1024;
 /// How long archive data may wait in the writer's batch while the server sends nothing.
 const BATCH_IDLE_FLUSH: Duration = Duration::from_millis(100);
 
-/// Reads the next message of the copy stream, failing with a `Timeout` error when the
+/// Reads the next message of the response, failing with a `Timeout` error when the
 /// server sends nothing for `idle` (`BackupOptions::idle_timeout`), and at once when the
 /// writer thread has stopped (it failed: an unsafe entry, a verification or disk error),
 /// instead of waiting for a server that may have gone silent after sending a bad entry.
@@ -544,7 +454,7 @@ async fn read_copy(
     conn: &mut Connection,
     idle: Option<Duration>,
     out: &mut Outbox<'_>,
-) -> Result<BackendMessage> {
+) -> Result<BackendMessage, Stop> {
     if let Some(message) = conn.try_read_buffered()? {
         return Ok(message);
     }
@@ -563,39 +473,7 @@ async fn read_copy(
     };
     tokio::select! {
         message = read => Ok(message?),
-        () = tx.closed() => Err(Error::protocol(WRITER_GONE)),
-    }
-}
-
-/// The next CopyData payload of an archive or manifest copy, or `None` at CopyDone;
-/// a server error is reported with `during` as its context.
-async fn next_copy_data(
-    conn: &mut Connection,
-    idle: Option<Duration>,
-    out: &mut Outbox<'_>,
-    during: &str,
-) -> Result<Option<Bytes>> {
-    match read_copy(conn, idle, out).await? {
-        BackendMessage::CopyData(payload) => Ok(Some(payload)),
-        BackendMessage::CopyDone => Ok(None),
-        BackendMessage::ErrorResponse(db) => Err(pgwire_repl::Error::server(during, db).into()),
-        other => Err(Error::protocol(format!("expected CopyData, got {other:?}"))),
-    }
-}
-
-async fn expect_copy_out(
-    conn: &mut Connection,
-    idle: Option<Duration>,
-    out: &mut Outbox<'_>,
-) -> Result<()> {
-    match read_copy(conn, idle, out).await? {
-        BackendMessage::CopyOutResponse(_) => Ok(()),
-        BackendMessage::ErrorResponse(db) => {
-            Err(pgwire_repl::Error::server("BASE_BACKUP failed", db).into())
-        }
-        other => Err(Error::protocol(format!(
-            "expected CopyOutResponse, got {other:?}"
-        ))),
+        () = tx.closed() => Err(Stop::Writer),
     }
 }
 
@@ -603,28 +481,53 @@ struct ProgressState {
     cb: Option<ProgressFn>,
     p: Progress,
     archive_start: u64,
-    last_report: u64,
+    /// What the callback was last given: the archive index and the bytes done.
+    last_report: Option<(usize, u64)>,
 }
 
 impl ProgressState {
-    fn start_archive(&mut self, name: &str, ts: &Tablespace, index: usize) {
-        self.archive_start = self.p.bytes_done;
-        self.p.archive = name.to_owned();
-        self.p.tablespace = ts.oid;
-        self.p.archive_index = index;
-        self.p.archive_bytes = 0;
-        self.p.archive_estimate = ts.size_estimate;
+    fn new(cb: Option<ProgressFn>, tablespaces: &[Tablespace]) -> ProgressState {
+        ProgressState {
+            cb,
+            p: Progress {
+                archive: String::new(),
+                tablespace: None,
+                archive_index: 0,
+                archives: tablespaces.len(),
+                archive_bytes: 0,
+                archive_estimate: None,
+                bytes_done: 0,
+                total_estimate: tablespaces.iter().map(|t| t.size_estimate).sum(),
+            },
+            archive_start: 0,
+            last_report: None,
+        }
     }
 
-    /// `force` reports at once; otherwise at most every MiB.
+    fn start_archive(&mut self, archive: &ArchiveInfo, index: usize, done: u64) {
+        self.p.bytes_done = done.max(self.p.bytes_done);
+        self.archive_start = self.p.bytes_done;
+        self.p.archive.clone_from(&archive.name);
+        self.p.tablespace = archive.tablespace.oid;
+        self.p.archive_index = index;
+        self.p.archive_bytes = 0;
+        self.p.archive_estimate = archive.tablespace.size_estimate;
+    }
+
+    /// `force` reports at once, otherwise at most every MiB; never twice the same.
     fn report(&mut self, done: u64, force: bool) {
+        let Some(cb) = self.cb.as_mut() else { return };
         self.p.bytes_done = done.max(self.p.bytes_done);
         self.p.archive_bytes = self.p.bytes_done.saturating_sub(self.archive_start);
-        if let Some(cb) = self.cb.as_mut() {
-            if force || self.p.bytes_done - self.last_report >= 1 << 20 {
-                self.last_report = self.p.bytes_done;
-                cb(&self.p);
-            }
+        let now = (self.p.archive_index, self.p.bytes_done);
+        let due = match self.last_report {
+            None => true,
+            Some(last) if last == now => false,
+            Some((_, bytes)) => force || self.p.bytes_done - bytes >= 1 << 20,
+        };
+        if due {
+            self.last_report = Some(now);
+            cb(&self.p);
         }
     }
 }

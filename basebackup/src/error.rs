@@ -1,6 +1,9 @@
 //! The crate's one error type.
 
 use std::fmt;
+use std::sync::Arc;
+
+use pgwire_repl::DbError;
 
 /// What went wrong, at the level a caller can act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -28,6 +31,14 @@ pub enum ErrorKind {
     Verify,
     /// The archive holds a hostile entry (absolute path, `..`, escaping link…); names it.
     Unsafe,
+    /// The destination failed: a [`BackupSink`](crate::BackupSink) or
+    /// [`AsyncBackupSink`](crate::AsyncBackupSink) reported an error of its own
+    /// ([`Error::sink`]), or the writer thread stopped unexpectedly.
+    Sink,
+    /// The backup was stopped by its caller before it ended (the future of
+    /// [`BaseBackup::receive`](crate::BaseBackup::receive) was dropped or its task
+    /// aborted). Only a sink's `abort` sees this reason.
+    Cancelled,
 }
 
 impl fmt::Display for ErrorKind {
@@ -44,12 +55,18 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Usage => "usage error",
             ErrorKind::Verify => "verification failed",
             ErrorKind::Unsafe => "unsafe archive entry",
+            ErrorKind::Sink => "destination error",
+            ErrorKind::Cancelled => "cancelled",
         })
     }
 }
 
 /// The error type of this crate: opaque, with a [`kind`](Error::kind), the file or entry it
-/// concerns (if any) and advice on what to do.
+/// concerns (if any), the server's error fields (if the server sent one), whether trying
+/// again may help, and advice on what to do.
+///
+/// Errors are classified when they are made, never by their text. `Clone` is cheap
+/// enough for the error path (a sink's `abort` gets a copy of the reason).
 ///
 /// ```
 /// use basebackup::{Error, ErrorKind};
@@ -57,16 +74,20 @@ impl fmt::Display for ErrorKind {
 /// assert_eq!(err.kind(), ErrorKind::Verify);
 /// assert_eq!(err.path(), Some("base/5/1259"));
 /// assert!(err.to_string().contains("base/5/1259"));
+/// assert!(!err.is_retryable());
 /// ```
+#[derive(Clone)]
 pub struct Error(Box<Inner>);
 
+#[derive(Clone)]
 struct Inner {
     kind: ErrorKind,
     message: String,
     path: Option<String>,
     advice: Option<String>,
-    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
-    sqlstate: Option<String>,
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
+    db: Option<DbError>,
+    retryable: bool,
 }
 
 /// `Result` with this crate's [`Error`].
@@ -80,7 +101,8 @@ impl Error {
             path,
             advice: advice.map(str::to_owned),
             source: None,
-            sqlstate: None,
+            db: None,
+            retryable: false,
         }))
     }
 
@@ -151,8 +173,72 @@ impl Error {
             Some(path.display().to_string()),
             Some(advice),
         );
-        e.0.source = Some(Box::new(err));
+        e.0.source = Some(Arc::new(err));
         e
+    }
+
+    /// A failure of a [`BackupSink`](crate::BackupSink) or
+    /// [`AsyncBackupSink`](crate::AsyncBackupSink) of its own (an object store that
+    /// refused a write, a full remote disk…): `message` says what failed and why,
+    /// `advice` what to do. Not retryable unless marked with
+    /// [`retryable`](Error::retryable); attach the underlying error with
+    /// [`with_source`](Error::with_source).
+    ///
+    /// ```
+    /// use basebackup::{Error, ErrorKind};
+    /// let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 30 s");
+    /// let err = Error::sink(
+    ///     "uploading base.tar to s3://backups/2026-11-26/",
+    ///     "check the object store's availability, then take the backup again",
+    /// )
+    /// .with_source(io)
+    /// .retryable(true);
+    /// assert_eq!(err.kind(), ErrorKind::Sink);
+    /// assert!(err.is_retryable());
+    /// assert!(std::error::Error::source(&err).is_some());
+    /// ```
+    pub fn sink(message: impl Into<String>, advice: impl Into<String>) -> Error {
+        Error::usage(message, advice).with_kind(ErrorKind::Sink)
+    }
+
+    /// Attaches the underlying cause (returned by [`std::error::Error::source`]).
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+        self.0.source = Some(Arc::new(source));
+        self
+    }
+
+    /// Marks whether taking the backup again, unchanged, may succeed (see
+    /// [`is_retryable`](Error::is_retryable)); for a sink that knows its failure is
+    /// transient (a timeout, HTTP 503) or permanent.
+    pub fn retryable(mut self, retryable: bool) -> Error {
+        self.0.retryable = retryable;
+        self
+    }
+
+    fn with_kind(mut self, kind: ErrorKind) -> Error {
+        self.0.kind = kind;
+        self
+    }
+
+    /// The backup stopped because its caller dropped the receiving future (the reason a
+    /// sink's `abort` gets then).
+    pub(crate) fn cancelled() -> Error {
+        Error::new(
+            ErrorKind::Cancelled,
+            "the backup was cancelled before it ended (the receiving future was dropped or its task aborted)".into(),
+            None,
+            Some("nothing to do unless this was not meant to happen; what the backup wrote is removed unless the sink keeps it on failure"),
+        )
+    }
+
+    /// The writer thread panicked (a bug in a sink or in this crate).
+    pub(crate) fn writer_panicked(err: impl fmt::Display) -> Error {
+        Error::new(
+            ErrorKind::Sink,
+            format!("the backup's writer thread panicked: {err}"),
+            None,
+            Some("this is a bug in the sink or in the basebackup crate; report it with this message. The target may hold partial files"),
+        )
     }
 
     /// The kind of error.
@@ -167,7 +253,46 @@ impl Error {
 
     /// The SQLSTATE when the server sent an error (e.g. `XX001` for page checksum failures).
     pub fn sqlstate(&self) -> Option<&str> {
-        self.0.sqlstate.as_deref()
+        self.0.db.as_ref().map(|db| db.code.as_str())
+    }
+
+    /// The server's error (severity, SQLSTATE, message, detail, hint) when the server
+    /// sent an `ErrorResponse`.
+    ///
+    /// ```
+    /// use pgwire_repl::DbError;
+    /// let db = DbError {
+    ///     severity: "ERROR".into(),
+    ///     code: "XX001".into(),
+    ///     message: "checksum verification failure during base backup".into(),
+    ///     hint: Some("see the server log".into()),
+    ///     ..DbError::default()
+    /// };
+    /// let err: basebackup::Error = pgwire_repl::Error::server("BASE_BACKUP failed", db).into();
+    /// assert_eq!(err.kind(), basebackup::ErrorKind::Server);
+    /// let db = err.db_error().unwrap();
+    /// assert_eq!((db.code.as_str(), db.hint.as_deref()), ("XX001", Some("see the server log")));
+    /// assert_eq!(err.sqlstate(), Some("XX001"));
+    /// ```
+    pub fn db_error(&self) -> Option<&DbError> {
+        self.0.db.as_ref()
+    }
+
+    /// True when taking the backup again, unchanged, may succeed: the connection was
+    /// lost, refused or timed out, or the server is shutting down, starting up or has too
+    /// many connections (SQLSTATE 57P01, 57P02, 57P03, 53300), or a sink marked its error
+    /// so. False for everything that would fail the same way again or needs a person:
+    /// other server errors, protocol violations, verification failures, hostile entries,
+    /// local file errors, bad options.
+    ///
+    /// ```
+    /// let err = basebackup::Error::verify("base/1/1259", "size 8192, manifest says 16384");
+    /// assert!(!err.is_retryable());
+    /// let lost: basebackup::Error = pgwire_repl::Error::closed("reading from host=db1").into();
+    /// assert!(lost.is_retryable());
+    /// ```
+    pub fn is_retryable(&self) -> bool {
+        self.0.retryable
     }
 
     /// What to do about it.
@@ -178,6 +303,12 @@ impl Error {
     /// The message without the advice.
     pub fn message(&self) -> &str {
         &self.0.message
+    }
+
+    /// Replaces the advice line (where the caller knows the situation better).
+    pub(crate) fn with_advice(mut self, advice: impl Into<String>) -> Error {
+        self.0.advice = Some(advice.into());
+        self
     }
 
     /// Prefixes the message with `context`.
@@ -205,10 +336,21 @@ impl From<pgwire_repl::Error> for Error {
             Some(db) => format!("{}: {db}", err.message()),
             None => err.message().to_owned(),
         };
+        let retryable = match kind {
+            // Connection-level I/O: refused, reset, closed by the server.
+            ErrorKind::Io | ErrorKind::Timeout => true,
+            // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections
+            // (the same list as walstream's).
+            ErrorKind::Server => {
+                matches!(err.sqlstate(), Some("57P01" | "57P02" | "57P03" | "53300"))
+            }
+            _ => false,
+        };
         let mut e = Error::new(kind, message, None, None);
         e.0.advice = err.advice().map(str::to_owned);
-        e.0.sqlstate = err.sqlstate().map(str::to_owned);
-        e.0.source = Some(Box::new(err));
+        e.0.db = err.db_error().cloned();
+        e.0.retryable = retryable;
+        e.0.source = Some(Arc::new(err));
         e
     }
 }
@@ -219,7 +361,8 @@ impl fmt::Debug for Error {
             .field("kind", &self.0.kind)
             .field("message", &self.0.message)
             .field("path", &self.0.path)
-            .field("sqlstate", &self.0.sqlstate)
+            .field("db", &self.0.db)
+            .field("retryable", &self.0.retryable)
             .finish()
     }
 }

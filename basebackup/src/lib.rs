@@ -4,12 +4,20 @@
 //! Layers, bottom to top:
 //! - [`command`]: the `BASE_BACKUP` text for each server version (pure);
 //! - [`demux`]: the 15+ CopyData sub-messages (pure);
+//! - [`protocol`]: the state machine of the `BASE_BACKUP` response, both framings (pure);
 //! - [`tar`]: an incremental tar parser with the safety checks (pure);
 //! - [`manifest`]: `backup_manifest` parsing, its SHA-256, per-file checksums (pure);
 //! - [`sink`]: the [`BackupSink`] trait, [`PlainDirSink`] and [`TarSink`];
-//! - [`BaseBackup`]: the async driver; a writer thread does decompression, parsing,
-//!   checksums and disk writes, fed through a bounded channel;
-//! - [`verify_backup`]: pg_verifybackup's checks on an existing backup.
+//! - [`async_sink`]: the [`AsyncBackupSink`] trait for asynchronous destinations;
+//! - [`BaseBackup`]: the async driver, a thin loop over [`protocol::BackupResponse`]; a
+//!   writer thread does decompression, parsing, checksums and disk writes, fed through a
+//!   bounded channel;
+//! - [`verify_backup`] and [`verify_backup_async`]: pg_verifybackup's checks on an
+//!   existing backup.
+//!
+//! Errors are one opaque [`Error`] with a [`kind`](Error::kind),
+//! [`db_error`](Error::db_error) (the server's SQLSTATE, detail and hint) and
+//! [`is_retryable`](Error::is_retryable).
 //!
 //! ```no_run
 //! # async fn demo() -> basebackup::Result<()> {
@@ -21,11 +29,12 @@
 //! let progress = Box::new(|p: &basebackup::Progress| {
 //!     eprintln!("{} / {:?} bytes", p.bytes_done, p.total_estimate)
 //! });
-//! let result = backup.receive(Box::new(PlainDirSink::new("/srv/standby")), Some(progress)).await?;
+//! let (result, _sink) = backup.receive(PlainDirSink::new("/srv/standby"), Some(progress)).await?;
 //! println!("end {} ({} files verified)", result.end_lsn, result.files);
 //! # Ok(()) }
 //! ```
 
+pub mod async_sink;
 mod backup;
 pub mod command;
 pub mod demux;
@@ -33,21 +42,29 @@ mod direct;
 mod error;
 pub mod manifest;
 mod pipeline;
+pub mod protocol;
 pub mod sink;
 pub mod tar;
 mod targets;
 mod verify;
 
+pub use async_sink::AsyncBackupSink;
 pub use backup::{backup, BackupResult, BaseBackup, Progress, ProgressFn};
+/// The byte buffers sinks are handed (zero-copy slices of the receive buffer).
+pub use bytes::Bytes;
 pub use command::{
     build_command, BackupOptions, Checkpoint, ChecksumAlgorithm, CompressionMethod, ManifestMode,
     ServerCompression, DEFAULT_IDLE_TIMEOUT,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use manifest::Manifest;
+pub use protocol::{BackupEvent, BackupResponse};
 pub use sink::{
     ArchiveInfo, BackupInfo, BackupSink, PlainDirSink, SinkOptions, Tablespace, TablespaceMapping,
     TarSink,
 };
+pub use tar::TarEvent;
 pub use targets::{plain_target_dirs, TargetDir};
-pub use verify::{check_wal, verify_backup, verify_backup_with, VerifyOptions};
+pub use verify::{
+    check_wal, verify_backup, verify_backup_async, verify_backup_with, VerifyOptions,
+};

@@ -10,6 +10,7 @@ use std::io::Read;
 use bytes::Bytes;
 use tokio::sync::mpsc::Receiver;
 
+use crate::backup::StopReason;
 use crate::command::{ChecksumAlgorithm, CompressionMethod};
 use crate::error::{Error, Result};
 use crate::manifest::{check_files, FileChecksum, Manifest, Received};
@@ -86,7 +87,8 @@ impl Verifier {
 }
 
 /// Reads one archive's data messages as a byte stream, for the pull-based decoders; stops
-/// (EOF) at the first message that is not data and leaves it in `pending`. Every chunk it
+/// (EOF) at the first message that is not data and leaves it in `pending`, or at the end
+/// of the channel (then `closed` is set: the stream ended before `End`). Every chunk it
 /// starts reading is also appended to `raw` (a cheap `Bytes` clone), so the loop can hand
 /// the compressed bytes to the sink.
 struct ChannelReader<'a> {
@@ -95,6 +97,7 @@ struct ChannelReader<'a> {
     current: Bytes,
     queued: std::vec::IntoIter<Bytes>,
     raw: &'a RefCell<Vec<Bytes>>,
+    closed: &'a std::cell::Cell<bool>,
 }
 
 impl Read for ChannelReader<'_> {
@@ -116,7 +119,10 @@ impl Read for ChannelReader<'_> {
                     *self.pending = Some(other);
                     return Ok(0);
                 }
-                None => return Ok(0),
+                None => {
+                    self.closed.set(true);
+                    return Ok(0);
+                }
             }
         }
         let n = buf.len().min(self.current.len());
@@ -142,16 +148,19 @@ fn feed(
     })
 }
 
-/// Runs the writer until `End` (commit) or failure (abort).
+/// Runs the writer until `End` (commit) or failure (abort, told why). When the channel
+/// closes before `End`, the reason is `stopped`'s (the network side's error, or
+/// cancellation).
 pub(crate) fn run(
     rx: Receiver<Msg>,
     sink: &mut dyn BackupSink,
     algorithm: ChecksumAlgorithm,
     manifest_expected: bool,
+    stopped: &StopReason,
 ) -> Result<Outcome> {
-    let result = run_inner(rx, sink, algorithm, manifest_expected);
-    if result.is_err() {
-        sink.abort();
+    let result = run_inner(rx, sink, algorithm, manifest_expected, stopped);
+    if let Err(reason) = &result {
+        sink.abort(reason);
     }
     result
 }
@@ -161,6 +170,7 @@ fn run_inner(
     sink: &mut dyn BackupSink,
     algorithm: ChecksumAlgorithm,
     manifest_expected: bool,
+    stopped: &StopReason,
 ) -> Result<Outcome> {
     let mut verifier = Verifier {
         algorithm,
@@ -176,7 +186,7 @@ fn run_inner(
             Some(m) => m,
             None => match rx.blocking_recv() {
                 Some(m) => m,
-                None => return Err(Error::protocol("the backup stream ended early")),
+                None => return Err(stopped.take()),
             },
         };
         match msg {
@@ -201,19 +211,21 @@ fn run_inner(
                                 pending = Some(other);
                                 break;
                             }
-                            None => return Err(Error::protocol("the backup stream ended early")),
+                            None => return Err(stopped.take()),
                         }
                     },
                     Some(method) => {
                         // The compressed chunks the decoder has pulled in, not yet given
                         // to the sink.
                         let raw = RefCell::new(Vec::new());
+                        let closed = std::cell::Cell::new(false);
                         let mut reader = ChannelReader {
                             rx: &mut rx,
                             pending: &mut pending,
                             current: Bytes::new(),
                             queued: Vec::new().into_iter(),
                             raw: &raw,
+                            closed: &closed,
                         };
                         let mut decoder: Box<dyn Read + '_> = match method {
                             CompressionMethod::Gzip => {
@@ -230,9 +242,16 @@ fn run_inner(
                         };
                         loop {
                             let mut buf = vec![0u8; DECOMPRESS_CHUNK];
-                            let n = decoder.read(&mut buf).map_err(|e| {
-                                Error::protocol(format!("decompressing archive {name}: {e}"))
-                            })?;
+                            let n = match decoder.read(&mut buf) {
+                                Ok(n) => n,
+                                // Cut off, not damaged: the stream stopped before its end.
+                                Err(_) if closed.get() => return Err(stopped.take()),
+                                Err(e) => {
+                                    return Err(Error::protocol(format!(
+                                        "decompressing archive {name}: {e}"
+                                    )))
+                                }
+                            };
                             // Whatever was decoded came from chunks already pulled in, so
                             // the sink gets those first.
                             for chunk in raw.borrow_mut().drain(..) {
@@ -245,6 +264,9 @@ fn run_inner(
                             feed(Bytes::from(buf), &mut tar, sink, &mut verifier)?;
                         }
                         drop(decoder);
+                        if closed.get() {
+                            return Err(stopped.take());
+                        }
                         // The gzip and zstd decoders read to the end of the data; the lz4
                         // one stops at the end of a frame, possibly mid-chunk. Bytes left
                         // there were given to the sink as compressed bytes but never
@@ -266,7 +288,7 @@ fn run_inner(
                                     )))
                                 }
                                 Some(other) => pending = Some(other),
-                                None => return Err(Error::protocol("the backup stream ended early")),
+                                None => return Err(stopped.take()),
                             }
                         }
                     }
@@ -367,7 +389,13 @@ mod tests {
         }
         drop(tx);
         let mut sink = PlainDirSink::new(target).options(options);
-        run(rx, &mut sink, ChecksumAlgorithm::Crc32c, false)
+        run(
+            rx,
+            &mut sink,
+            ChecksumAlgorithm::Crc32c,
+            false,
+            &StopReason::default(),
+        )
     }
 
     #[test]
@@ -496,7 +524,13 @@ mod tests {
         }
         tx.try_send(Msg::End).unwrap();
         drop(tx);
-        run(rx, sink, ChecksumAlgorithm::Crc32c, false)
+        run(
+            rx,
+            sink,
+            ChecksumAlgorithm::Crc32c,
+            false,
+            &StopReason::default(),
+        )
     }
 
     #[test]
@@ -584,7 +618,7 @@ mod tests {
         fn commit(&mut self, _: Option<&[u8]>) -> Result<()> {
             Ok(())
         }
-        fn abort(&mut self) {}
+        fn abort(&mut self, _: &Error) {}
     }
 
     /// How much a fresh decoder produces from the first bytes of a compressed stream.

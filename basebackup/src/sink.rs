@@ -1,7 +1,9 @@
 //! Where the backup goes: the [`BackupSink`] trait, a plain data directory
 //! ([`PlainDirSink`]) and tar archives ([`TarSink`]).
 //!
-//! Sinks run on the writer thread, never on the async runtime, so they may block.
+//! Sinks run on the writer thread, never on the async runtime, so they may block. A sink
+//! that is asynchronous itself (an object store client) implements
+//! [`AsyncBackupSink`](crate::AsyncBackupSink) instead.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -34,7 +36,7 @@ pub struct Tablespace {
 }
 
 /// What a sink learns before the first archive.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupInfo {
     /// The server's major version.
     pub server_major: u32,
@@ -47,7 +49,7 @@ pub struct BackupInfo {
 }
 
 /// One archive (the base directory or a tablespace).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArchiveInfo {
     /// The name the server gave it (`base.tar`, `16385.tar.zst`…). On 13/14 it is derived
     /// from the tablespace list.
@@ -88,10 +90,14 @@ impl ArchiveInfo {
 /// uncompressed data (a frame's end carries no data). Without server compression,
 /// `compressed_bytes` is never called.
 ///
+/// The sink runs on the backup's writer thread and may block there (file I/O, a
+/// synchronous client); it must not call `block_on` on the runtime. An error it returns
+/// fails the backup: use [`Error::sink`](crate::Error::sink) for failures of its own.
+/// [`BaseBackup::receive`](crate::BaseBackup::receive) gives the sink back at the end.
+///
 /// ```
-/// use basebackup::{BackupSink, ArchiveInfo, BackupInfo, Result};
-/// use basebackup::tar::TarEvent;
-/// /// Counts bytes, writes nothing.
+/// use basebackup::{BackupSink, ArchiveInfo, BackupInfo, Error, Result, TarEvent};
+/// /// Counts file bytes, writes nothing.
 /// struct Count(u64);
 /// impl BackupSink for Count {
 ///     fn begin_backup(&mut self, _: &BackupInfo) -> Result<()> { Ok(()) }
@@ -102,7 +108,7 @@ impl ArchiveInfo {
 ///     }
 ///     fn end_archive(&mut self, _trailer: bool) -> Result<()> { Ok(()) }
 ///     fn commit(&mut self, _manifest: Option<&[u8]>) -> Result<()> { Ok(()) }
-///     fn abort(&mut self) {}
+///     fn abort(&mut self, reason: &Error) { eprintln!("backup failed: {reason}") }
 /// }
 /// ```
 pub trait BackupSink: Send {
@@ -135,8 +141,40 @@ pub trait BackupSink: Send {
     /// Everything was received and verified: make it durable and write the manifest
     /// (last, so that nothing looks finished before this point).
     fn commit(&mut self, manifest: Option<&[u8]>) -> Result<()>;
-    /// The backup failed: remove what this sink created (unless told to keep it).
-    fn abort(&mut self);
+    /// The backup failed, for `reason` (the error the backup returns, or
+    /// [`ErrorKind::Cancelled`](crate::ErrorKind::Cancelled) when its caller dropped it):
+    /// remove what this sink created (unless told to keep it). Called at most once,
+    /// instead of `commit`, and never after a successful `commit`.
+    fn abort(&mut self, reason: &Error);
+}
+
+/// A boxed sink is a sink (so `Box<dyn BackupSink>` can be passed where a sink is
+/// expected).
+impl<S: BackupSink + ?Sized> BackupSink for Box<S> {
+    fn begin_backup(&mut self, info: &BackupInfo) -> Result<()> {
+        (**self).begin_backup(info)
+    }
+    fn begin_archive(&mut self, archive: &ArchiveInfo) -> Result<()> {
+        (**self).begin_archive(archive)
+    }
+    fn compressed_bytes(&mut self, data: &Bytes) -> Result<()> {
+        (**self).compressed_bytes(data)
+    }
+    fn archive_bytes(&mut self, data: &Bytes) -> Result<()> {
+        (**self).archive_bytes(data)
+    }
+    fn entry(&mut self, event: &TarEvent) -> Result<()> {
+        (**self).entry(event)
+    }
+    fn end_archive(&mut self, trailer_present: bool) -> Result<()> {
+        (**self).end_archive(trailer_present)
+    }
+    fn commit(&mut self, manifest: Option<&[u8]>) -> Result<()> {
+        (**self).commit(manifest)
+    }
+    fn abort(&mut self, reason: &Error) {
+        (**self).abort(reason)
+    }
 }
 
 /// Tablespace mapping `OLDDIR=NEWDIR`, as `pg_basebackup -T`.
@@ -363,7 +401,7 @@ enum Created {
 /// let mut mapping = basebackup::TablespaceMapping::default();
 /// mapping.parse_arg("/srv/ts1=/backup/ts1")?;
 /// let sink = basebackup::PlainDirSink::new("/backup/data").tablespace_mapping(mapping);
-/// let result = basebackup::backup(&config, basebackup::BackupOptions::default().wal(true), Box::new(sink)).await?;
+/// let (result, _sink) = basebackup::backup(&config, basebackup::BackupOptions::default().wal(true), sink).await?;
 /// println!("backup ends at {}", result.end_lsn);
 /// # Ok(()) }
 /// ```
@@ -682,7 +720,7 @@ impl BackupSink for PlainDirSink {
         Ok(())
     }
 
-    fn abort(&mut self) {
+    fn abort(&mut self, _reason: &Error) {
         self.current = None;
         if self.options.keep_on_failure {
             return;
@@ -917,7 +955,7 @@ impl BackupSink for TarSink {
         Ok(())
     }
 
-    fn abort(&mut self) {
+    fn abort(&mut self, _reason: &Error) {
         self.current = None;
         if !self.options.keep_on_failure {
             remove_created(&mut self.created);

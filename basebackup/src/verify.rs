@@ -37,6 +37,32 @@ pub fn verify_backup(dir: &Path) -> Result<Manifest> {
     verify_backup_with(dir, &VerifyOptions::default())
 }
 
+/// [`verify_backup_with`] for async callers: runs on a blocking thread
+/// (`spawn_blocking`), so the runtime's workers stay free while it reads every file.
+///
+/// Cancel safety: dropping the future does not stop the verification, which only reads;
+/// it runs to its end and the result is discarded. A panic in it is resumed in the caller.
+///
+/// ```no_run
+/// # async fn demo() -> basebackup::Result<()> {
+/// let options = basebackup::VerifyOptions::default();
+/// let manifest = basebackup::verify_backup_async("/backup/data", options).await?;
+/// println!("{} files verified", manifest.files.len());
+/// # Ok(()) }
+/// ```
+pub async fn verify_backup_async(
+    dir: impl Into<PathBuf>,
+    options: VerifyOptions,
+) -> Result<Manifest> {
+    let dir = dir.into();
+    match tokio::task::spawn_blocking(move || verify_backup_with(&dir, &options)).await {
+        Ok(result) => result,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        // Only when the runtime shuts down.
+        Err(_) => Err(Error::cancelled()),
+    }
+}
+
 /// [`verify_backup`] with options.
 pub fn verify_backup_with(dir: &Path, options: &VerifyOptions) -> Result<Manifest> {
     let manifest_path = dir.join("backup_manifest");

@@ -401,8 +401,9 @@ async fn run(
     let result = tokio::time::timeout(Duration::from_secs(10), async {
         BaseBackup::start(client, options)
             .await?
-            .receive(Box::new(sink), None)
+            .receive(sink, None)
             .await
+            .map(|(result, _sink)| result)
     })
     .await
     .expect("the backup hung");
@@ -823,28 +824,17 @@ async fn a_manifest_that_disagrees_with_the_files_fails_naming_the_file() {
             )
             .await;
         }
-        // No manifest at all although one was asked for.
+        // No manifest at all although one was asked for (13/14: the end position
+        // comes where the manifest's CopyOutResponse should): the same error both ways.
         let script = full(framing, &[base(good_entries())], None);
-        if framing == Framing::V14 {
-            // 13/14: the manifest's CopyOutResponse is missing; the end position came.
-            expect_failure(
-                "V14 no manifest",
-                script,
-                ErrorKind::Protocol,
-                None,
-                &["expected CopyOutResponse"],
-            )
-            .await;
-        } else {
-            expect_failure(
-                "V15 no manifest",
-                script,
-                ErrorKind::Verify,
-                Some("backup_manifest"),
-                &["the server sent no manifest"],
-            )
-            .await;
-        }
+        expect_failure(
+            &format!("{framing:?} no manifest"),
+            script,
+            ErrorKind::Verify,
+            Some("backup_manifest"),
+            &["the server sent no manifest"],
+        )
+        .await;
     }
 }
 
@@ -1066,7 +1056,7 @@ async fn the_tar_sink_refuses_hostile_entries_and_leaves_nothing() {
             let err = BaseBackup::start(client, BackupOptions::default())
                 .await
                 .unwrap()
-                .receive(Box::new(sink), None)
+                .receive(sink, None)
                 .await
                 .unwrap_err();
             let _ = server.outcomes().await;
@@ -1074,5 +1064,362 @@ async fn the_tar_sink_refuses_hostile_entries_and_leaves_nothing() {
             assert_eq!(err.path(), Some(name), "{err}");
             s.assert_untouched(&format!("{framing:?} tar sink {name}"));
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Asynchronous sinks, and what `abort` is told.
+
+/// What a sink saw, shared with the test (the sink is not given back on failure).
+#[derive(Debug, Default)]
+struct Seen {
+    calls: Vec<String>,
+    archives: Vec<(String, Vec<u8>)>,
+    files: usize,
+    manifest: Option<Vec<u8>>,
+    aborted: Option<basebackup::Error>,
+}
+
+type Shared = std::sync::Arc<std::sync::Mutex<Seen>>;
+
+/// An asynchronous sink that keeps everything in memory, yields between chunks (as a
+/// network client would), and fails where told.
+struct MemorySink {
+    seen: Shared,
+    entries: bool,
+    fail_after_chunks: Option<usize>,
+    chunks: usize,
+    archive_began: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl MemorySink {
+    fn new(seen: &Shared) -> MemorySink {
+        MemorySink {
+            seen: seen.clone(),
+            entries: true,
+            fail_after_chunks: None,
+            chunks: 0,
+            archive_began: None,
+        }
+    }
+
+    fn log(&self, call: &str) {
+        self.seen.lock().unwrap().calls.push(call.to_owned());
+    }
+}
+
+impl basebackup::AsyncBackupSink for MemorySink {
+    async fn begin_backup(&mut self, info: &basebackup::BackupInfo) -> basebackup::Result<()> {
+        self.log(&format!("begin_backup {} archives", info.tablespaces.len()));
+        Ok(())
+    }
+    async fn begin_archive(&mut self, archive: &basebackup::ArchiveInfo) -> basebackup::Result<()> {
+        self.log(&format!("begin_archive {}", archive.name));
+        self.seen
+            .lock()
+            .unwrap()
+            .archives
+            .push((archive.name.clone(), Vec::new()));
+        if let Some(tx) = self.archive_began.take() {
+            let _ = tx.send(());
+        }
+        Ok(())
+    }
+    async fn archive_bytes(&mut self, data: Bytes) -> basebackup::Result<()> {
+        tokio::task::yield_now().await;
+        self.chunks += 1;
+        if self.fail_after_chunks.is_some_and(|n| self.chunks > n) {
+            return Err(basebackup::Error::sink(
+                "uploading to the test store: the store refused the write (HTTP 507)",
+                "free space in the test store",
+            ));
+        }
+        let mut seen = self.seen.lock().unwrap();
+        seen.archives.last_mut().unwrap().1.extend_from_slice(&data);
+        Ok(())
+    }
+    fn wants_entries(&self) -> bool {
+        self.entries
+    }
+    async fn entry(&mut self, event: basebackup::TarEvent) -> basebackup::Result<()> {
+        if let basebackup::TarEvent::File { .. } = event {
+            self.seen.lock().unwrap().files += 1;
+        }
+        Ok(())
+    }
+    async fn end_archive(&mut self, trailer_present: bool) -> basebackup::Result<()> {
+        self.log(&format!("end_archive {trailer_present}"));
+        Ok(())
+    }
+    async fn commit(&mut self, manifest: Option<Bytes>) -> basebackup::Result<()> {
+        self.log("commit");
+        self.seen.lock().unwrap().manifest = manifest.map(|m| m.to_vec());
+        Ok(())
+    }
+    async fn abort(&mut self, reason: &basebackup::Error) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.log("abort");
+        self.seen.lock().unwrap().aborted = Some(reason.clone());
+    }
+}
+
+async fn run_async(
+    script: Vec<Action>,
+    sink: MemorySink,
+) -> basebackup::Result<(basebackup::BackupResult, MemorySink)> {
+    let server = FakeServer::start(vec![script]).await;
+    let client = ReplicationClient::connect(&config(&server)).await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(10), async {
+        BaseBackup::start(client, BackupOptions::default())
+            .await?
+            .receive_async(sink, None)
+            .await
+    })
+    .await
+    .expect("the backup hung");
+    let _ = server.outcomes().await;
+    result
+}
+
+#[tokio::test]
+async fn an_async_sink_receives_the_verified_backup_and_is_given_back() {
+    for framing in BOTH {
+        for entries in [true, false] {
+            let seen = Shared::default();
+            let mut sink = MemorySink::new(&seen);
+            sink.entries = entries;
+            let manifest = manifest_for(&good_files());
+            let script = full(framing, &[base(good_entries())], Some(&manifest));
+            let (result, sink) = run_async(script, sink)
+                .await
+                .unwrap_or_else(|e| panic!("{framing:?}: {e}"));
+            assert_eq!(result.files, 2);
+            // The sink came back: its own state is readable without sharing.
+            assert!(sink.chunks > 0);
+            let seen = seen.lock().unwrap();
+            let trailer = framing == Framing::V15;
+            assert_eq!(
+                seen.calls,
+                [
+                    "begin_backup 1 archives".to_string(),
+                    "begin_archive base.tar".into(),
+                    format!("end_archive {trailer}"),
+                    "commit".into()
+                ],
+                "{framing:?}"
+            );
+            let mut sent = good_entries();
+            if trailer {
+                sent.extend([0u8; 1024]);
+            }
+            assert!(
+                seen.archives == [("base.tar".to_string(), sent)],
+                "{framing:?}"
+            );
+            assert_eq!(seen.files, if entries { 2 } else { 0 }, "{framing:?}");
+            assert_eq!(seen.manifest.as_deref(), Some(&manifest[..]));
+            assert!(seen.aborted.is_none());
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_async_sink_that_fails_stops_the_backup_and_is_aborted_with_its_own_error() {
+    // A backup long enough that the failure must stop it early: 64 files of 8 KiB.
+    let mut tar = Vec::new();
+    let mut files = Vec::new();
+    for i in 0..64 {
+        let name: &'static str = Box::leak(format!("base/1/{}", 16384 + i).into_boxed_str());
+        let data = vec![i as u8; 8192];
+        tar.extend(file(name, &data));
+        files.push((name, data));
+    }
+    let manifest = manifest_for(&files);
+    for framing in BOTH {
+        let seen = Shared::default();
+        let mut sink = MemorySink::new(&seen);
+        sink.fail_after_chunks = Some(3);
+        let script = full(framing, &[base(tar.clone())], Some(&manifest));
+        let err = run_async(script, sink).await.map(|_| ()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Sink, "{err}");
+        assert!(err.to_string().contains("HTTP 507"), "{err}");
+        assert!(
+            err.to_string().contains("free space in the test store"),
+            "{err}"
+        );
+        let seen = seen.lock().unwrap();
+        assert!(
+            !seen.calls.contains(&"commit".to_string()),
+            "{:?}",
+            seen.calls
+        );
+        assert_eq!(seen.calls.last().map(String::as_str), Some("abort"));
+        let reason = seen.aborted.as_ref().unwrap();
+        assert_eq!(reason.kind(), ErrorKind::Sink);
+        assert!(reason.to_string().contains("HTTP 507"), "{reason}");
+    }
+}
+
+#[tokio::test]
+async fn abort_is_told_why_the_backup_failed() {
+    for framing in BOTH {
+        let manifest = manifest_for(&good_files());
+        let archives = [base(good_entries())];
+
+        // A server error mid-copy, for an asynchronous sink.
+        let mut script = opening(framing, &archives);
+        script.extend(
+            copy(framing, &archives, Some(&manifest))
+                .into_iter()
+                .take(4),
+        );
+        script.push(Action::Send(BackendMessage::ErrorResponse(db_error(
+            "58P01",
+            "could not open file \"base/1/1259\"",
+        ))));
+        script.push(Action::GoSilent);
+        let seen = Shared::default();
+        let err = run_async(script, MemorySink::new(&seen))
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(err.sqlstate(), Some("58P01"), "{err}");
+        let reason = seen
+            .lock()
+            .unwrap()
+            .aborted
+            .clone()
+            .expect("abort was not called");
+        assert_eq!(reason.kind(), ErrorKind::Server, "{reason}");
+        assert_eq!(reason.db_error().map(|d| d.code.as_str()), Some("58P01"));
+
+        // A hostile entry, for an asynchronous sink.
+        let mut tar = good_entries();
+        tar.extend(file("../escape", b"x"));
+        let script = full(framing, &[base(tar)], Some(&manifest));
+        let seen = Shared::default();
+        let err = run_async(script, MemorySink::new(&seen))
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unsafe, "{err}");
+        let reason = seen
+            .lock()
+            .unwrap()
+            .aborted
+            .clone()
+            .expect("abort was not called");
+        assert_eq!(
+            (reason.kind(), reason.path()),
+            (ErrorKind::Unsafe, Some("../escape"))
+        );
+
+        // A lost connection, for a blocking sink.
+        let mut script = opening(framing, &archives);
+        script.extend(
+            copy(framing, &archives, Some(&manifest))
+                .into_iter()
+                .take(3),
+        );
+        script.push(Action::Close);
+        let server = FakeServer::start(vec![script]).await;
+        let client = ReplicationClient::connect(&config(&server)).await.unwrap();
+        let (reason_tx, reason_rx) = std::sync::mpsc::channel();
+        let err = BaseBackup::start(client, BackupOptions::default())
+            .await
+            .unwrap()
+            .receive(Reasons(reason_tx), None)
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        let _ = server.outcomes().await;
+        assert_eq!(err.kind(), ErrorKind::Io, "{err}");
+        assert!(err.is_retryable(), "{err}");
+        let reason = reason_rx.try_recv().expect("abort was not called");
+        assert_eq!(reason.kind(), ErrorKind::Io, "{reason}");
+        assert!(
+            reason.to_string().contains("closed the connection"),
+            "{reason}"
+        );
+    }
+}
+
+/// A blocking sink that reports the reason of its abort.
+struct Reasons(std::sync::mpsc::Sender<basebackup::Error>);
+
+impl basebackup::BackupSink for Reasons {
+    fn begin_backup(&mut self, _: &basebackup::BackupInfo) -> basebackup::Result<()> {
+        Ok(())
+    }
+    fn begin_archive(&mut self, _: &basebackup::ArchiveInfo) -> basebackup::Result<()> {
+        Ok(())
+    }
+    fn end_archive(&mut self, _: bool) -> basebackup::Result<()> {
+        Ok(())
+    }
+    fn commit(&mut self, _: Option<&[u8]>) -> basebackup::Result<()> {
+        Ok(())
+    }
+    fn abort(&mut self, reason: &basebackup::Error) {
+        let _ = self.0.send(reason.clone());
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_backup_aborts_its_sink_as_cancelled() {
+    for framing in BOTH {
+        let archives = [base(good_entries())];
+        let mut script = opening(framing, &archives);
+        script.extend(copy(framing, &archives, None).into_iter().take(4));
+        script.push(Action::GoSilent);
+
+        // Asynchronous: the sink's task outlives the dropped future until `abort` ran.
+        let server = FakeServer::start(vec![script.clone()]).await;
+        let client = ReplicationClient::connect(&config(&server)).await.unwrap();
+        let seen = Shared::default();
+        let mut sink = MemorySink::new(&seen);
+        let (began_tx, began_rx) = tokio::sync::oneshot::channel();
+        sink.archive_began = Some(began_tx);
+        let backup = BaseBackup::start(client, BackupOptions::default())
+            .await
+            .unwrap();
+        let task = tokio::spawn(backup.receive_async(sink, None));
+        tokio::time::timeout(Duration::from_secs(5), began_rx)
+            .await
+            .expect("the archive never began at the sink")
+            .unwrap();
+        task.abort();
+        let started = Instant::now();
+        let reason = loop {
+            if let Some(reason) = seen.lock().unwrap().aborted.clone() {
+                break reason;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{framing:?}: the sink was never aborted"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(reason.kind(), ErrorKind::Cancelled, "{reason}");
+        assert!(!seen.lock().unwrap().calls.contains(&"commit".to_string()));
+        drop(server);
+
+        // Blocking: the writer thread aborts the sink once the channel closes.
+        let server = FakeServer::start(vec![script]).await;
+        let client = ReplicationClient::connect(&config(&server)).await.unwrap();
+        let (reason_tx, reason_rx) = std::sync::mpsc::channel();
+        let backup = BaseBackup::start(client, BackupOptions::default())
+            .await
+            .unwrap();
+        let receiving = backup.receive(Reasons(reason_tx), None);
+        // Long enough to start the writer and take in what the server sent.
+        let _ = tokio::time::timeout(Duration::from_millis(300), receiving).await;
+        let reason =
+            tokio::task::spawn_blocking(move || reason_rx.recv_timeout(Duration::from_secs(5)))
+                .await
+                .unwrap()
+                .expect("the blocking sink was never aborted");
+        assert_eq!(reason.kind(), ErrorKind::Cancelled, "{reason}");
+        drop(server);
     }
 }

@@ -101,9 +101,9 @@ async fn plain_and_tar_backups_restore_and_match() {
     let reports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let r2 = reports.clone();
     let started = Instant::now();
-    let result = backup
+    let (result, _sink) = backup
         .receive(
-            Box::new(PlainDirSink::new(&data).tablespace_mapping(mapping)),
+            PlainDirSink::new(&data).tablespace_mapping(mapping),
             Some(Box::new(move |p: &basebackup::Progress| {
                 r2.lock().unwrap().push(p.clone())
             })),
@@ -158,7 +158,7 @@ async fn plain_and_tar_backups_restore_and_match() {
     let client = ReplicationClient::connect(&source.config("postgres"))
         .await
         .unwrap();
-    let tar_result = BaseBackup::start(client, opts)
+    let (tar_result, _) = BaseBackup::start(client, opts)
         .await
         .unwrap()
         .receive(
@@ -222,12 +222,13 @@ async fn plain_and_tar_backups_restore_and_match() {
     }
 }
 
-/// Reads a `.tar.zst` or `.tar.gz` archive, decompressed.
+/// Reads a `.tar.zst`, `.tar.gz` or `.tar` archive, decompressed.
 fn decompressing(archive: &Path) -> Box<dyn std::io::Read> {
     let file = std::fs::File::open(archive).unwrap();
     match archive.extension().and_then(|e| e.to_str()) {
         Some("zst") => Box::new(zstd::stream::read::Decoder::new(file).unwrap()),
         Some("gz") => Box::new(flate2::read::MultiGzDecoder::new(file)),
+        Some("tar") => Box::new(file),
         other => panic!("{}: unexpected suffix {other:?}", archive.display()),
     }
 }
@@ -257,12 +258,9 @@ async fn tar_with_server_compression_stores_the_compressed_archives() {
         };
         let (config, tar_dir) = (source.config("postgres"), tar_dir.clone());
         async move {
-            basebackup::backup(
-                &config,
-                opts,
-                Box::new(TarSink::new(&tar_dir).options(no_sync())),
-            )
-            .await
+            basebackup::backup(&config, opts, TarSink::new(&tar_dir).options(no_sync()))
+                .await
+                .map(|(result, _sink)| result)
         }
     };
     let result = match take(CompressionMethod::Zstd).await {
@@ -466,6 +464,15 @@ async fn corruption_is_detected_and_cleaned_up() {
         (ErrorKind::Verify, Some(file.as_str())),
         "{e}"
     );
+    // The async form says the same, without blocking the runtime's workers.
+    let e = basebackup::verify_backup_async(good.clone(), Default::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.path()),
+        (ErrorKind::Verify, Some(file.as_str())),
+        "{e}"
+    );
     bytes[100] ^= 0xff;
     std::fs::write(&victim, &bytes).unwrap();
     let map = good.join("global/pg_filenode.map");
@@ -481,6 +488,10 @@ async fn corruption_is_detected_and_cleaned_up() {
     assert_eq!(e.path(), Some("base/extra"), "{e}");
     std::fs::remove_file(good.join("base/extra")).unwrap();
     let manifest = basebackup::verify_backup(&good).unwrap();
+    let again = basebackup::verify_backup_async(good.clone(), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(again.files.len(), manifest.files.len());
 
     // Damaged WAL: the page holding the start LSN.
     let range = manifest.wal_ranges[0];
@@ -537,7 +548,7 @@ impl basebackup::BackupSink for Discard {
     fn commit(&mut self, _: Option<&[u8]>) -> basebackup::Result<()> {
         Ok(())
     }
-    fn abort(&mut self) {}
+    fn abort(&mut self, _: &basebackup::Error) {}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -545,7 +556,7 @@ async fn max_rate_and_server_compression() {
     let source = Cluster::start(ClusterOptions::new());
     let config = source.config("postgres");
     let t = Instant::now();
-    let plain = basebackup::backup(&config, BackupOptions::default(), Box::new(Discard))
+    let (plain, _) = basebackup::backup(&config, BackupOptions::default(), Discard)
         .await
         .unwrap();
     let fast = t.elapsed();
@@ -578,9 +589,7 @@ async fn max_rate_and_server_compression() {
             manifest: mode,
             ..BackupOptions::default().manifest_checksums(alg)
         };
-        let r = basebackup::backup(&config, opts, Box::new(Discard))
-            .await
-            .unwrap();
+        let (r, _) = basebackup::backup(&config, opts, Discard).await.unwrap();
         let m = r.manifest.unwrap();
         assert!(m.files.len() > 100 && m.files.iter().all(|f| f.algorithm == alg));
     }
@@ -588,9 +597,7 @@ async fn max_rate_and_server_compression() {
         manifest: ManifestMode::No,
         ..BackupOptions::default()
     };
-    let r = basebackup::backup(&config, opts, Box::new(Discard))
-        .await
-        .unwrap();
+    let (r, _) = basebackup::backup(&config, opts, Discard).await.unwrap();
     assert!(r.manifest.is_none() && r.files > 100);
 
     let work = scratch();
@@ -663,4 +670,202 @@ async fn page_checksum_failure_fails_the_backup() {
     assert_eq!(err.sqlstate(), Some("XX001"), "{err}");
     assert!(err.to_string().contains("damaged data pages"), "{err}");
     assert!(!target.exists());
+}
+
+/// The embedder example, compiled here as a module so that its exact code runs against
+/// the test server (its `main` is for `cargo run --example hashing_sink`).
+#[allow(dead_code)]
+#[path = "../examples/hashing_sink.rs"]
+mod hashing_sink;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hashing_sink_example_counts_and_hashes_a_real_backup() {
+    use sha2::Digest;
+    let (source, _ts) = source_with_tablespace().await;
+    let conninfo = source.unix_conninfo("postgres");
+    // Server-compressed archives where the server can (gzip is in every 15+ build):
+    // the sink sees both the stream as sent and the decompressed one.
+    let mut options = BackupOptions::default();
+    if source.major() >= 15 {
+        options = options.compression(ServerCompression::new(CompressionMethod::Gzip).level(1));
+    }
+    let (result, totals) = hashing_sink::hash_backup(&conninfo, options)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(totals.committed);
+    let manifest = result.manifest.as_ref().unwrap();
+
+    // Every file, once, with the manifest's paths and sizes.
+    assert_eq!(totals.files, result.files);
+    let listed: std::collections::BTreeSet<String> = manifest
+        .files
+        .iter()
+        .map(|f| String::from_utf8_lossy(&f.path).into_owned())
+        .collect();
+    let hashed: std::collections::BTreeSet<String> = totals.file_sha256.keys().cloned().collect();
+    assert_eq!(hashed, listed);
+    assert_eq!(
+        totals.file_bytes,
+        manifest.files.iter().map(|f| f.size).sum::<u64>()
+    );
+    assert!(hashed.iter().any(|p| p.starts_with("pg_tblspc/")));
+    assert_eq!(totals.links, 1, "the tablespace link");
+    assert!(totals.directories > 10);
+
+    // The hashes are of the files' real contents.
+    for path in ["PG_VERSION", "base/1/PG_VERSION"] {
+        let on_disk = std::fs::read(source.data_dir().join(path)).unwrap();
+        let expected: String = sha2::Sha256::digest(&on_disk)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(totals.file_sha256[path], expected, "{path}");
+    }
+
+    // One archive per tablespace, base last; compressed as asked.
+    let names: Vec<&str> = totals.archives.iter().map(|a| a.name.as_str()).collect();
+    let suffix = if source.major() >= 15 { ".gz" } else { "" };
+    assert_eq!(names.len(), 2);
+    assert!(names[0].ends_with(&format!(".tar{suffix}")) && names[0] != names[1]);
+    assert_eq!(names[1], format!("base.tar{suffix}"));
+    for a in &totals.archives {
+        assert_eq!(a.tar_sha256.len(), 64);
+        assert!(a.tar_bytes > 0);
+        if source.major() >= 15 {
+            assert!(
+                a.compressed_bytes > 0 && a.compressed_bytes < a.tar_bytes,
+                "{a:?}"
+            );
+            assert!(a.compressed_sha256.is_some());
+        } else {
+            assert_eq!(
+                (a.compressed_bytes, a.compressed_sha256.as_deref()),
+                (0, None)
+            );
+        }
+    }
+    assert_eq!(totals.manifest_sha256.as_ref().map(String::len), Some(64));
+}
+
+/// Keeps each archive as it arrived (compressed by the server, or plain) and the
+/// manifest, in memory, as an object-store upload would.
+#[derive(Default)]
+struct AsArrived {
+    archives: Vec<(String, bool, Vec<u8>)>,
+    manifest: Option<Vec<u8>>,
+}
+
+impl basebackup::AsyncBackupSink for AsArrived {
+    async fn begin_backup(&mut self, _: &basebackup::BackupInfo) -> basebackup::Result<()> {
+        Ok(())
+    }
+    async fn begin_archive(&mut self, archive: &basebackup::ArchiveInfo) -> basebackup::Result<()> {
+        self.archives.push((
+            archive.name.clone(),
+            archive.compression.is_some(),
+            Vec::new(),
+        ));
+        Ok(())
+    }
+    async fn compressed_bytes(&mut self, data: basebackup::Bytes) -> basebackup::Result<()> {
+        tokio::task::yield_now().await;
+        self.archives.last_mut().unwrap().2.extend_from_slice(&data);
+        Ok(())
+    }
+    async fn archive_bytes(&mut self, data: basebackup::Bytes) -> basebackup::Result<()> {
+        let (_, compressed, bytes) = self.archives.last_mut().unwrap();
+        if !*compressed {
+            tokio::task::yield_now().await;
+            bytes.extend_from_slice(&data);
+        }
+        Ok(())
+    }
+    fn wants_entries(&self) -> bool {
+        false
+    }
+    async fn end_archive(&mut self, trailer_present: bool) -> basebackup::Result<()> {
+        let (_, compressed, bytes) = self.archives.last_mut().unwrap();
+        if !trailer_present && !*compressed {
+            bytes.extend_from_slice(&[0u8; 1024]);
+        }
+        Ok(())
+    }
+    async fn commit(&mut self, manifest: Option<basebackup::Bytes>) -> basebackup::Result<()> {
+        self.manifest = manifest.map(|m| m.to_vec());
+        Ok(())
+    }
+    async fn abort(&mut self, _: &basebackup::Error) {
+        self.archives.clear();
+    }
+}
+
+/// An asynchronous sink stores the archives as they arrived (server-compressed on 15+)
+/// while the backup is verified on the decompressed stream; restored by hand, the
+/// backup passes verify_backup (and pg_verifybackup on 15).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_sink_stores_the_archives_as_sent_and_they_verify() {
+    let source = Cluster::start(ClusterOptions::new());
+    source
+        .execute("CREATE TABLE t AS SELECT g, md5(g::text) AS s FROM generate_series(1, 20000) g")
+        .await;
+    let mut options = BackupOptions::default().wal(true);
+    if source.major() >= 15 {
+        options = options.compression(ServerCompression::new(CompressionMethod::Gzip).level(1));
+    }
+    let client = ReplicationClient::connect(&source.config("postgres"))
+        .await
+        .unwrap();
+    let (result, sink) = BaseBackup::start(client, options)
+        .await
+        .unwrap()
+        .receive_async(AsArrived::default(), None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(result.files > 100);
+    let [(name, compressed, bytes)] = &sink.archives[..] else {
+        panic!("expected one archive, got {}", sink.archives.len());
+    };
+    assert_eq!(*compressed, source.major() >= 15, "{name}");
+    assert_eq!(
+        name,
+        if *compressed {
+            "base.tar.gz"
+        } else {
+            "base.tar"
+        }
+    );
+    if *compressed {
+        assert!(
+            (bytes.len() as u64) * 2 < result.bytes,
+            "{name}: {} bytes stored for {} bytes of tar",
+            bytes.len(),
+            result.bytes
+        );
+    }
+    let work = scratch();
+    let stored = work.path().join(name);
+    std::fs::write(&stored, bytes).unwrap();
+    let restored = work.path().join("restored");
+    untar(&stored, &restored);
+    std::fs::write(
+        restored.join("backup_manifest"),
+        sink.manifest.as_deref().unwrap(),
+    )
+    .unwrap();
+    let manifest = basebackup::verify_backup_async(restored.clone(), Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(manifest.files.len(), result.manifest.unwrap().files.len());
+    if source.major() == 15 {
+        let out = std::process::Command::new("/usr/lib/postgresql/15/bin/pg_verifybackup")
+            .arg(&restored)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && text.contains("backup successfully verified"),
+            "{text}"
+        );
+    }
 }

@@ -462,8 +462,8 @@ impl BackupSink for SignalWhenDropped {
     fn commit(&mut self, manifest: Option<&[u8]>) -> basebackup::Result<()> {
         self.inner.commit(manifest)
     }
-    fn abort(&mut self) {
-        self.inner.abort()
+    fn abort(&mut self, reason: &basebackup::Error) {
+        self.inner.abort(reason)
     }
 }
 
@@ -635,7 +635,10 @@ async fn run(
     });
     // A task of its own: the archive stream yields often (tokio's cooperative budget),
     // and each yield should not re-poll this loop's other branches.
-    owned.backup_task = Some(tokio::spawn(backup.receive(sink, Some(progress))));
+    owned.backup_task = Some(tokio::spawn(async move {
+        let received = backup.receive(sink, Some(progress)).await;
+        received.map(|(result, _sink)| result)
+    }));
     let mut progress_open = true;
     let backup_result: BackupResult = loop {
         let step = {

@@ -18,6 +18,8 @@
 //! - wal_verifier: the first 64 KiB (and 8 KiB) of segment 000000010000000000000001;
 //! - copyboth_stream: the server's side of START_REPLICATION from CopyBothResponse on,
 //!   and a scripted end of timeline;
+//! - backup_response: the server's whole answer to BASE_BACKUP (15+ framing, data cut
+//!   short), and the same answer re-framed as 13/14 send it;
 //! - conninfo: testkit's own connection strings and URI forms of them.
 //!
 //! Every seed of a target that takes a leading selector byte gets one.
@@ -343,6 +345,11 @@ async fn main() {
             }
         }
     }
+    let (v15, v14) = backup_response_seeds(&messages(&server));
+    // The selector byte: bits 0-2 the version (13 + n), bit 3 no manifest, bits 4-5
+    // the server compression (none).
+    seeds.put_split("backup_response", "real_v15", 2, &v15);
+    seeds.put_split("backup_response", "reframed_v14", 1, &v14);
     let base_tar = std::fs::read(tar_dir.join("base.tar")).unwrap();
     seeds.put_split("tar_stream", "base_tar_16k", 90, &base_tar[..16 * 1024]);
     seeds.put_split(
@@ -508,4 +515,57 @@ fn copyboth_seed(from_w: &[u8]) -> Vec<u8> {
     }
     .encode(&mut out);
     out.to_vec()
+}
+
+/// The server's answer to BASE_BACKUP, from the start position's RowDescription on, with
+/// at most three data messages of 200 bytes per archive and for the manifest: as sent
+/// (15+ framing), and re-framed as 13/14 send it (a CopyOut per archive and one for the
+/// manifest, no sub-message bytes, no progress messages).
+fn backup_response_seeds(all: &[BackendMessage]) -> (Vec<u8>, Vec<u8>) {
+    let start = all
+        .iter()
+        .position(|m| matches!(m, BackendMessage::RowDescription(_)))
+        .expect("the start position");
+    let copy_out = || {
+        BackendMessage::CopyOutResponse(pgwire_repl::proto::backend::CopyResponse {
+            format: 0,
+            column_formats: vec![],
+        })
+    };
+    let (mut v15, mut v14) = (BytesMut::new(), BytesMut::new());
+    let (mut data_kept, mut in_part) = (0, false);
+    for m in &all[start..] {
+        match m {
+            BackendMessage::CopyOutResponse(_) => m.encode(&mut v15),
+            BackendMessage::CopyData(p) => match p.first() {
+                Some(b'd') => {
+                    if data_kept < 3 {
+                        data_kept += 1;
+                        let cut = p.slice(..p.len().min(201));
+                        BackendMessage::CopyData(cut.clone()).encode(&mut v15);
+                        BackendMessage::CopyData(cut.slice(1..)).encode(&mut v14);
+                    }
+                }
+                Some(b'n') | Some(b'm') => {
+                    m.encode(&mut v15);
+                    if in_part {
+                        BackendMessage::CopyDone.encode(&mut v14);
+                    }
+                    copy_out().encode(&mut v14);
+                    (data_kept, in_part) = (0, true);
+                }
+                _ => m.encode(&mut v15),
+            },
+            BackendMessage::CopyDone => {
+                m.encode(&mut v15);
+                m.encode(&mut v14);
+                in_part = false;
+            }
+            other => {
+                other.encode(&mut v15);
+                other.encode(&mut v14);
+            }
+        }
+    }
+    (v15.to_vec(), v14.to_vec())
 }
