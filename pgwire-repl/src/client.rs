@@ -3,7 +3,7 @@
 use bytes::Bytes;
 
 use crate::config::{Config, ReplicationMode};
-use crate::connection::{ConnectOptions, Connection};
+use crate::connection::{AsyncStream, ConnectOptions, Connection};
 use crate::error::{Error, Result};
 use crate::proto::backend::BackendMessage;
 use crate::proto::frontend::{self, validate_slot_name};
@@ -64,8 +64,15 @@ async fn simple_query_raw(conn: &mut Connection, sql: &str) -> Result<Vec<RawRes
             }
             BackendMessage::EmptyQueryResponse => results.push(RawResult::default()),
             BackendMessage::ErrorResponse(db) => {
+                let fatal = db.severity == "FATAL" || db.severity == "PANIC";
+                let server_error = Error::server(format!("running {}", summarize(sql)), db);
+                if fatal {
+                    // The server closes the connection after a FATAL error: report it,
+                    // not the end of the stream that follows.
+                    return Err(server_error);
+                }
                 current = None;
-                error = Some(Error::server(format!("running {}", summarize(sql)), db));
+                error = Some(server_error);
             }
             BackendMessage::ReadyForQuery { .. } => break,
             BackendMessage::CopyInResponse(_)
@@ -137,6 +144,7 @@ fn into_text(raw: RawResult) -> Result<QueryResult> {
 /// println!("primary is at {lsn:?}");
 /// # Ok(()) }
 /// ```
+#[derive(Debug)]
 pub struct SqlClient {
     conn: Connection,
 }
@@ -154,6 +162,31 @@ impl SqlClient {
             config.dbname = Some("postgres".into());
         }
         let conn = Connection::connect(&config, ReplicationMode::Off, options).await?;
+        Ok(SqlClient { conn })
+    }
+
+    /// Connects a normal session over a stream the caller opened; see
+    /// [`Connection::connect_over`] for what changes when the stream is not this
+    /// crate's own socket.
+    ///
+    /// ```no_run
+    /// # async fn demo(stream: tokio::net::TcpStream) -> pgwire_repl::Result<()> {
+    /// use pgwire_repl::{Config, ConnectOptions, SqlClient};
+    /// let config = Config::parse_with_env("host=db1 user=monitor dbname=postgres")?;
+    /// let mut sql = SqlClient::connect_over(stream, &config, &ConnectOptions::default()).await?;
+    /// println!("{:?}", sql.query_value("SELECT version()").await?);
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_over(
+        stream: impl AsyncStream,
+        config: &Config,
+        options: &ConnectOptions,
+    ) -> Result<SqlClient> {
+        let mut config = config.clone();
+        if config.dbname.is_none() {
+            config.dbname = Some("postgres".into());
+        }
+        let conn = Connection::connect_over(stream, &config, ReplicationMode::Off, options).await?;
         Ok(SqlClient { conn })
     }
 
@@ -261,6 +294,7 @@ pub struct SlotInfo {
 /// repl.create_physical_slot("standby1", SlotOptions { temporary: false, reserve_wal: true }).await?;
 /// # Ok(()) }
 /// ```
+#[derive(Debug)]
 pub struct ReplicationClient {
     conn: Connection,
 }
@@ -277,6 +311,28 @@ impl ReplicationClient {
         options: &ConnectOptions,
     ) -> Result<ReplicationClient> {
         let conn = Connection::connect(config, ReplicationMode::Physical, options).await?;
+        Ok(ReplicationClient { conn })
+    }
+
+    /// Connects a physical walsender session over a stream the caller opened; see
+    /// [`Connection::connect_over`] for what changes when the stream is not this
+    /// crate's own socket.
+    ///
+    /// ```no_run
+    /// # async fn demo(stream: tokio::net::TcpStream) -> pgwire_repl::Result<()> {
+    /// use pgwire_repl::{Config, ConnectOptions, ReplicationClient};
+    /// let config = Config::parse_with_env("host=primary user=repl sslmode=verify-full")?;
+    /// let mut repl = ReplicationClient::connect_over(stream, &config, &ConnectOptions::default()).await?;
+    /// println!("{}", repl.identify_system().await?.system_id);
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_over(
+        stream: impl AsyncStream,
+        config: &Config,
+        options: &ConnectOptions,
+    ) -> Result<ReplicationClient> {
+        let conn =
+            Connection::connect_over(stream, config, ReplicationMode::Physical, options).await?;
         Ok(ReplicationClient { conn })
     }
 
