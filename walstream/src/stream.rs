@@ -286,10 +286,12 @@ impl WalStream {
     /// [`StreamEvent::EndOfTimeline`], [`StreamEvent::ServerShutdown`], or a stop).
     ///
     /// Sends a status update first when one is due (a keepalive asked for it, or the
-    /// status interval passed). Fails with a typed server error when the server
-    /// reports one mid-stream, with [`crate::ErrorKind::Connection`] when the
-    /// connection is lost, and with [`crate::ErrorKind::Timeout`] after the idle
-    /// timeout.
+    /// status interval passed). Fails with a typed server error
+    /// ([`crate::ErrorKind::Server`], with the SQLSTATE, detail and hint) when the
+    /// server reports one mid-stream, with the connection's own kind (usually
+    /// [`crate::ErrorKind::Io`]) when the connection is lost, and with
+    /// [`crate::ErrorKind::Timeout`] after the idle timeout;
+    /// [`crate::Error::is_retryable`] says whether a new connection may do better.
     pub async fn next_event(&mut self) -> Result<Option<StreamEvent>> {
         if let Some(event) = self.pending.take() {
             return Ok(Some(event));
