@@ -327,3 +327,59 @@ async fn retryability_of_real_failures() {
     assert_eq!(err.sqlstate(), Some("57P01"), "{err}");
     assert!(err.is_retryable(), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_calls_leave_the_session_usable() {
+    let cluster = scram_cluster().await;
+    let plain = config(&localhost(&cluster, "sslmode=disable"));
+
+    // A query abandoned while the server works on it: its reply is dropped by the next
+    // call, which gets its own answer.
+    let mut sql = SqlClient::connect(&plain).await.unwrap();
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(50),
+        sql.query("SELECT pg_sleep(0.5), 'stale'"),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the query should still be running");
+    assert_eq!(
+        sql.query_value("SELECT 'fresh'").await.unwrap().as_deref(),
+        Some("fresh")
+    );
+    // An abandoned failing statement does not fail the next one either.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(50),
+        sql.batch("SELECT pg_sleep(0.3); SELECT 1/0"),
+    )
+    .await;
+    assert_eq!(
+        sql.query_value("SELECT 7").await.unwrap().as_deref(),
+        Some("7")
+    );
+    sql.close().await.unwrap();
+
+    // The same for replication commands, cancelled at the first await.
+    let mut repl = ReplicationClient::connect(&plain).await.unwrap();
+    let first = futures_poll_once(repl.identify_system()).await;
+    assert!(
+        first.is_none(),
+        "IDENTIFY_SYSTEM cannot be answered without waiting"
+    );
+    let shown = repl.show("wal_segment_size").await.unwrap();
+    assert!(shown.ends_with("MB"), "{shown}");
+    let id = repl.identify_system().await.unwrap();
+    assert!(id.timeline.0 >= 1);
+    repl.close().await.unwrap();
+}
+
+/// Polls a future once and drops it: `Some` if it finished at once.
+async fn futures_poll_once<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match future.as_mut().poll(cx) {
+            std::task::Poll::Ready(output) => Some(output),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}

@@ -385,6 +385,19 @@ impl Connection {
 
     /// Bytes in the send buffer not yet written to the socket: messages appended since
     /// the last [`Connection::flush`], or what remains of a flush that was cancelled.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &mut pgwire_repl::Connection) -> pgwire_repl::Result<()> {
+    /// use std::time::Duration;
+    /// pgwire_repl::proto::frontend::query("IDENTIFY_SYSTEM", conn.write_buf())?;
+    /// if tokio::time::timeout(Duration::from_millis(10), conn.flush()).await.is_err() {
+    ///     // Cancelled: the rest is still queued, and the next flush sends it.
+    ///     assert!(conn.unsent() > 0);
+    /// }
+    /// conn.flush().await?;
+    /// assert_eq!(conn.unsent(), 0);
+    /// # Ok(()) }
+    /// ```
     pub fn unsent(&self) -> usize {
         self.write_buf.len()
     }

@@ -14,6 +14,12 @@ use tokio::net::{TcpStream, UnixStream};
 /// `UnixStream`, one end of `tokio::io::duplex`, or a tunnel.
 ///
 /// It is implemented for every type that qualifies; there is nothing to implement.
+///
+/// ```
+/// fn accepts(_: impl pgwire_repl::AsyncStream) {}
+/// let (ours, _theirs) = tokio::io::duplex(64 * 1024);
+/// accepts(ours);
+/// ```
 pub trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncStream for T {}
