@@ -411,10 +411,11 @@ impl WalStream {
     ///
     /// Cancel-safe: it can be a branch of `tokio::select!` or wrapped in
     /// `tokio::time::timeout`, and when the future is dropped before it returns, no
-    /// event is lost and the stream stays usable. A message is taken from the receive
-    /// buffer only when its event is returned (bytes read so far stay buffered), and a
-    /// status update or CopyDone that was being sent stays queued, in order, and goes
-    /// out first at the next call (or [`WalStream::stop`]). A status update that was
+    /// event is lost and the stream stays usable. Bytes read so far stay in the receive
+    /// buffer; a message is taken out of it only together with what it causes (its
+    /// event returned, or the stream's state moved on, as for the server's CopyDone)
+    /// with no wait in between. A status update or CopyDone that was being sent stays
+    /// queued, in order, and goes out first at the next call (or [`WalStream::stop`]). A status update that was
     /// due is sent again if the cancelled one had not been sent in full. The idle
     /// timeout keeps counting from the last message received, across calls.
     pub async fn next_event(&mut self) -> Result<Option<StreamEvent>> {

@@ -647,3 +647,19 @@ async fn read_some<S: AsyncRead + Unpin>(
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_and_clients_are_send_and_sync() {
+        // A caller's stream need only be Send; the connection stays Send + Sync, so it
+        // can be held across `.await` in futures spawned on a multi-threaded runtime.
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Connection>();
+        send_sync::<crate::ReplicationClient>();
+        send_sync::<crate::SqlClient>();
+        send_sync::<ConnectOptions>();
+    }
+}
