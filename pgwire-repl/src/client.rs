@@ -3,7 +3,7 @@
 use bytes::Bytes;
 
 use crate::config::{Config, ReplicationMode};
-use crate::connection::{ConnectOptions, Connection};
+use crate::connection::{AsyncStream, ConnectOptions, Connection};
 use crate::error::{Error, Result};
 use crate::proto::backend::BackendMessage;
 use crate::proto::frontend::{self, validate_slot_name};
@@ -28,12 +28,46 @@ struct RawResult {
     tag: String,
 }
 
+/// Reads and drops the reply to a query whose call was cancelled (`unanswered`), up to
+/// its ReadyForQuery, so that the connection is idle again.
+async fn settle(conn: &mut Connection, unanswered: &mut bool) -> Result<()> {
+    if !*unanswered {
+        return Ok(());
+    }
+    // The query itself may still be partly in the send buffer.
+    conn.flush().await?;
+    loop {
+        match conn.read_message().await? {
+            BackendMessage::ReadyForQuery { .. } => break,
+            BackendMessage::CopyInResponse(_)
+            | BackendMessage::CopyOutResponse(_)
+            | BackendMessage::CopyBothResponse(_) => {
+                return Err(Error::usage(
+                    "a cancelled command left the connection in COPY mode",
+                    "drop this connection and connect again",
+                ))
+            }
+            _ => {}
+        }
+    }
+    *unanswered = false;
+    Ok(())
+}
+
 /// Runs one simple query and collects every result set until ReadyForQuery.
 ///
 /// An ErrorResponse fails the call, but only after ReadyForQuery, so the connection
-/// stays usable.
-async fn simple_query_raw(conn: &mut Connection, sql: &str) -> Result<Vec<RawResult>> {
+/// stays usable. `unanswered` is true from the moment the query is queued until its
+/// ReadyForQuery is read: if the call is cancelled in between, the next call first
+/// drops the rest of that reply ([`settle`]).
+async fn simple_query_raw(
+    conn: &mut Connection,
+    unanswered: &mut bool,
+    sql: &str,
+) -> Result<Vec<RawResult>> {
+    settle(conn, unanswered).await?;
     frontend::query(sql, conn.write_buf())?;
+    *unanswered = true;
     conn.flush().await?;
     let mut results = Vec::new();
     let mut current: Option<RawResult> = None;
@@ -64,10 +98,20 @@ async fn simple_query_raw(conn: &mut Connection, sql: &str) -> Result<Vec<RawRes
             }
             BackendMessage::EmptyQueryResponse => results.push(RawResult::default()),
             BackendMessage::ErrorResponse(db) => {
+                let fatal = db.severity == "FATAL" || db.severity == "PANIC";
+                let server_error = Error::server(format!("running {}", summarize(sql)), db);
+                if fatal {
+                    // The server closes the connection after a FATAL error: report it,
+                    // not the end of the stream that follows.
+                    return Err(server_error);
+                }
                 current = None;
-                error = Some(Error::server(format!("running {}", summarize(sql)), db));
+                error = Some(server_error);
             }
-            BackendMessage::ReadyForQuery { .. } => break,
+            BackendMessage::ReadyForQuery { .. } => {
+                *unanswered = false;
+                break;
+            }
             BackendMessage::CopyInResponse(_)
             | BackendMessage::CopyOutResponse(_)
             | BackendMessage::CopyBothResponse(_) => {
@@ -128,6 +172,14 @@ fn into_text(raw: RawResult) -> Result<QueryResult> {
 
 /// A plain SQL session using the simple-query protocol.
 ///
+/// # Cancel safety
+///
+/// Every query method is cancel-safe in the sense that matters for a session: if the
+/// future is dropped before it returns (a `select!` branch, a timeout), that query's
+/// result is lost (the statement may or may not have run on the server), but the
+/// session stays usable: the next call first reads and drops the rest of the abandoned
+/// reply, so each call gets its own answer.
+///
 /// ```no_run
 /// # async fn demo() -> pgwire_repl::Result<()> {
 /// use pgwire_repl::{Config, SqlClient};
@@ -137,8 +189,11 @@ fn into_text(raw: RawResult) -> Result<QueryResult> {
 /// println!("primary is at {lsn:?}");
 /// # Ok(()) }
 /// ```
+#[derive(Debug)]
 pub struct SqlClient {
     conn: Connection,
+    /// A query was sent whose ReadyForQuery has not been read (its call was cancelled).
+    unanswered: bool,
 }
 
 impl SqlClient {
@@ -154,18 +209,51 @@ impl SqlClient {
             config.dbname = Some("postgres".into());
         }
         let conn = Connection::connect(&config, ReplicationMode::Off, options).await?;
-        Ok(SqlClient { conn })
+        Ok(SqlClient {
+            conn,
+            unanswered: false,
+        })
+    }
+
+    /// Connects a normal session over a stream the caller opened; see
+    /// [`Connection::connect_over`] for what changes when the stream is not this
+    /// crate's own socket.
+    ///
+    /// ```no_run
+    /// # async fn demo(stream: tokio::net::TcpStream) -> pgwire_repl::Result<()> {
+    /// use pgwire_repl::{Config, ConnectOptions, SqlClient};
+    /// let config = Config::parse_with_env("host=db1 user=monitor dbname=postgres")?;
+    /// let mut sql = SqlClient::connect_over(stream, &config, &ConnectOptions::default()).await?;
+    /// println!("{:?}", sql.query_value("SELECT version()").await?);
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_over(
+        stream: impl AsyncStream,
+        config: &Config,
+        options: &ConnectOptions,
+    ) -> Result<SqlClient> {
+        let mut config = config.clone();
+        if config.dbname.is_none() {
+            config.dbname = Some("postgres".into());
+        }
+        let conn = Connection::connect_over(stream, &config, ReplicationMode::Off, options).await?;
+        Ok(SqlClient {
+            conn,
+            unanswered: false,
+        })
     }
 
     /// Runs one SQL statement and returns its (last) result set.
     pub async fn query(&mut self, sql: &str) -> Result<QueryResult> {
-        let results = simple_query_raw(&mut self.conn, sql).await?;
+        let results = simple_query_raw(&mut self.conn, &mut self.unanswered, sql).await?;
         into_text(results.into_iter().last().unwrap_or_default())
     }
 
     /// Runs one or more statements, discarding rows.
     pub async fn batch(&mut self, sql: &str) -> Result<()> {
-        simple_query_raw(&mut self.conn, sql).await.map(drop)
+        simple_query_raw(&mut self.conn, &mut self.unanswered, sql)
+            .await
+            .map(drop)
     }
 
     /// Runs a query that returns one row with one column, and returns that value.
@@ -249,6 +337,16 @@ pub struct SlotInfo {
 
 /// A physical replication session (`replication=true`).
 ///
+/// # Cancel safety
+///
+/// The command methods are cancel-safe in the sense that matters for a session: if
+/// the future is dropped before it returns, that command's result is lost (a slot may
+/// or may not have been created), but the session stays usable, since the next call
+/// first reads and drops the rest of the abandoned reply. Before handing the connection
+/// to a streaming protocol ([`ReplicationClient::into_connection`],
+/// [`ReplicationClient::connection`]) after a cancelled call, call
+/// [`ReplicationClient::settle`]; `walstream::WalStream::start` does.
+///
 /// ```no_run
 /// # async fn demo() -> pgwire_repl::Result<()> {
 /// use pgwire_repl::{Config, ReplicationClient};
@@ -261,8 +359,12 @@ pub struct SlotInfo {
 /// repl.create_physical_slot("standby1", SlotOptions { temporary: false, reserve_wal: true }).await?;
 /// # Ok(()) }
 /// ```
+#[derive(Debug)]
 pub struct ReplicationClient {
     conn: Connection,
+    /// A command was sent whose ReadyForQuery has not been read (its call was
+    /// cancelled).
+    unanswered: bool,
 }
 
 impl ReplicationClient {
@@ -277,7 +379,35 @@ impl ReplicationClient {
         options: &ConnectOptions,
     ) -> Result<ReplicationClient> {
         let conn = Connection::connect(config, ReplicationMode::Physical, options).await?;
-        Ok(ReplicationClient { conn })
+        Ok(ReplicationClient {
+            conn,
+            unanswered: false,
+        })
+    }
+
+    /// Connects a physical walsender session over a stream the caller opened; see
+    /// [`Connection::connect_over`] for what changes when the stream is not this
+    /// crate's own socket.
+    ///
+    /// ```no_run
+    /// # async fn demo(stream: tokio::net::TcpStream) -> pgwire_repl::Result<()> {
+    /// use pgwire_repl::{Config, ConnectOptions, ReplicationClient};
+    /// let config = Config::parse_with_env("host=primary user=repl sslmode=verify-full")?;
+    /// let mut repl = ReplicationClient::connect_over(stream, &config, &ConnectOptions::default()).await?;
+    /// println!("{}", repl.identify_system().await?.system_id);
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_over(
+        stream: impl AsyncStream,
+        config: &Config,
+        options: &ConnectOptions,
+    ) -> Result<ReplicationClient> {
+        let conn =
+            Connection::connect_over(stream, config, ReplicationMode::Physical, options).await?;
+        Ok(ReplicationClient {
+            conn,
+            unanswered: false,
+        })
     }
 
     /// The server's major version (13–18).
@@ -291,14 +421,37 @@ impl ReplicationClient {
         &mut self.conn
     }
 
-    /// Gives up the client, returning the connection.
+    /// Gives up the client, returning the connection. If a command's call was
+    /// cancelled, call [`ReplicationClient::settle`] first, or the connection may still
+    /// hold the rest of its reply.
     pub fn into_connection(self) -> Connection {
         self.conn
     }
 
+    /// Reads and drops the rest of the reply to a command whose call was cancelled, if
+    /// any, so that the connection is idle. Every command method does this first.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut repl: pgwire_repl::ReplicationClient) -> pgwire_repl::Result<()> {
+    /// use std::time::Duration;
+    /// // A command given up on after 10 ms…
+    /// let _ = tokio::time::timeout(Duration::from_millis(10), repl.identify_system()).await;
+    /// // …leaves its reply behind until the connection is settled.
+    /// repl.settle().await?;
+    /// let conn = repl.into_connection();
+    /// # let _ = conn; Ok(()) }
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: if dropped, the next call settles what is left.
+    pub async fn settle(&mut self) -> Result<()> {
+        settle(&mut self.conn, &mut self.unanswered).await
+    }
+
     /// Runs a replication command and returns its result sets with text values.
     pub async fn command(&mut self, command: &str) -> Result<Vec<QueryResult>> {
-        simple_query_raw(&mut self.conn, command)
+        simple_query_raw(&mut self.conn, &mut self.unanswered, command)
             .await?
             .into_iter()
             .map(into_text)
@@ -374,7 +527,7 @@ impl ReplicationClient {
         }
         let command = format!("TIMELINE_HISTORY {}", timeline.0);
         // Raw values: PG13 types the content as bytea but sends the file's raw bytes.
-        let results = simple_query_raw(&mut self.conn, &command).await?;
+        let results = simple_query_raw(&mut self.conn, &mut self.unanswered, &command).await?;
         let result = results
             .into_iter()
             .find(|r| r.columns.len() == 2)

@@ -1,8 +1,13 @@
 //! The crate's one error type.
 //!
 //! [`Error`] is opaque (a boxed inner value, cheap to move) and is queried through
-//! [`Error::kind`], [`Error::db_error`] and friends, in the style of tokio-postgres.
-//! Every error carries an advice line saying what to do next; `Display` prints it.
+//! [`Error::kind`], [`Error::db_error`], [`Error::is_retryable`] and friends, in the
+//! style of tokio-postgres. Every error carries an advice line saying what to do next;
+//! `Display` prints it.
+//!
+//! The same [`ErrorKind`]s mean the same thing in `walstream` and `basebackup`, whose
+//! errors keep this one (with its SQLSTATE, detail and hint) when a connection fails.
+//! Errors are classified by where they arose and by SQLSTATE, never by message text.
 
 use std::fmt;
 
@@ -106,6 +111,10 @@ struct Inner {
     advice: Option<String>,
     db: Option<DbError>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    /// Retryable although its kind usually is not (a TLS handshake cut by the transport).
+    transient: bool,
+    /// `db` is already part of `message` (an error summing up several hosts).
+    db_in_message: bool,
 }
 
 impl Error {
@@ -116,6 +125,8 @@ impl Error {
             advice,
             db: None,
             source: None,
+            transient: false,
+            db_in_message: false,
         }))
     }
 
@@ -223,6 +234,22 @@ impl Error {
         Error::new(kind, message, advice)
     }
 
+    /// Takes the server fields and retryability of `decisive`, whose text `self`'s
+    /// message already includes (an error summing up several hosts keeps the SQLSTATE,
+    /// detail and hint of the failure that decided it).
+    pub(crate) fn with_db_of(mut self, decisive: &Error) -> Error {
+        self.0.db = decisive.0.db.clone();
+        self.0.db_in_message = self.0.db.is_some();
+        self.0.transient = decisive.0.transient;
+        self
+    }
+
+    /// Marks a failure as retryable although its kind usually is not.
+    pub(crate) fn retryable(mut self) -> Error {
+        self.0.transient = true;
+        self
+    }
+
     /// The kind of error.
     pub fn kind(&self) -> ErrorKind {
         self.0.kind
@@ -248,6 +275,32 @@ impl Error {
         &self.0.message
     }
 
+    /// True when trying again, on a new connection and without changing anything, may
+    /// succeed: the connection failed or was lost ([`ErrorKind::Io`]), something timed
+    /// out ([`ErrorKind::Timeout`]), a TLS handshake was cut off by the transport before
+    /// any TLS verdict, or the server said it is shutting down, starting up or full
+    /// (SQLSTATE 57P01, 57P02, 57P03 or 53300; see [`is_retryable_sqlstate`]).
+    ///
+    /// Everything else needs a change first: a server error about the request (a
+    /// missing slot, a refused password), a refused certificate, an authentication
+    /// requirement, a protocol violation, a bad configuration, misuse.
+    /// `walstream::Error::is_retryable` applies this same rule to connection errors.
+    ///
+    /// ```
+    /// use pgwire_repl::Error;
+    /// let lost = Error::closed("reading from host=db1 port=5432");
+    /// assert!(lost.is_retryable());
+    /// let misuse = Error::usage("slot name too long", "use at most 63 characters");
+    /// assert!(!misuse.is_retryable());
+    /// ```
+    pub fn is_retryable(&self) -> bool {
+        match self.0.kind {
+            ErrorKind::Io | ErrorKind::Timeout => true,
+            ErrorKind::Server => self.sqlstate().is_some_and(is_retryable_sqlstate),
+            _ => self.0.transient,
+        }
+    }
+
     /// True for errors that mean the connection can no longer be used.
     pub fn is_fatal(&self) -> bool {
         match self.0.kind {
@@ -262,7 +315,27 @@ impl Error {
     }
 }
 
+/// Whether a server error with this SQLSTATE is about the server's state rather than
+/// the request, so that a new connection may succeed later: `57P01` (admin_shutdown,
+/// also `pg_terminate_backend`), `57P02` (crash_shutdown), `57P03` (cannot_connect_now:
+/// starting up, shutting down, in recovery without hot standby) and `53300`
+/// (too_many_connections, also `max_wal_senders` reached).
+///
+/// ```
+/// use pgwire_repl::error::is_retryable_sqlstate;
+/// assert!(is_retryable_sqlstate("57P03"));
+/// assert!(!is_retryable_sqlstate("42704")); // undefined_object: a missing slot
+/// ```
+pub fn is_retryable_sqlstate(code: &str) -> bool {
+    matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+}
+
 /// Advice for well-known server errors: the exact line or statement that fixes them.
+///
+/// This is the one place that reads a server message's text, and only to word the
+/// advice (the `pg_hba.conf` line to add names the host and user the server printed).
+/// It never decides a kind or retryability: a server whose messages are translated
+/// (`lc_messages`) gets the generic advice of the SQLSTATE instead.
 fn advice_for_server_error(db: &DbError) -> Option<String> {
     let msg = db.message.as_str();
     if db.code == "28000" && msg.contains("no pg_hba.conf entry") {
@@ -337,7 +410,7 @@ fn between<'a>(haystack: &'a str, start: &str, end: &str) -> Option<&'a str> {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0.message)?;
-        if let Some(db) = &self.0.db {
+        if let Some(db) = self.0.db.as_ref().filter(|_| !self.0.db_in_message) {
             write!(f, ": {db}")?;
         } else if let Some(source) = &self.0.source {
             // Io errors already include their source in the message.
@@ -360,6 +433,7 @@ impl fmt::Debug for Error {
             .field("db", &self.0.db)
             .field("advice", &self.0.advice)
             .field("source", &self.0.source)
+            .field("transient", &self.0.transient)
             .finish()
     }
 }

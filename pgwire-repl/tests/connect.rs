@@ -156,8 +156,7 @@ async fn auth_methods_by_tls_mode() {
             config.password = Some("wrong".into());
             let err = SqlClient::connect(&config)
                 .await
-                .err()
-                .expect("wrong password accepted");
+                .expect_err("wrong password accepted");
             assert_eq!(err.kind(), ErrorKind::Server, "{err}");
             assert_eq!(err.sqlstate(), Some("28P01"), "{user} {sslmode}: {err}");
             assert!(err.to_string().contains("what to do"), "{err}");
@@ -167,8 +166,7 @@ async fn auth_methods_by_tls_mode() {
         config.password = None;
         let err = SqlClient::connect(&config)
             .await
-            .err()
-            .expect("missing password accepted");
+            .expect_err("missing password accepted");
         assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
         assert!(err.to_string().contains("PGPASSWORD"), "{err}");
     }
@@ -305,7 +303,7 @@ async fn auth_methods_by_tls_mode() {
             AuthMethod::ScramSha256Plus
         );
     } else {
-        let err = result.err().expect("direct TLS must fail before 17");
+        let err = result.expect_err("direct TLS must fail before 17");
         assert!(
             matches!(err.kind(), ErrorKind::Tls | ErrorKind::Io),
             "{err}"
@@ -541,8 +539,7 @@ async fn replication_commands_and_plain_server() {
     .unwrap();
     let err = SqlClient::connect(&config)
         .await
-        .err()
-        .expect("require without server TLS");
+        .expect_err("require without server TLS");
     assert_eq!(err.kind(), ErrorKind::Tls, "{err}");
     assert!(err.to_string().contains("does not support TLS"), "{err}");
     // prefer falls back to plain text on the same server.

@@ -153,7 +153,7 @@ impl Error {
     pub fn db_error(&self) -> Option<&DbError> {
         match &self.0.source {
             Some(Source::Connection(e)) => e.db_error(),
-            Some(Source::Wal(e)) => e.connection_error().and_then(|c| c.db_error()),
+            Some(Source::Wal(e)) => e.db_error(),
             _ => None,
         }
     }
@@ -173,14 +173,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match &self.0.source {
             Some(Source::Wal(e)) => e.is_retryable(),
-            Some(Source::Connection(e)) => {
-                matches!(
-                    e.kind(),
-                    pgwire_repl::ErrorKind::Io | pgwire_repl::ErrorKind::Timeout
-                ) || e
-                    .sqlstate()
-                    .is_some_and(|s| s.starts_with("57P") || s == "53300")
-            }
+            Some(Source::Connection(e)) => e.is_retryable(),
             Some(Source::Backup(e)) => {
                 matches!(e.kind(), basebackup::ErrorKind::Io)
                     || e.sqlstate().is_some_and(|s| s.starts_with("57P"))
@@ -215,13 +208,20 @@ impl Error {
     }
 }
 
+/// This crate's kind for a connection error: the server's refusals are `Server`, bad
+/// options `Usage`, and everything else about reaching or talking to the server
+/// (network, TLS, authentication, protocol, timeouts) `Connection`.
+fn connection_kind(err: &pgwire_repl::Error) -> ErrorKind {
+    match err.kind() {
+        pgwire_repl::ErrorKind::Server => ErrorKind::Server,
+        pgwire_repl::ErrorKind::Usage | pgwire_repl::ErrorKind::Config => ErrorKind::Usage,
+        _ => ErrorKind::Connection,
+    }
+}
+
 impl From<pgwire_repl::Error> for Error {
     fn from(err: pgwire_repl::Error) -> Error {
-        let kind = match err.kind() {
-            pgwire_repl::ErrorKind::Server => ErrorKind::Server,
-            pgwire_repl::ErrorKind::Usage | pgwire_repl::ErrorKind::Config => ErrorKind::Usage,
-            _ => ErrorKind::Connection,
-        };
+        let kind = connection_kind(&err);
         Error(Box::new(Inner {
             kind,
             message: String::new(),
@@ -252,12 +252,19 @@ impl From<basebackup::Error> for Error {
 
 impl From<walstream::Error> for Error {
     fn from(err: walstream::Error) -> Error {
-        let kind = match err.kind() {
-            walstream::ErrorKind::Verify => ErrorKind::Verify,
-            walstream::ErrorKind::Usage => ErrorKind::Usage,
-            walstream::ErrorKind::Timeout => ErrorKind::Timeout,
-            _ if err.sqlstate().is_some() => ErrorKind::Server,
-            _ => ErrorKind::Connection,
+        // A connection error is classified as one from pgwire-repl directly; walstream's
+        // own errors by their kind (a local file error is Io, not Connection).
+        let kind = match err.connection_error() {
+            Some(conn) => connection_kind(conn),
+            None => match err.kind() {
+                walstream::ErrorKind::Verify => ErrorKind::Verify,
+                walstream::ErrorKind::Timeout => ErrorKind::Timeout,
+                walstream::ErrorKind::Io => ErrorKind::Io,
+                // Options that contradict each other, or a directory or server that
+                // cannot be continued from: either way the caller must change something.
+                walstream::ErrorKind::Usage | walstream::ErrorKind::State => ErrorKind::Usage,
+                _ => ErrorKind::Connection,
+            },
         };
         Error(Box::new(Inner {
             kind,

@@ -1,9 +1,12 @@
 //! The crate's one error type.
 //!
 //! [`Error`] is opaque and queried through [`Error::kind`]. Connection-level failures
-//! keep the underlying [`pgwire_repl::Error`] (with its SQLSTATE and advice); WAL that
-//! fails verification is [`ErrorKind::Verify`] and names the LSN; local file problems
-//! are [`ErrorKind::Io`] and name the path.
+//! keep the underlying [`pgwire_repl::Error`] (with its SQLSTATE, detail, hint and
+//! advice) and take its kind one to one: a refused connection is [`ErrorKind::Io`] here
+//! as in `pgwire-repl` and `basebackup`, a refused certificate [`ErrorKind::Tls`], a
+//! server's `ErrorResponse` [`ErrorKind::Server`]. WAL that fails verification is
+//! [`ErrorKind::Verify`] and names the LSN; local file problems are [`ErrorKind::Io`]
+//! and name the path. Nothing is classified by message text.
 
 use std::fmt;
 use std::path::Path;
@@ -13,25 +16,39 @@ use pgwire_repl::Lsn;
 use crate::decode::WalVerifyError;
 
 /// What went wrong, at the level a caller can act on.
+///
+/// The kinds shared with [`pgwire_repl::ErrorKind`] (and `basebackup::ErrorKind`) mean
+/// the same thing in every crate; a connection error keeps its kind here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// The server sent an `ErrorResponse`; see [`Error::sqlstate`].
+    /// The server sent an `ErrorResponse`; see [`Error::db_error`] and
+    /// [`Error::sqlstate`].
     Server,
     /// The server broke the protocol (an unexpected or malformed message).
     Protocol,
-    /// The connection failed or was lost (including the server closing it).
-    Connection,
-    /// The server sent nothing for longer than the configured limit.
-    Timeout,
-    /// WAL failed verification (bad CRC, page header, gap); see [`Error::lsn`].
-    Verify,
-    /// A local file or directory operation failed; the message names the path.
+    /// A socket or file operation failed, or the connection closed unexpectedly. The
+    /// message names the server or the path; [`Error::connection_error`] is `Some` for
+    /// the network side.
     Io,
+    /// Something did not finish in time: connecting (`connect_timeout`), or the server
+    /// sent nothing for longer than the idle timeout while streaming.
+    Timeout,
+    /// The TLS handshake or TLS configuration failed (a refused certificate, no common
+    /// protocol version, TLS required but not offered).
+    Tls,
+    /// Authentication failed on the client side (a missing password, a method
+    /// `require_auth` refuses, a bad server signature, `requirepeer`). A server's
+    /// refusal is [`ErrorKind::Server`] with SQLSTATE class 28.
+    Auth,
+    /// The connection string, an environment variable or a file it names is invalid.
+    Config,
     /// The server is too old or too new for what was asked.
     Unsupported,
     /// The caller used the API wrongly, or the options contradict each other.
     Usage,
+    /// WAL failed verification (bad CRC, page header, gap); see [`Error::lsn`].
+    Verify,
     /// The WAL directory or the server is not in a state we can continue from (a
     /// different system, a timeline that goes backwards, a file of the wrong size).
     State,
@@ -42,14 +59,37 @@ impl fmt::Display for ErrorKind {
         f.write_str(match self {
             ErrorKind::Server => "server error",
             ErrorKind::Protocol => "protocol violation",
-            ErrorKind::Connection => "connection error",
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::Verify => "WAL verification failed",
             ErrorKind::Io => "I/O error",
-            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Tls => "TLS error",
+            ErrorKind::Auth => "authentication error",
+            ErrorKind::Config => "configuration error",
+            ErrorKind::Unsupported => "unsupported by this server",
             ErrorKind::Usage => "usage error",
+            ErrorKind::Verify => "WAL verification failed",
             ErrorKind::State => "inconsistent state",
         })
+    }
+}
+
+impl From<pgwire_repl::ErrorKind> for ErrorKind {
+    /// The same kind: every kind of `pgwire-repl` has a namesake here.
+    fn from(kind: pgwire_repl::ErrorKind) -> ErrorKind {
+        use pgwire_repl::ErrorKind as K;
+        match kind {
+            K::Server => ErrorKind::Server,
+            K::Protocol => ErrorKind::Protocol,
+            K::Io => ErrorKind::Io,
+            K::Timeout => ErrorKind::Timeout,
+            K::Tls => ErrorKind::Tls,
+            K::Auth => ErrorKind::Auth,
+            K::Config => ErrorKind::Config,
+            K::Unsupported => ErrorKind::Unsupported,
+            K::Usage => ErrorKind::Usage,
+            // A kind added to pgwire-repl later (its enum is non-exhaustive): the peer's
+            // or the setup's fault rather than this crate's, until it gets a namesake.
+            _ => ErrorKind::Protocol,
+        }
     }
 }
 
@@ -86,18 +126,21 @@ impl Error {
         }))
     }
 
-    /// Wraps a connection-layer error, keeping its kind, SQLSTATE and advice.
+    /// Wraps a connection-layer error, keeping its kind, SQLSTATE, detail, hint,
+    /// advice and retryability. `From<pgwire_repl::Error>` does the same, so `?` works.
+    ///
+    /// ```
+    /// let refused = pgwire_repl::Error::io(
+    ///     "connecting to host=db1 port=5432",
+    ///     std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+    /// );
+    /// let err = walstream::Error::from(refused);
+    /// assert_eq!(err.kind(), walstream::ErrorKind::Io);
+    /// assert!(err.is_retryable());
+    /// assert!(err.connection_error().is_some());
+    /// ```
     pub fn connection(err: pgwire_repl::Error) -> Error {
-        use pgwire_repl::ErrorKind as K;
-        let kind = match err.kind() {
-            K::Server => ErrorKind::Server,
-            K::Protocol => ErrorKind::Protocol,
-            K::Timeout => ErrorKind::Timeout,
-            K::Unsupported => ErrorKind::Unsupported,
-            K::Usage | K::Config => ErrorKind::Usage,
-            _ => ErrorKind::Connection,
-        };
-        let mut error = Error::new(kind, String::new(), None);
+        let mut error = Error::new(err.kind().into(), String::new(), None);
         error.0.connection = Some(err);
         error
     }
@@ -138,7 +181,7 @@ impl Error {
         Error::io(format!("{what} {}", path.display()), err)
     }
 
-    /// The peer broke the protocol.
+    /// The peer broke the protocol (kind [`ErrorKind::Protocol`]).
     pub fn protocol(message: impl Into<String>) -> Error {
         Error::connection(pgwire_repl::Error::protocol(message))
     }
@@ -178,6 +221,28 @@ impl Error {
         self.0.connection.as_ref()
     }
 
+    /// The server's error fields (SQLSTATE, severity, message, detail, hint), when the
+    /// server sent an `ErrorResponse`.
+    ///
+    /// ```
+    /// use pgwire_repl::DbError;
+    /// let db = DbError {
+    ///     severity: "ERROR".into(),
+    ///     code: "42704".into(),
+    ///     message: "replication slot \"s1\" does not exist".into(),
+    ///     hint: Some("create it first".into()),
+    ///     ..DbError::default()
+    /// };
+    /// let err = walstream::Error::from(pgwire_repl::Error::server("starting to stream", db));
+    /// assert_eq!(err.kind(), walstream::ErrorKind::Server);
+    /// assert_eq!(err.db_error().unwrap().hint.as_deref(), Some("create it first"));
+    /// assert_eq!(err.sqlstate(), Some("42704"));
+    /// assert!(!err.is_retryable());
+    /// ```
+    pub fn db_error(&self) -> Option<&pgwire_repl::DbError> {
+        self.0.connection.as_ref().and_then(|e| e.db_error())
+    }
+
     /// The SQLSTATE, when the server sent an `ErrorResponse`.
     pub fn sqlstate(&self) -> Option<&str> {
         self.0.connection.as_ref().and_then(|e| e.sqlstate())
@@ -191,19 +256,19 @@ impl Error {
         }
     }
 
-    /// True when a new connection may succeed where this one failed: the connection
-    /// was lost or timed out, or the server is shutting down or starting up. Server
-    /// errors about our request, verification errors and local I/O errors are not
-    /// retryable.
+    /// True when a new connection may succeed where this one failed.
+    ///
+    /// A connection error answers with [`pgwire_repl::Error::is_retryable`], the one
+    /// rule of every crate: the connection failed, was lost or timed out, a TLS
+    /// handshake was cut off, or the server is shutting down, starting up or full
+    /// (SQLSTATE 57P01, 57P02, 57P03, 53300). Of this crate's own errors, only the idle
+    /// timeout ([`ErrorKind::Timeout`]) is retryable; server errors about the request,
+    /// verification errors, local file errors and inconsistent states need a change
+    /// first. [`crate::receive_wal`] reconnects exactly when this is true.
     pub fn is_retryable(&self) -> bool {
-        match self.0.kind {
-            ErrorKind::Connection | ErrorKind::Timeout => true,
-            ErrorKind::Server => matches!(
-                self.sqlstate(),
-                // admin_shutdown, crash_shutdown, cannot_connect_now, too many connections
-                Some("57P01" | "57P02" | "57P03" | "53300")
-            ),
-            _ => false,
+        match &self.0.connection {
+            Some(conn) => conn.is_retryable(),
+            None => self.0.kind == ErrorKind::Timeout,
         }
     }
 }
@@ -211,6 +276,14 @@ impl Error {
 impl From<pgwire_repl::Error> for Error {
     fn from(err: pgwire_repl::Error) -> Error {
         Error::connection(err)
+    }
+}
+
+impl From<WalVerifyError> for Error {
+    /// A verification failure, named by its LSN (use [`Error::verify`] to say where the
+    /// WAL came from).
+    fn from(err: WalVerifyError) -> Error {
+        Error::verify(err, "verifying WAL")
     }
 }
 
@@ -256,3 +329,101 @@ impl std::error::Error for Error {
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgwire_repl::ErrorKind as K;
+
+    fn refused() -> pgwire_repl::Error {
+        pgwire_repl::Error::io(
+            "connecting to host=db1 port=5432",
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        )
+    }
+
+    fn server(code: &str) -> pgwire_repl::Error {
+        pgwire_repl::Error::server(
+            "streaming",
+            pgwire_repl::DbError {
+                severity: "FATAL".into(),
+                code: code.into(),
+                message: "m".into(),
+                detail: Some("d".into()),
+                hint: Some("h".into()),
+                ..pgwire_repl::DbError::default()
+            },
+        )
+    }
+
+    #[test]
+    fn connection_kinds_map_one_to_one() {
+        // Every kind of pgwire-repl has a namesake here, with the same name.
+        for kind in [
+            K::Server,
+            K::Protocol,
+            K::Io,
+            K::Timeout,
+            K::Tls,
+            K::Auth,
+            K::Config,
+            K::Unsupported,
+            K::Usage,
+        ] {
+            let ours = ErrorKind::from(kind);
+            assert_eq!(format!("{ours:?}"), format!("{kind:?}"));
+            assert_eq!(ours.to_string(), kind.to_string());
+        }
+        // A refused connection is Io here as in pgwire-repl, not a catch-all.
+        assert_eq!(Error::from(refused()).kind(), ErrorKind::Io);
+        let tls = pgwire_repl::Error::tls("certificate refused", "fix sslrootcert");
+        assert_eq!(Error::from(tls).kind(), ErrorKind::Tls);
+        let config = pgwire_repl::Error::config("bad option", "fix it");
+        assert_eq!(Error::from(config).kind(), ErrorKind::Config);
+    }
+
+    #[test]
+    fn retryable_follows_the_connection_rule() {
+        for (err, retryable) in [
+            (Error::from(refused()), true),
+            (Error::from(server("57P01")), true),
+            (Error::from(server("53300")), true),
+            (Error::from(server("42704")), false),
+            (Error::from(server("28P01")), false),
+            (
+                Error::from(pgwire_repl::Error::auth("no password", "set one")),
+                false,
+            ),
+            (Error::timeout("idle", "raise the idle timeout"), true),
+            (
+                Error::io(
+                    "writing /wal/000000010000000000000001.partial",
+                    std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+                ),
+                false,
+            ),
+            (Error::state("another system", "use a new directory"), false),
+            (Error::usage("bad options", "fix them"), false),
+        ] {
+            assert_eq!(err.is_retryable(), retryable, "{err:?}");
+            if let Some(conn) = err.connection_error() {
+                assert_eq!(conn.is_retryable(), retryable, "{err:?}");
+            }
+        }
+        // Local Io and connection Io share the kind; retryability tells them apart.
+        let local = Error::io("fsyncing /wal", std::io::Error::other("EIO"));
+        assert_eq!(local.kind(), ErrorKind::Io);
+        assert!(local.connection_error().is_none());
+    }
+
+    #[test]
+    fn server_fields_survive() {
+        let err = Error::from(server("57P01"));
+        let db = err.db_error().unwrap();
+        assert_eq!(db.code, "57P01");
+        assert_eq!(db.detail.as_deref(), Some("d"));
+        assert_eq!(db.hint.as_deref(), Some("h"));
+        assert_eq!(err.sqlstate(), Some("57P01"));
+        assert!(err.to_string().contains("SQLSTATE 57P01"), "{err}");
+    }
+}

@@ -12,6 +12,26 @@
 //! * [`receive_wal_into`] and [`WalDestination`]: the same receiver writing anywhere:
 //!   [`LocalDir`] (what `receive_wal` uses), [`MemoryWal`], or a destination of your own.
 //! * [`slot`]: create and drop physical replication slots.
+//!
+//! What an embedder names when handling [`StreamEvent`]s is re-exported here:
+//! [`XLogData`] (its `data` is a [`Bytes`] slice of the receive buffer),
+//! [`PrimaryKeepalive`], [`Lsn`] and [`TimelineId`]; so are the verifier's types
+//! ([`WalVerifier`], [`VerifierConfig`], [`WalVerifyError`]) and the `pgwire_repl`
+//! crate itself, for its [`pgwire_repl::Config`] and [`pgwire_repl::ReplicationClient`].
+//!
+//! ```no_run
+//! # async fn demo() -> walstream::Result<()> {
+//! use walstream::{Lsn, StreamEvent, StreamOptions, WalStream, XLogData};
+//!
+//! let config = walstream::pgwire_repl::Config::parse_with_env("host=primary user=repl")?;
+//! let client = walstream::pgwire_repl::ReplicationClient::connect(&config).await?;
+//! let mut stream = WalStream::start(client, StreamOptions::new(Lsn(0x3000000))).await?;
+//! if let Some(StreamEvent::XLogData(XLogData { wal_start, data, .. })) = stream.next_event().await? {
+//!     let bytes: walstream::Bytes = data;
+//!     println!("{} bytes at {wal_start}", bytes.len());
+//! }
+//! # Ok(()) }
+//! ```
 
 pub mod decode;
 pub mod destination;
@@ -23,12 +43,18 @@ pub mod slot;
 mod stream;
 pub mod waldir;
 
+pub use bytes::Bytes;
+pub use decode::{VerifierConfig, WalVerifier, WalVerifyError};
 pub use destination::{LocalDir, LocalWriter, Resume, WalDestination, WalWriter, WriterTotals};
 pub use error::{Error, ErrorKind, Result};
 pub use memory::{MemoryWal, MemoryWriter};
+pub use pgwire_repl;
+pub use pgwire_repl::proto::replication::{HotStandbyFeedback, PrimaryKeepalive, XLogData};
+pub use pgwire_repl::{Lsn, SystemId, TimelineId, WalSegmentSize};
 pub use protocol::StreamEvent;
 pub use receive::{receive_wal, receive_wal_into, EndReason, ReceiveOptions, ReceiveSummary};
 pub use stream::{
-    EventStream, Feedback, StreamOptions, WalStream, DEFAULT_IDLE_TIMEOUT, DEFAULT_STATUS_INTERVAL,
+    EventStream, Feedback, StopHandle, StreamOptions, WalStream, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_STATUS_INTERVAL,
 };
 pub use waldir::{Compression, ResumePoint, SegmentWriter, WalDir, WalDirOptions};

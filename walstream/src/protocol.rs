@@ -336,6 +336,11 @@ impl StatusSchedule {
         self.reply_requested = true;
     }
 
+    /// Whether the server asked for a reply that has not been sent yet.
+    pub fn reply_requested(&self) -> bool {
+        self.reply_requested
+    }
+
     /// True if an update should go out at `now`.
     pub fn due(&self, now: Instant) -> bool {
         self.reply_requested || self.next_periodic().is_some_and(|at| now >= at)

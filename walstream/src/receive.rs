@@ -186,10 +186,20 @@ pub struct ReceiveSummary {
 /// [`EndReason::Shutdown`]. Pass `std::future::pending()` to run until the end
 /// position, or e.g. `async { tokio::signal::ctrl_c().await.ok(); }`.
 ///
-/// Retryable failures (a lost connection, a timeout, a server shutting down) lead to a
-/// new connection after a delay that doubles up to `max_reconnect_delay`, resuming
-/// from the directory without a gap. Other failures (server errors such as a missing
-/// slot, verification errors, local I/O errors) are returned.
+/// Retryable failures ([`crate::Error::is_retryable`]: a lost connection, a timeout, a
+/// server shutting down) lead to a new connection after a delay that doubles up to
+/// `max_reconnect_delay`, resuming from the directory without a gap. Other failures
+/// (server errors such as a missing slot, a refused certificate or password,
+/// verification errors, local I/O errors) are returned.
+///
+/// # Cancel safety
+///
+/// Stop it with `shutdown`, not by dropping the future. Dropping it loses no verified
+/// WAL: the writer thread still writes and flushes what was queued, and a segment is
+/// only completed once verified, so the next run resumes without a gap. But the
+/// connection is dropped without CopyDone (the server logs an unexpected end of
+/// file), and the last flushed position is not reported to the server (a slot stays
+/// where the previous status update put it).
 ///
 /// ```no_run
 /// # async fn demo() -> walstream::Result<()> {
@@ -220,6 +230,12 @@ pub async fn receive_wal(
 /// where segments go and what is durable (reported to the server as flushed, so a slot
 /// never moves past WAL the destination has not stored).
 /// `options.directory` and `options.dir_options` are not used.
+///
+/// # Cancel safety
+///
+/// As [`receive_wal`]: stop it with `shutdown`. When the future is dropped instead, the
+/// destination's writer is dropped without [`crate::WalWriter::close`], so what it does
+/// with unflushed data is up to it.
 ///
 /// ```no_run
 /// # async fn demo() -> walstream::Result<()> {

@@ -9,6 +9,9 @@ use crate::error::{Error, Result};
 /// that name exists already (SQLSTATE 42710, like pg_receivewal's `--if-not-exists`).
 /// Returns true if it was created.
 ///
+/// Cancel safety: as [`ReplicationClient`]'s commands, if the future is dropped the slot
+/// may or may not exist, and the session stays usable.
+///
 /// ```no_run
 /// # async fn demo() -> walstream::Result<()> {
 /// let config = pgwire_repl::Config::parse_with_env("host=primary user=repl")?;
@@ -35,6 +38,9 @@ pub async fn create_physical_slot_if_not_exists(
 }
 
 /// Drops a slot. With `wait`, waits until no other session uses it.
+///
+/// Cancel safety: as [`ReplicationClient`]'s commands, if the future is dropped the slot
+/// may or may not be gone, and the session stays usable.
 pub async fn drop_slot(client: &mut ReplicationClient, name: &str, wait: bool) -> Result<()> {
     client.drop_slot(name, wait).await.map_err(Error::from)
 }

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -12,6 +12,7 @@ use bytes::BytesMut;
 use pgwire_repl::proto::frontend;
 use pgwire_repl::proto::replication::{postgres_now, HotStandbyFeedback, StandbyStatusUpdate};
 use pgwire_repl::{Connection, Lsn, ReplicationClient, TimelineId};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
@@ -111,8 +112,9 @@ impl StreamOptions {
 /// The positions reported to the server, shared between a [`WalStream`] and whoever
 /// writes the WAL (another task or thread can update them).
 ///
-/// Report as flushed only what is durably on disk: with a slot, the flush position
-/// lets the server recycle older WAL.
+/// Report as flushed only what is durably stored, wherever the WAL goes (a local disk,
+/// an object store, another service): with a slot, the flush position lets the server
+/// recycle older WAL, so a position reported too early can lose WAL for good.
 #[derive(Debug, Default)]
 pub struct Feedback {
     write: AtomicU64,
@@ -121,12 +123,13 @@ pub struct Feedback {
 }
 
 impl Feedback {
-    /// Sets the written position (last byte + 1 handed to the OS).
+    /// Sets the written position (last byte + 1 handed to the destination, not
+    /// necessarily durable yet).
     pub fn set_write(&self, lsn: Lsn) {
         self.write.store(lsn.0, Ordering::Release);
     }
 
-    /// Sets the flushed position (last byte + 1 durably on disk).
+    /// Sets the flushed position (last byte + 1 durably stored by the destination).
     pub fn set_flush(&self, lsn: Lsn) {
         self.flush.store(lsn.0, Ordering::Release);
     }
@@ -151,6 +154,31 @@ impl Feedback {
 /// Read it with [`WalStream::next_event`] (or turn it into a [`futures::Stream`] with
 /// [`WalStream::into_stream`]). Keepalives that ask for a reply are answered, and
 /// periodic status updates sent, from inside those calls, so keep calling them.
+///
+/// To end it: [`WalStream::stop`] from the task that reads it, or a [`StopHandle`]
+/// ([`WalStream::stop_handle`]) from anywhere else. [`WalStream::next_event`] is
+/// cancel-safe, so it can also be raced against a deadline or another future:
+///
+/// ```no_run
+/// # async fn demo(mut stream: walstream::WalStream) -> walstream::Result<()> {
+/// use std::time::Duration;
+/// use tokio::time::{timeout_at, Instant};
+///
+/// // Stream for 30 seconds, whether or not WAL arrives, then stop cleanly.
+/// let deadline = Instant::now() + Duration::from_secs(30);
+/// loop {
+///     match timeout_at(deadline, stream.next_event()).await {
+///         Err(_elapsed) => {
+///             stream.stop().await?; // nothing was lost by the cancelled read
+///             break;
+///         }
+///         Ok(Ok(Some(event))) => { /* handle the event */ let _ = event; }
+///         Ok(Ok(None)) => break,
+///         Ok(Err(err)) => return Err(err),
+///     }
+/// }
+/// # Ok(()) }
+/// ```
 ///
 /// ```no_run
 /// # async fn demo() -> walstream::Result<()> {
@@ -189,9 +217,64 @@ pub struct WalStream {
     last_received: Instant,
     pending: Option<StreamEvent>,
     status_buf: BytesMut,
-    /// Set while a send is in progress: if the future doing it is dropped (e.g. in a
-    /// `select!`), part of a message may have gone out and the connection is unusable.
-    sending: bool,
+    /// A status update is in the send buffer, not yet sent in full (its send was
+    /// cancelled).
+    status_queued: bool,
+    stop_signal: Arc<StopSignal>,
+}
+
+/// Asks a [`WalStream`] to stop, from another task (a signal handler, a deadline, a
+/// supervisor); from [`WalStream::stop_handle`]. Cloneable, `Send` and `Sync`.
+///
+/// ```no_run
+/// # async fn demo(mut stream: walstream::WalStream) -> walstream::Result<()> {
+/// let stop = stream.stop_handle();
+/// tokio::spawn(async move {
+///     let _ = tokio::signal::ctrl_c().await;
+///     stop.stop();
+/// });
+/// while let Some(event) = stream.next_event().await? {
+///     // … handle the event; after Ctrl-C the loop ends with None once the
+///     // stream has been stopped cleanly (CopyDone, never CopyFail).
+///     let _ = event;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct StopHandle(Arc<StopSignal>);
+
+#[derive(Debug, Default)]
+struct StopSignal {
+    requested: AtomicBool,
+    wake: Notify,
+}
+
+impl StopHandle {
+    /// Requests the stop. The [`WalStream::next_event`] call in progress (woken at once
+    /// if it is waiting for the server) or the next one stops the stream as
+    /// [`WalStream::stop`] does: a final status update with the positions in
+    /// [`Feedback`], CopyDone, and whatever the server had queued read and dropped.
+    /// It then returns `Ok(None)`, or the [`StreamEvent::EndOfTimeline`] or
+    /// [`StreamEvent::ServerShutdown`] that ended the stream meanwhile, and `Ok(None)`
+    /// from then on. Calling it again does nothing.
+    pub fn stop(&self) {
+        self.0.requested.store(true, Ordering::Release);
+        self.0.wake.notify_one();
+    }
+
+    /// Whether a stop was requested.
+    ///
+    /// ```no_run
+    /// # fn demo(stream: &walstream::WalStream) {
+    /// let stop = stream.stop_handle();
+    /// assert!(!stop.is_stop_requested());
+    /// stop.stop();
+    /// assert!(stop.is_stop_requested());
+    /// # }
+    /// ```
+    pub fn is_stop_requested(&self) -> bool {
+        self.0.requested.load(Ordering::Acquire)
+    }
 }
 
 impl std::fmt::Debug for WalStream {
@@ -209,12 +292,20 @@ impl WalStream {
     /// answer at once with the end of the timeline, which is then the first event).
     /// Server errors before the stream starts (a missing slot, a start position not
     /// in the server's history, WAL already removed) are returned here.
-    pub async fn start(client: ReplicationClient, options: StreamOptions) -> Result<WalStream> {
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: the client is consumed, so dropping the future drops the
+    /// connection (the server ends the walsender). Bound it with `tokio::time::timeout`
+    /// and connect again if it fires.
+    pub async fn start(mut client: ReplicationClient, options: StreamOptions) -> Result<WalStream> {
+        // The reply to a command whose call was cancelled must not be taken for ours.
+        client.settle().await?;
         WalStream::start_on(client.into_connection(), options).await
     }
 
     /// Like [`WalStream::start`], on a bare connection (one that is idle in a
-    /// physical replication session).
+    /// physical replication session). Not cancel-safe either, for the same reason.
     pub async fn start_on(mut conn: Connection, options: StreamOptions) -> Result<WalStream> {
         frontend::query(&options.start_command(), conn.write_buf())?;
         conn.flush().await?;
@@ -229,7 +320,8 @@ impl WalStream {
             last_received: now,
             pending: None,
             status_buf: BytesMut::with_capacity(64),
-            sending: false,
+            status_queued: false,
+            stop_signal: Arc::new(StopSignal::default()),
         };
         loop {
             let message = stream.read().await?;
@@ -260,6 +352,27 @@ impl WalStream {
         self.conn.set_bulk_receive(bytes);
     }
 
+    /// A handle that stops this stream from another task; see [`StopHandle`]. Take it
+    /// before [`WalStream::into_stream`] to stop the [`EventStream`] too.
+    ///
+    /// ```no_run
+    /// # async fn demo(stream: walstream::WalStream) -> walstream::Result<()> {
+    /// use futures::StreamExt;
+    /// let stop = stream.stop_handle();
+    /// let mut events = stream.into_stream();
+    /// tokio::spawn(async move {
+    ///     tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    ///     stop.stop(); // the event stream ends cleanly a moment later
+    /// });
+    /// while let Some(event) = events.next().await {
+    ///     let _ = event?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.stop_signal.clone())
+    }
+
     /// The shared positions to report. Update them as WAL is written and flushed.
     pub fn feedback(&self) -> &Arc<Feedback> {
         &self.feedback
@@ -286,11 +399,29 @@ impl WalStream {
     /// [`StreamEvent::EndOfTimeline`], [`StreamEvent::ServerShutdown`], or a stop).
     ///
     /// Sends a status update first when one is due (a keepalive asked for it, or the
-    /// status interval passed). Fails with a typed server error when the server
-    /// reports one mid-stream, with [`crate::ErrorKind::Connection`] when the
-    /// connection is lost, and with [`crate::ErrorKind::Timeout`] after the idle
-    /// timeout.
+    /// status interval passed). Fails with a typed server error
+    /// ([`crate::ErrorKind::Server`], with the SQLSTATE, detail and hint) when the
+    /// server reports one mid-stream, with the connection's own kind (usually
+    /// [`crate::ErrorKind::Io`]) when the connection is lost, and with
+    /// [`crate::ErrorKind::Timeout`] after the idle timeout; [`crate::Error::is_retryable`]
+    /// says whether a new connection may do better. After a [`StopHandle::stop`], it
+    /// stops the stream and returns `Ok(None)` (see there).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it can be a branch of `tokio::select!` or wrapped in
+    /// `tokio::time::timeout`, and when the future is dropped before it returns, no
+    /// event is lost and the stream stays usable. Bytes read so far stay in the receive
+    /// buffer; a message is taken out of it only together with what it causes (its
+    /// event returned, or the stream's state moved on, as for the server's CopyDone)
+    /// with no wait in between. A status update or CopyDone that was being sent stays
+    /// queued, in order, and goes out first at the next call (or [`WalStream::stop`]). A status update that was
+    /// due is sent again if the cancelled one had not been sent in full. The idle
+    /// timeout keeps counting from the last message received, across calls.
     pub async fn next_event(&mut self) -> Result<Option<StreamEvent>> {
+        if self.stop_signal.requested.load(Ordering::Acquire) {
+            return self.stop_on_request().await;
+        }
         if let Some(event) = self.pending.take() {
             return Ok(Some(event));
         }
@@ -298,10 +429,18 @@ impl WalStream {
             if self.machine.is_done() {
                 return Ok(None);
             }
+            if self.stop_signal.requested.load(Ordering::Acquire) {
+                return self.stop_on_request().await;
+            }
             if self.machine.is_streaming() && self.schedule.due(Instant::now().into_std()) {
                 self.send_status(false).await?;
             }
-            let message = self.read().await?;
+            let signal = self.stop_signal.clone();
+            let message = tokio::select! {
+                // The read is cancel-safe: a message not returned stays buffered.
+                message = self.read() => message?,
+                () = signal.wake.notified() => continue,
+            };
             match self.machine.handle(message)? {
                 Step::Nothing | Step::Started => {}
                 Step::SendCopyDone => self.send_copy_done().await?,
@@ -326,35 +465,53 @@ impl WalStream {
     /// Sends a standby status update now, with the positions in [`WalStream::feedback`]
     /// (and hot-standby feedback if set). With `reply_requested`, the server answers
     /// with a keepalive.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: what was not sent stays queued and goes out first at the next call
+    /// that reads or sends.
     pub async fn send_status(&mut self, reply_requested: bool) -> Result<()> {
-        let (write, flush, apply) = self.feedback.positions();
-        let now = postgres_now();
-        self.status_buf.clear();
-        StandbyStatusUpdate {
-            write,
-            flush,
-            apply,
-            client_time: now,
-            reply_requested,
-        }
-        .encode(&mut self.status_buf);
-        frontend::copy_data(&self.status_buf, self.conn.write_buf());
-        if let Some(mut hs) = self.hot_standby {
-            hs.client_time = now;
+        // A periodic update still on its way (its send was cancelled) is finished
+        // rather than followed by another, so repeated cancellation cannot pile updates
+        // up; a reply the server or the caller asked for is always fresh.
+        let fresh = !self.status_queued || reply_requested || self.schedule.reply_requested();
+        if fresh {
+            let (write, flush, apply) = self.feedback.positions();
+            let now = postgres_now();
             self.status_buf.clear();
-            hs.encode(&mut self.status_buf);
+            StandbyStatusUpdate {
+                write,
+                flush,
+                apply,
+                client_time: now,
+                reply_requested,
+            }
+            .encode(&mut self.status_buf);
             frontend::copy_data(&self.status_buf, self.conn.write_buf());
+            if let Some(mut hs) = self.hot_standby {
+                hs.client_time = now;
+                self.status_buf.clear();
+                hs.encode(&mut self.status_buf);
+                frontend::copy_data(&self.status_buf, self.conn.write_buf());
+            }
+            self.status_queued = true;
+            tracing::trace!(%write, %flush, %apply, "sending standby status update");
         }
-        self.send().await?;
-        self.schedule.sent(Instant::now().into_std());
-        tracing::trace!(%write, %flush, %apply, "sent standby status update");
-        Ok(())
+        self.send().await
     }
 
     /// Stops streaming: sends a final status update and CopyDone (never CopyFail),
     /// then reads (and drops) whatever the server had queued until ReadyForQuery.
     /// Returns the end of the timeline if the server reached it meanwhile. The
     /// connection is idle afterwards ([`WalStream::into_connection`]).
+    ///
+    /// # Cancel safety
+    ///
+    /// Resumable rather than cancel-safe: once started, the stream is stopping. If the
+    /// future is dropped, calling `stop` (or [`WalStream::next_event`]) again sends
+    /// whatever was still queued (CopyDone included) and finishes the job. Bound it
+    /// with `tokio::time::timeout` when the server may not answer, and drop the
+    /// connection if that fires.
     pub async fn stop(&mut self) -> Result<Option<StreamEvent>> {
         if let Some(event) = self.pending.take() {
             if matches!(event, StreamEvent::EndOfTimeline { .. }) {
@@ -389,7 +546,8 @@ impl WalStream {
 
     /// Turns the stream into a [`futures::Stream`] of events. Status updates are sent
     /// as with [`WalStream::next_event`]; update the positions through the
-    /// [`Feedback`] obtained from [`WalStream::feedback`] before converting.
+    /// [`Feedback`] obtained from [`WalStream::feedback`] before converting, and take a
+    /// [`StopHandle`] first to be able to stop it.
     ///
     /// ```no_run
     /// # async fn demo(stream: walstream::WalStream) -> walstream::Result<()> {
@@ -409,7 +567,21 @@ impl WalStream {
         }
     }
 
+    /// Stops for a [`StopHandle`]: as [`WalStream::stop`], reporting the end of the
+    /// stream as the last event, then `None`.
+    async fn stop_on_request(&mut self) -> Result<Option<StreamEvent>> {
+        if self.machine.is_done() && self.pending.is_none() {
+            return Ok(None);
+        }
+        self.stop().await
+    }
+
     async fn read(&mut self) -> Result<pgwire_repl::proto::backend::BackendMessage> {
+        // What a cancelled call left queued (a status update, CopyDone) goes out first:
+        // the server may be waiting for it.
+        if self.conn.unsent() > 0 {
+            self.send().await?;
+        }
         loop {
             let status_at = if self.machine.is_streaming() {
                 self.schedule.next_periodic().map(Instant::from_std)
@@ -475,16 +647,17 @@ impl WalStream {
         self.send().await
     }
 
+    /// Sends what is queued; cancel-safe ([`pgwire_repl::Connection::flush`]). A status
+    /// update counts as sent once it has left in full.
     async fn send(&mut self) -> Result<()> {
-        if self.sending {
-            return Err(Error::state(
-                "an earlier send on this replication connection was interrupted",
-                "the connection may hold half a message; drop it and connect again",
-            ));
+        self.conn
+            .flush()
+            .await
+            .map_err(|err| self.read_error(err))?;
+        if self.status_queued {
+            self.status_queued = false;
+            self.schedule.sent(Instant::now().into_std());
         }
-        self.sending = true;
-        self.conn.flush().await?;
-        self.sending = false;
         Ok(())
     }
 }
@@ -507,21 +680,32 @@ type NextFuture =
 enum EventStreamState {
     Idle(Box<WalStream>),
     Busy(NextFuture),
+    /// The stream ended normally; kept for [`EventStream::into_inner`].
+    Finished(Box<WalStream>),
+    /// Ended with an error (the stream was dropped), or being polled.
     Done,
 }
 
 /// A [`WalStream`] as a [`futures::Stream`] of `Result<StreamEvent>`; from
 /// [`WalStream::into_stream`]. Ends after the last event or the first error.
+///
+/// # Cancel safety
+///
+/// Cancel-safe: the [`WalStream::next_event`] call in progress lives inside the
+/// `EventStream`, not in the `next()` future, so dropping that future (in a
+/// `tokio::select!`, or on a timeout) loses nothing and the next poll continues the
+/// same call. A [`StopHandle`] taken before [`WalStream::into_stream`] ends it cleanly.
 pub struct EventStream {
     state: EventStreamState,
 }
 
 impl EventStream {
-    /// The stream back, to [`WalStream::stop`] it, unless a read is in progress or it
-    /// has ended with an error.
+    /// The stream back, to [`WalStream::stop`] it or to close its connection
+    /// ([`WalStream::into_connection`]) once it has ended, unless a read is in progress
+    /// or it ended with an error.
     pub fn into_inner(self) -> Option<WalStream> {
         match self.state {
-            EventStreamState::Idle(stream) => Some(*stream),
+            EventStreamState::Idle(stream) | EventStreamState::Finished(stream) => Some(*stream),
             _ => None,
         }
     }
@@ -534,6 +718,10 @@ impl futures::Stream for EventStream {
         loop {
             match std::mem::replace(&mut self.state, EventStreamState::Done) {
                 EventStreamState::Done => return Poll::Ready(None),
+                EventStreamState::Finished(stream) => {
+                    self.state = EventStreamState::Finished(stream);
+                    return Poll::Ready(None);
+                }
                 EventStreamState::Idle(mut stream) => {
                     self.state = EventStreamState::Busy(Box::pin(async move {
                         let result = stream.next_event().await;
@@ -551,7 +739,10 @@ impl futures::Stream for EventStream {
                                 self.state = EventStreamState::Idle(stream);
                                 Some(Ok(event))
                             }
-                            Ok(None) => None,
+                            Ok(None) => {
+                                self.state = EventStreamState::Finished(stream);
+                                None
+                            }
                             Err(err) => Some(Err(err)),
                         });
                     }

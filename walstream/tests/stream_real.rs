@@ -127,3 +127,71 @@ async fn server_errors_are_typed() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_reads_under_load_lose_no_wal_and_a_stop_handle_ends_the_stream() {
+    let cluster = Cluster::start(ClusterOptions::new());
+    cluster
+        .execute("CREATE TABLE churn (id serial PRIMARY KEY, pad text)")
+        .await;
+    let (client, start) = connect(&cluster).await;
+    let mut stream = WalStream::start(
+        client,
+        StreamOptions::new(start).status_interval(Some(Duration::from_millis(100))),
+    )
+    .await
+    .unwrap();
+    // WAL keeps coming while the reader gives up every 2 ms.
+    let writer = {
+        let mut sql = cluster.sql().await;
+        tokio::spawn(async move {
+            for _ in 0..200 {
+                sql.batch(
+                    "INSERT INTO churn (pad) SELECT repeat('x', 500) FROM generate_series(1, 20)",
+                )
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let stop = stream.stop_handle();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let stopper = tokio::spawn(async move {
+        tokio::time::sleep_until(deadline).await;
+        stop.stop();
+    });
+    let mut received = start;
+    let mut cancelled = 0u32;
+    let mut bytes = 0u64;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(2), stream.next_event()).await {
+            Err(_) => cancelled += 1,
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(StreamEvent::XLogData(x)))) => {
+                assert_eq!(x.wal_start, received, "a gap or an overlap in the WAL");
+                received = Lsn(x.wal_start.0 + x.data.len() as u64);
+                bytes += x.data.len() as u64;
+                stream.feedback().set_write(received);
+            }
+            Ok(Ok(Some(StreamEvent::Keepalive(_)))) => {}
+            Ok(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    stopper.await.unwrap();
+    writer.abort();
+    assert!(cancelled > 10, "only {cancelled} reads were cancelled");
+    assert!(bytes > 100_000, "only {bytes} bytes of WAL streamed");
+    // Stopped for good, cleanly: the session is idle and usable.
+    assert_eq!(stream.next_event().await.unwrap(), None);
+    let mut conn = stream.into_connection();
+    pgwire_repl::proto::frontend::query("IDENTIFY_SYSTEM", conn.write_buf()).unwrap();
+    conn.flush().await.unwrap();
+    loop {
+        match conn.read_message().await.unwrap() {
+            pgwire_repl::proto::backend::BackendMessage::ReadyForQuery { .. } => break,
+            pgwire_repl::proto::backend::BackendMessage::ErrorResponse(db) => panic!("{db}"),
+            _ => {}
+        }
+    }
+    assert!(!cluster.log().contains("invalid standby message type"));
+}

@@ -35,6 +35,8 @@
 
 use std::path::{Path, PathBuf};
 
+use super::keywords::{Keyword, Source};
+use super::{home_dir, Config};
 use crate::error::{Error, Result};
 
 /// The directory searched for `pg_service.conf` when `PGSYSCONFDIR` is not set.
@@ -246,6 +248,72 @@ fn trim_c_space(mut line: &[u8]) -> &[u8] {
     line
 }
 
+impl Config {
+    /// Looks up the service (from `service`, else PGSERVICE) and fills the options not
+    /// given explicitly from it, as libpq's `parseServiceInfo` does.
+    pub(super) fn apply_service(&mut self, getenv: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+        if self.service_applied {
+            return Ok(());
+        }
+        let from_env = self.service.is_none();
+        let name = match &self.service {
+            Some(name) => Some(name.clone()),
+            None => getenv("PGSERVICE"),
+        };
+        let Some(name) = name else {
+            self.service_applied = true;
+            return Ok(());
+        };
+        let entries = lookup(&name, getenv, home_dir(getenv), &|keyword| {
+            Keyword::from_name(keyword).is_some()
+        })
+        .map_err(|e| {
+            if from_env {
+                let advice = e.advice().unwrap_or_default().to_string();
+                e.with_advice(format!(
+                    "{advice}; the service name came from the environment variable PGSERVICE: unset it if it is not meant for this connection"
+                ))
+            } else {
+                e
+            }
+        })?;
+        for entry in &entries {
+            let Some(key) = Keyword::from_name(&entry.keyword) else {
+                continue;
+            };
+            if self.explicitly_set.contains(key) || !self.is_unset(key) {
+                continue;
+            }
+            self.set_option(
+                key,
+                &entry.value,
+                Source::Service {
+                    name: &name,
+                    file: &entry.file,
+                    line: entry.line,
+                },
+            )?;
+        }
+        self.service = Some(name);
+        self.explicitly_set.insert(Keyword::Service);
+        self.service_applied = true;
+        Ok(())
+    }
+
+    /// An error unless the service (if any) has been looked up: a configuration from
+    /// [`Config::parse`] alone never read the service file, and connecting with it would
+    /// silently ignore the service's options.
+    pub(crate) fn check_service_applied(&self) -> Result<()> {
+        match &self.service {
+            Some(name) if !self.service_applied => Err(Error::usage(
+                format!("service \"{name}\" was never looked up: this configuration was made with Config::parse, which reads neither service files nor the environment"),
+                "make the configuration with Config::parse_with_env (or call apply_env on it), so that the service file is read as libpq reads it",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -420,5 +488,111 @@ mod tests {
                 .contains("definition of service \"x\" not found (no service file exists"),
             "{err}"
         );
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::super::test_util::*;
+    use super::super::*;
+    use crate::error::ErrorKind;
+
+    fn service_file(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("pg_service.conf");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn service_options_sit_between_the_string_and_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = service_file(
+            dir.path(),
+            "[svc]\nhost=svchost\nport=5555\nuser=svcuser\nsslmode=require\nport=6666\n\
+             target_session_attrs=primary\n[other]\nhost=otherhost\n[]\nhost=emptyname\n",
+        );
+        let file = file.display().to_string();
+        let vars = [
+            ("PGSERVICEFILE", file.as_str()),
+            ("PGHOST", "envhost"),
+            ("PGUSER", "envuser"),
+            ("PGDATABASE", "envdb"),
+            ("PGSSLMODE", "disable"),
+            ("HOME", "/nonexistent"),
+        ];
+        let config = Config::parse_with_getenv("service=svc user=explicit", &env(&vars)).unwrap();
+        // The string beats the service, the service beats the environment, and the
+        // environment fills what neither set.
+        assert_eq!(config.user.as_deref(), Some("explicit"));
+        assert_eq!(config.hosts, vec![tcp("svchost")]);
+        assert_eq!(config.ssl_mode, SslMode::Require);
+        assert_eq!(config.dbname.as_deref(), Some("envdb"));
+        // The first value of a keyword in the service wins, as in libpq.
+        assert_eq!(config.ports, vec![5555]);
+        assert_eq!(config.target_session_attrs, TargetSessionAttrs::Primary);
+        assert_eq!(config.service.as_deref(), Some("svc"));
+        // Once applied, the service's options are written out, not its name.
+        let text = config.to_conninfo_string();
+        assert!(!text.contains("service"), "{text}");
+        assert!(text.contains("host=svchost"), "{text}");
+
+        // PGSERVICE names the service when the string does not.
+        let mut with_pgservice = vars.to_vec();
+        with_pgservice.push(("PGSERVICE", "other"));
+        let config = Config::parse_with_getenv("", &env(&with_pgservice)).unwrap();
+        assert_eq!(config.hosts, vec![tcp("otherhost")]);
+        let config = Config::parse_with_getenv("service=svc", &env(&with_pgservice)).unwrap();
+        assert_eq!(config.hosts, vec![tcp("svchost")]);
+        // An empty service name is looked up as "" (the [] group), as libpq does.
+        let config = Config::parse_with_getenv("service=''", &env(&vars)).unwrap();
+        assert_eq!(config.hosts, vec![tcp("emptyname")]);
+
+        // A missing service, named by the string or by PGSERVICE.
+        let err = Config::parse_with_getenv("service=nope", &env(&vars)).unwrap_err();
+        assert!(
+            err.message()
+                .starts_with("definition of service \"nope\" not found"),
+            "{err}"
+        );
+        let mut missing = vars.to_vec();
+        missing.push(("PGSERVICE", "nope"));
+        let err = Config::parse_with_getenv("", &env(&missing)).unwrap_err();
+        assert!(err.advice().unwrap().contains("PGSERVICE"), "{err}");
+    }
+
+    #[test]
+    fn service_errors_name_the_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = service_file(dir.path(), "[svc]\nhost=h\nport=notaport\n");
+        let vars = [("PGSERVICEFILE", file.to_str().unwrap()), ("HOME", "/h")];
+        let err = Config::parse_with_getenv("service=svc", &env(&vars)).unwrap_err();
+        assert!(err.message().contains("port"), "{err}");
+        assert!(err.message().contains("line 3"), "{err}");
+        assert!(err.message().contains(file.to_str().unwrap()), "{err}");
+        // A bad value the string overrides is never looked at.
+        Config::parse_with_getenv("service=svc port=5432", &env(&vars)).unwrap();
+        let file = service_file(dir.path(), "[svc]\nhost=h\nnot an option\n");
+        let vars = [("PGSERVICEFILE", file.to_str().unwrap()), ("HOME", "/h")];
+        let err = Config::parse_with_getenv("service=svc", &env(&vars)).unwrap_err();
+        assert!(
+            err.message().starts_with(&format!(
+                "syntax error in service file \"{}\", line 3",
+                file.display()
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unapplied_service_refuses_to_connect() {
+        let config = Config::parse("service=svc host=h").unwrap();
+        let err = config.check_service_applied().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Usage);
+        assert!(err.message().contains("svc"), "{err}");
+        assert!(err.advice().unwrap().contains("parse_with_env"), "{err}");
+        Config::parse("host=h")
+            .unwrap()
+            .check_service_applied()
+            .unwrap();
     }
 }

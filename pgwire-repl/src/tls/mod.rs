@@ -220,7 +220,7 @@ fn protocol_versions(config: &Config) -> Result<Vec<&'static SupportedProtocolVe
 /// The server name given to rustls. It only decides SNI here (the verifier checks the
 /// host itself): as in libpq, an IP address (as `inet_aton` or `inet_pton` reads it) is
 /// never sent; a host that is not a valid DNS name is not sent either.
-fn rustls_server_name(host: &str) -> ServerName<'static> {
+pub(crate) fn rustls_server_name(host: &str) -> ServerName<'static> {
     if let Some(v4) = hostname::inet_aton(host) {
         return ServerName::IpAddress(IpAddr::V4(Ipv4Addr::from(v4)).into());
     }
@@ -773,11 +773,16 @@ impl ServerCertVerifier for LibpqVerifier {
 }
 
 /// The error for a failed TLS handshake with `host`: what the verifier or the peer
-/// said, and what to do about it.
+/// said, and what to do about it. `custom`: the caller supplied the rustls
+/// configuration (so its verifier, not sslrootcert, refused a certificate).
+///
+/// A handshake that broke on the transport (the peer closed or reset the connection,
+/// no TLS error) is retryable: a new connection may get through.
 pub(crate) fn handshake_error(
     config: &Config,
     host: &str,
     direct: bool,
+    custom: bool,
     error: &io::Error,
 ) -> Error {
     let what = if direct {
@@ -792,6 +797,11 @@ pub(crate) fn handshake_error(
     let certificate_advice = match config.ssl_mode {
         SslMode::VerifyFull => "the server's certificate must chain to a certificate in sslrootcert and name the host given as `host` (in a subjectAltName, or in the CN when the certificate has no subjectAltName of that kind); use that name as host (with hostaddr for the address), or sslmode=verify-ca to skip the name check",
         _ => "the server's certificate must chain to a certificate in sslrootcert (with a root certificate present, sslmode=require, prefer and allow verify the chain as libpq does); fix sslrootcert, or remove it and use sslmode=require to skip verification",
+    };
+    let certificate_advice = if custom {
+        "the certificate verifier of the rustls::ClientConfig given in ConnectOptions::tls_config refused the server's certificate (sslmode, sslrootcert and the other ssl options do not apply to it): fix that configuration's root store or verifier, or the server's certificate"
+    } else {
+        certificate_advice
     };
     let (detail, advice) = match rustls_error {
         Some(rustls::Error::InvalidCertificate(cert_error)) => {
@@ -819,7 +829,13 @@ pub(crate) fn handshake_error(
     if direct {
         message.push_str(" (direct TLS needs PostgreSQL 17 or later; use sslnegotiation=postgres for older servers)");
     }
-    Error::tls(message, advice)
+    let error = Error::tls(message, advice);
+    if rustls_error.is_none() {
+        // The transport broke mid-handshake: no TLS verdict was reached.
+        error.retryable()
+    } else {
+        error
+    }
 }
 
 fn offered_versions(config: &Config) -> String {
