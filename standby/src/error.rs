@@ -153,6 +153,7 @@ impl Error {
     pub fn db_error(&self) -> Option<&DbError> {
         match &self.0.source {
             Some(Source::Connection(e)) => e.db_error(),
+            Some(Source::Backup(e)) => e.db_error(),
             Some(Source::Wal(e)) => e.db_error(),
             _ => None,
         }
@@ -174,10 +175,7 @@ impl Error {
         match &self.0.source {
             Some(Source::Wal(e)) => e.is_retryable(),
             Some(Source::Connection(e)) => e.is_retryable(),
-            Some(Source::Backup(e)) => {
-                matches!(e.kind(), basebackup::ErrorKind::Io)
-                    || e.sqlstate().is_some_and(|s| s.starts_with("57P"))
-            }
+            Some(Source::Backup(e)) => e.is_retryable(),
             _ => matches!(self.0.kind, ErrorKind::Timeout),
         }
     }
