@@ -271,7 +271,7 @@ impl BackupSink for Bridge {
 
 /// The sink task: runs the commands in order; after the first error it only answers
 /// `commit` (with that error) and runs `abort`. Aborts by itself when the writer went
-/// away without either (it panicked).
+/// away after the first command without either (it panicked).
 async fn drive<S: AsyncBackupSink>(
     mut sink: S,
     mut rx: mpsc::Receiver<Vec<Command>>,
@@ -280,7 +280,9 @@ async fn drive<S: AsyncBackupSink>(
     let mut failed = Some(failed);
     let mut first_error: Option<Error> = None;
     let mut finished = false;
+    let mut began = false;
     while let Some(batch) = rx.recv().await {
+        began = true;
         for command in batch {
             let result = match command {
                 Command::Commit(manifest, reply) => {
@@ -325,7 +327,8 @@ async fn drive<S: AsyncBackupSink>(
             }
         }
     }
-    if !finished {
+    // A backup that failed before the writer started never called the sink.
+    if began && !finished {
         let reason = first_error.unwrap_or_else(|| {
             Error::writer_panicked("the writer thread stopped without committing or aborting")
         });
@@ -337,7 +340,8 @@ async fn drive<S: AsyncBackupSink>(
 impl BaseBackup {
     /// [`receive`](BaseBackup::receive) into an [`AsyncBackupSink`]: receives the
     /// archives, verifies them against the manifest, commits, and gives the sink back.
-    /// On any failure the sink's `abort` runs, with the reason, before this returns.
+    /// On a failure the sink's `abort` runs, with the reason, before this returns (a
+    /// failure before its first call, reading the tablespace list, only drops it).
     ///
     /// The sink runs as a task on the current runtime, fed by the writer thread through
     /// a bounded channel (see the [module documentation](crate::async_sink)): memory

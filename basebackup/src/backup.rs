@@ -201,8 +201,9 @@ impl BaseBackup {
     }
 
     /// Receives the archives into `sink`, verifies them against the manifest and commits,
-    /// then gives the sink back (to read what it counted, or reuse it). On any failure
-    /// the sink is told to [`abort`](BackupSink::abort), with the reason, and dropped.
+    /// then gives the sink back (to read what it counted, or reuse it). On a failure the
+    /// sink is told to [`abort`](BackupSink::abort), with the reason, and dropped (a
+    /// failure before its first call, reading the tablespace list, only drops it).
     ///
     /// The sink runs on a writer thread (`spawn_blocking`), fed through a bounded
     /// channel: it may block, and memory stays bounded by the channel (a few MiB)
@@ -312,7 +313,7 @@ impl BaseBackup {
                     BackupEvent::ArchiveStart(archive) => {
                         progress.start_archive(
                             &archive,
-                            response.archives_started() - 1,
+                            response.archives_started().saturating_sub(1),
                             response.bytes_done(),
                         );
                         out.send(Msg::Archive(archive)).await?;

@@ -68,6 +68,13 @@ impl fmt::Display for ErrorKind {
 /// Errors are classified when they are made, never by their text. `Clone` is cheap
 /// enough for the error path (a sink's `abort` gets a copy of the reason).
 ///
+/// Where error types meet: a [`pgwire_repl::Error`] converts into this one (`?` works),
+/// keeping its kind, the server's fields, its advice and whether it is retryable, and
+/// stays reachable as [`connection_error`](Error::connection_error) and as the
+/// [`source`](std::error::Error::source). An application's own error type takes this one
+/// with a `From<basebackup::Error>` of its own; `Box<dyn Error + Send + Sync>` and the
+/// like take it as it is.
+///
 /// ```
 /// use basebackup::{Error, ErrorKind};
 /// let err = Error::verify("base/5/1259", "CRC32C checksum mismatch");
@@ -75,6 +82,18 @@ impl fmt::Display for ErrorKind {
 /// assert_eq!(err.path(), Some("base/5/1259"));
 /// assert!(err.to_string().contains("base/5/1259"));
 /// assert!(!err.is_retryable());
+///
+/// fn parse(conninfo: &str) -> basebackup::Result<pgwire_repl::Config> {
+///     Ok(pgwire_repl::Config::parse(conninfo)?)
+/// }
+/// let err = parse("port=notanumber").unwrap_err();
+/// assert_eq!(err.kind(), ErrorKind::Config);
+/// let original = err.connection_error().unwrap();
+/// assert_eq!(original.kind(), pgwire_repl::ErrorKind::Config);
+/// let source = std::error::Error::source(&err).unwrap();
+/// assert!(source.downcast_ref::<pgwire_repl::Error>().is_some());
+/// let boxed: Box<dyn std::error::Error + Send + Sync> = err.into();
+/// assert!(boxed.to_string().contains("notanumber"));
 /// ```
 #[derive(Clone)]
 pub struct Error(Box<Inner>);
@@ -276,6 +295,15 @@ impl Error {
     /// ```
     pub fn db_error(&self) -> Option<&DbError> {
         self.0.db.as_ref()
+    }
+
+    /// The connection-layer error this one was made from (a lost connection, a server
+    /// error, a refused login…), when there is one.
+    pub fn connection_error(&self) -> Option<&pgwire_repl::Error> {
+        self.0
+            .source
+            .as_deref()
+            .and_then(|source| source.downcast_ref::<pgwire_repl::Error>())
     }
 
     /// True when taking the backup again, unchanged, may succeed: the connection was

@@ -1423,3 +1423,26 @@ async fn a_dropped_backup_aborts_its_sink_as_cancelled() {
         drop(server);
     }
 }
+
+#[tokio::test]
+async fn a_backup_that_fails_before_the_first_archive_never_calls_the_sink() {
+    // The tablespace list is cut off: no sink call at all, neither abort.
+    let archives = [base(good_entries())];
+    let mut script = opening(Framing::V15, &archives);
+    script.truncate(script.len() - 2);
+    script.push(Action::Close);
+    let seen = Shared::default();
+    let err = run_async(script, MemorySink::new(&seen))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Io, "{err}");
+    // receive_async returned after the sink's task ended: it never called the sink.
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.calls.is_empty() && seen.aborted.is_none(),
+        "{:?} {:?}",
+        seen.calls,
+        seen.aborted
+    );
+}

@@ -15,7 +15,9 @@ use libfuzzer_sys::fuzz_target;
 use pgwire_repl::proto::backend::{decode, BackendMessage, DecodeLimits};
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&selector, rest)) = data.split_first() else { return };
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
     let major = 13 + u32::from(selector & 0x07) % 6;
     let mut options = BackupOptions::default();
     if selector & 0x08 != 0 {
@@ -28,7 +30,10 @@ fuzz_target!(|data: &[u8]| {
         _ => None,
     };
     let manifest_expected = options.manifest != ManifestMode::No;
-    let limits = DecodeLimits { max_short_message: 4096, max_long_message: 1 << 16 };
+    let limits = DecodeLimits {
+        max_short_message: 4096,
+        max_long_message: 1 << 16,
+    };
     let mut buf = BytesMut::from(rest);
     let mut machine = BackupResponse::new(major, &options);
     let mut grammar = Grammar::default();
@@ -42,7 +47,10 @@ fuzz_target!(|data: &[u8]| {
         let finished = machine.is_done();
         match machine.handle(message) {
             Ok(events) => {
-                assert!(!finished || ignored, "accepted a message after the end or an error");
+                assert!(
+                    !finished || ignored,
+                    "accepted a message after the end or an error"
+                );
                 for event in events {
                     grammar.feed(&event, manifest_expected);
                 }
@@ -63,7 +71,11 @@ fuzz_target!(|data: &[u8]| {
                         | BackendMessage::ParameterStatus { .. }
                         | BackendMessage::NotificationResponse { .. }
                 );
-                assert_eq!(machine.handle(next).is_err(), !ignored, "accepted a message after an error");
+                assert_eq!(
+                    machine.handle(next).is_err(),
+                    !ignored,
+                    "accepted a message after an error"
+                );
             }
             return;
         }
@@ -93,14 +105,24 @@ impl Grammar {
             }
             BackupEvent::Tablespaces(list) => {
                 assert!(self.started && self.tablespaces.is_none());
-                assert!(list.last().is_some_and(|t| t.oid.is_none()), "no base directory last");
+                assert!(
+                    list.last().is_some_and(|t| t.oid.is_none()),
+                    "no base directory last"
+                );
                 assert_eq!(list.iter().filter(|t| t.oid.is_none()).count(), 1);
                 self.tablespaces = Some(list.clone());
             }
             BackupEvent::ArchiveStart(archive) => {
-                let list = self.tablespaces.as_ref().expect("an archive before the list");
+                let list = self
+                    .tablespaces
+                    .as_ref()
+                    .expect("an archive before the list");
                 assert!(!self.in_archive && !self.in_manifest && !self.ended);
-                assert_eq!(Some(&archive.tablespace), list.get(self.archives), "archive out of order");
+                assert_eq!(
+                    Some(&archive.tablespace),
+                    list.get(self.archives),
+                    "archive out of order"
+                );
                 assert!(!archive.name.contains('/') && !archive.name.starts_with('.'));
                 self.archives += 1;
                 self.in_archive = true;
@@ -119,7 +141,10 @@ impl Grammar {
             BackupEvent::ManifestData(_) => assert!(self.in_manifest),
             BackupEvent::Ended { .. } => {
                 assert!(!self.in_archive && !self.ended && all_archives);
-                assert_eq!(self.in_manifest, manifest_expected, "ended without the manifest");
+                assert_eq!(
+                    self.in_manifest, manifest_expected,
+                    "ended without the manifest"
+                );
                 self.ended = true;
             }
             BackupEvent::Done => {
