@@ -188,8 +188,26 @@ impl Config {
                 self.keepalives_idle = (seconds > 0)
                     .then(|| Duration::from_secs(u64::from(seconds.unsigned_abs())));
             }
-            // Accepted and ignored.
-            Keyword::ClientEncoding | Keyword::KrbSrvName | Keyword::SslCompression | Keyword::GssDelegation => {}
+            // This client always asks for UTF-8 and decodes UTF-8: another encoding is
+            // refused rather than ignored.
+            Keyword::ClientEncoding => {
+                let normalized: String = value
+                    .chars()
+                    .filter(|c| *c != '-' && *c != '_')
+                    .collect::<String>()
+                    .to_ascii_lowercase();
+                if !matches!(normalized.as_str(), "" | "utf8" | "unicode" | "auto") {
+                    return Err(bad_value(
+                        source,
+                        format!("client_encoding={value} is not supported: this client always uses UTF8"),
+                        "remove client_encoding (or set it to UTF8); replication and status queries do not depend on it",
+                    ));
+                }
+            }
+            // Only meaningful for GSSAPI, which is refused where it would be used
+            // (gssencmode=require, a server asking for GSS authentication); and
+            // sslcompression, which libpq itself ignores since TLS compression was removed.
+            Keyword::KrbSrvName | Keyword::SslCompression | Keyword::GssDelegation => {}
             // As in libpq: SNI is on only when the value starts with '1'.
             Keyword::SslSni => self.ssl_sni = value.starts_with('1'),
             Keyword::SslCrl => self.ssl_crl = path(),
@@ -703,6 +721,10 @@ mod tests {
             ("gssencmode=require", &["gssencmode", "GSSAPI"]),
             ("gssencmode=bogus", &["invalid gssencmode value"]),
             (
+                "client_encoding=LATIN1",
+                &["client_encoding=LATIN1", "UTF8"],
+            ),
+            (
                 "target_session_attrs=bogus",
                 &["invalid target_session_attrs value"],
             ),
@@ -722,7 +744,7 @@ mod tests {
 
     #[test]
     fn accepted_and_ignored_options() {
-        let ignored = "client_encoding=UTF8 target_session_attrs=any gssencmode=disable \
+        let ignored = "client_encoding=utf-8 target_session_attrs=any gssencmode=disable \
             gssencmode=prefer krbsrvname=postgres sslcompression=0 sslcrl='' sslcrldir='' \
             sslsni=1 sslpassword='' ssl_min_protocol_version=TLSv1.2 \
             ssl_max_protocol_version='' keepalives_interval=10 keepalives_count=3 \
