@@ -110,7 +110,7 @@ pub fn plain_target_dirs(
             ));
         }
         check_not_source(dir, &resolved, &sources)?;
-        check_not_inside_a_cluster(dir)?;
+        check_not_inside_a_cluster(dir, &resolved)?;
         dir.creates = match fs::read_dir(&dir.path) {
             Ok(mut entries) => {
                 let may_be_full = dir.tablespace.is_none() && allow_non_empty_target;
@@ -226,8 +226,7 @@ fn check_not_source(dir: &TargetDir, resolved: &Path, sources: &[PathBuf]) -> Re
 
 /// Refuses a directory inside a data directory or tablespace on this host, whichever
 /// server it belongs to.
-fn check_not_inside_a_cluster(dir: &TargetDir) -> Result<()> {
-    let resolved = resolve(&dir.path);
+fn check_not_inside_a_cluster(dir: &TargetDir, resolved: &Path) -> Result<()> {
     for ancestor in resolved.ancestors().skip(1) {
         let what = if ancestor.join("PG_VERSION").is_file()
             && ancestor.join("global/pg_control").is_file()
