@@ -180,6 +180,7 @@ impl WalDestination for MemoryWal {
             durable: start,
             verified: start,
             completed: 0,
+            next_to_complete: start.0 / size.bytes(),
         })
     }
 }
@@ -205,6 +206,8 @@ pub struct MemoryWriter {
     durable: Lsn,
     verified: Lsn,
     completed: u64,
+    /// The first segment this writer has not completed yet.
+    next_to_complete: u64,
 }
 
 impl MemoryWriter {
@@ -212,18 +215,17 @@ impl MemoryWriter {
     fn complete_verified(&mut self, state: &mut State) {
         let end = self.written.0.min(self.verified.0);
         let full_segments = end / self.size.bytes();
-        for ((segno, tli), segment) in state.segments.iter_mut() {
-            if *tli == self.timeline.0 && *segno < full_segments && !segment.complete {
-                let whole = segment.data.len() as u64 == self.size.bytes();
-                if whole {
+        // Writes are contiguous from the start, so segments complete in order.
+        while self.next_to_complete < full_segments {
+            let segno = self.next_to_complete;
+            if let Some(segment) = state.segments.get_mut(&(segno, self.timeline.0)) {
+                if !segment.complete && segment.data.len() as u64 == self.size.bytes() {
                     segment.complete = true;
                     self.completed += 1;
-                    let segment_end = Lsn((segno + 1) * self.size.bytes());
-                    if segment_end > self.durable {
-                        self.durable = segment_end;
-                    }
+                    self.durable = self.durable.max(Lsn((segno + 1) * self.size.bytes()));
                 }
             }
+            self.next_to_complete += 1;
         }
     }
 }
