@@ -373,7 +373,7 @@ impl From<pgwire_repl::Error> for Stop {
 pub(crate) struct StopReason(Arc<Mutex<Option<Error>>>);
 
 impl StopReason {
-    fn set(&self, error: Error) {
+    pub(crate) fn set(&self, error: Error) {
         if let Ok(mut slot) = self.0.lock() {
             *slot = Some(error);
         }

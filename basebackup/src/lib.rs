@@ -43,6 +43,7 @@ mod error;
 pub mod manifest;
 mod pipeline;
 pub mod protocol;
+pub mod replay;
 pub mod sink;
 pub mod tar;
 mod targets;

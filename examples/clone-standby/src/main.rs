@@ -1,7 +1,10 @@
 //! `clone-standby`: make a machine a streaming PostgreSQL standby over the replication
 //! protocol alone.
 //!
-//! Commands: `clone`, `receive-wal`, `verify`, `status`, `check` and `identify`.
+//! Commands: `clone`, `receive-wal`, `verify`, `status`, `check` and `identify`, and for
+//! object storage `backup`, `list`, `verify --repo` and `restore`.
+
+mod repo;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -61,12 +64,26 @@ enum Command {
     Clone(CloneArgs),
     /// Stream WAL into a directory, like pg_receivewal, checking every record's CRC.
     ReceiveWal(ReceiveWalArgs),
-    /// Check a plain backup against its backup_manifest, as pg_verifybackup does,
-    /// including that the WAL range it names is present.
+    /// Take a base backup into an object-storage repository (s3://BUCKET/PREFIX),
+    /// streamed into multipart uploads and verified on the way. Exits 0 only for a
+    /// committed, verified backup.
+    Backup(repo::BackupArgs),
+    /// List the committed backups of a repository.
+    List(repo::ListArgs),
+    /// Restore a backup from a repository into a new data directory, verifying every
+    /// file; with --standby --source, a streaming standby (and --start to start it).
+    Restore(repo::RestoreArgs),
+    /// Check a plain backup (--pgdata) or a backup in a repository (--repo) against its
+    /// backup_manifest, as pg_verifybackup does, including the WAL range it names.
     Verify {
         /// The data directory to check.
-        #[arg(long)]
-        pgdata: PathBuf,
+        #[arg(long, required_unless_present = "repo", conflicts_with = "repo")]
+        pgdata: Option<PathBuf>,
+        /// The repository holding the backup (s3://BUCKET/PREFIX), instead of --pgdata.
+        #[command(flatten)]
+        store: Option<repo::StoreArgs>,
+        #[command(flatten)]
+        repo_args: repo::VerifyRepoArgs,
         /// Skip the per-file checksums (sizes and presence are still checked).
         #[arg(long)]
         skip_checksums: bool,
@@ -256,6 +273,13 @@ fn main() -> ExitCode {
     tune_allocator();
     show_warnings();
     let cli = Cli::parse();
+    let repository_command = matches!(
+        cli.command,
+        Command::Backup(_) | Command::List(_) | Command::Restore(_)
+    ) || matches!(&cli.command, Command::Verify { store: Some(_), .. });
+    if repository_command {
+        return run_repository_command(cli.command);
+    }
     // One thread drives the sockets and the futures (no cross-thread wake-up per socket
     // read); file writes and fsyncs run on tokio's blocking threads.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -273,10 +297,17 @@ fn main() -> ExitCode {
             Command::Clone(args) => run_clone(args).await,
             Command::ReceiveWal(args) => run_receive_wal(args).await,
             Command::Verify {
-                pgdata,
+                pgdata: Some(pgdata),
                 skip_checksums,
                 no_wal,
+                ..
             } => run_verify(&pgdata, skip_checksums, no_wal),
+            Command::Verify { .. }
+            | Command::Backup(_)
+            | Command::List(_)
+            | Command::Restore(_) => {
+                unreachable!("repository commands run on their own runtime")
+            }
             Command::Identify { source, json } => {
                 identify(&source, json).await.map(|()| ExitCode::SUCCESS)
             }
@@ -288,6 +319,53 @@ fn main() -> ExitCode {
                 timeout,
                 json,
             } => run_status(&primary, &standby, wait, Duration::from_secs(timeout), json).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("clone-standby: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The object-storage commands: a multi-threaded runtime, so that uploads, downloads and
+/// client-side compression proceed side by side.
+fn run_repository_command(command: Command) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("clone-standby: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let work = async {
+            match command {
+                Command::Backup(args) => repo::run_backup(args).await,
+                Command::List(args) => repo::run_list(args).await,
+                Command::Restore(args) => repo::run_restore(args).await,
+                Command::Verify {
+                    store: Some(store),
+                    repo_args,
+                    ..
+                } => repo::run_verify_repo(store, repo_args).await,
+                _ => unreachable!("not a repository command"),
+            }
+        };
+        tokio::select! {
+            result = work => result,
+            _ = tokio::signal::ctrl_c() => Err(pgrepo::Error::usage(
+                "interrupted: no backup was committed and no restore completed",
+                "run the command again; objects an interrupted backup left behind have no \
+                 commit record, so they are not a backup, and a partial restore directory \
+                 must be removed before restoring into it",
+            )),
         }
     });
     match result {

@@ -1,0 +1,450 @@
+//! The object-storage commands: `backup`, `list`, `verify --repo` and `restore`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgrepo::{
+    Compression, DownloadOptions, RepoBackupOptions, Repository, RestoreOptions, Secret,
+    StoreOptions, UploadOptions,
+};
+use standby::start::{StartOptions, DEFAULT_START_WAIT};
+
+/// How to reach the object store. Unset options come from AWS_ACCESS_KEY_ID,
+/// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL and
+/// AWS_ALLOW_HTTP, as the AWS CLI reads them.
+#[derive(clap::Args, Debug)]
+pub struct StoreArgs {
+    /// The repository: s3://BUCKET/PREFIX (or file:///PATH).
+    #[arg(long)]
+    pub repo: String,
+    /// S3-compatible endpoint, e.g. http://127.0.0.1:3900 (overrides AWS_ENDPOINT_URL).
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Region (overrides AWS_REGION).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Access key id (overrides AWS_ACCESS_KEY_ID).
+    #[arg(long)]
+    pub access_key_id: Option<String>,
+    /// A file holding the secret access key (overrides AWS_SECRET_ACCESS_KEY; a file, so
+    /// that the secret never shows in process listings).
+    #[arg(long)]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// A file holding a session token (overrides AWS_SESSION_TOKEN).
+    #[arg(long)]
+    pub session_token_file: Option<PathBuf>,
+    /// Allow a plain http:// endpoint (overrides AWS_ALLOW_HTTP).
+    #[arg(long)]
+    pub allow_http: bool,
+}
+
+impl StoreArgs {
+    fn open(&self) -> pgrepo::Result<Repository> {
+        let read_secret = |path: &PathBuf| -> pgrepo::Result<Secret> {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| pgrepo::Error::io("reading the secret in", path, e))?;
+            Ok(Secret::new(text.trim_end_matches(['\n', '\r'])))
+        };
+        let options = StoreOptions {
+            access_key_id: self.access_key_id.clone(),
+            secret_access_key: self
+                .secret_access_key_file
+                .as_ref()
+                .map(read_secret)
+                .transpose()?,
+            session_token: self
+                .session_token_file
+                .as_ref()
+                .map(read_secret)
+                .transpose()?,
+            region: self.region.clone(),
+            endpoint: self.endpoint.clone(),
+            allow_http: self.allow_http.then_some(true),
+            ..StoreOptions::default()
+        };
+        Repository::open(&self.repo, &options)
+    }
+}
+
+/// `backup`.
+#[derive(clap::Args, Debug)]
+pub struct BackupArgs {
+    /// libpq connection string or URI of the server to back up (PG* variables apply).
+    #[arg(long, default_value = "")]
+    pub source: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Compression: none, or [server-|client-]zstd|lz4|gzip[:LEVEL]. A bare method means
+    /// the server compresses on PostgreSQL 15+ (archives are stored as sent), this
+    /// process on older servers.
+    #[arg(long, default_value = "client-zstd")]
+    pub compress: String,
+    /// The backup's label (default: the UTC start time, 20261130T101500Z).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Checkpoint at the start: fast or spread.
+    #[arg(long, default_value = "fast", value_parser = ["fast", "spread"])]
+    pub checkpoint: String,
+    /// Server-side transfer rate limit, kB/s or with a k/M suffix.
+    #[arg(long)]
+    pub max_rate: Option<String>,
+    /// Size of the first upload parts in MiB (at least 5; doubles every 1000 parts).
+    #[arg(long, default_value_t = 8)]
+    pub part_size_mib: usize,
+    /// Parts uploaded at the same time.
+    #[arg(long, default_value_t = 4)]
+    pub upload_concurrency: usize,
+    /// Show progress on standard error.
+    #[arg(long)]
+    pub progress: bool,
+    /// End with a JSON summary on standard output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `list`.
+#[derive(clap::Args, Debug)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `verify --repo`.
+#[derive(clap::Args, Debug)]
+pub struct VerifyRepoArgs {
+    /// The backup's label, or latest.
+    #[arg(long, default_value = "latest")]
+    pub backup: String,
+    /// Parallel downloads.
+    #[arg(long, default_value_t = 4)]
+    pub download_concurrency: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `restore`.
+#[derive(clap::Args, Debug)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The new data directory (absent or empty).
+    #[arg(long)]
+    pub pgdata: PathBuf,
+    /// The backup's label, or latest.
+    #[arg(long, default_value = "latest")]
+    pub backup: String,
+    /// Make it a streaming standby of --source: standby.signal and primary_conninfo.
+    #[arg(long, requires = "source")]
+    pub standby: bool,
+    /// The server the standby streams from (libpq connection string or URI).
+    #[arg(long)]
+    pub source: Option<String>,
+    /// The replication slot the standby streams through (primary_slot_name).
+    #[arg(long, requires = "standby")]
+    pub slot: Option<String>,
+    /// Start the standby with pg_ctl and wait until it streams and has caught up.
+    #[arg(long, requires = "standby")]
+    pub start: bool,
+    /// With --start: how long to wait for the standby to catch up, in seconds.
+    #[arg(long, default_value_t = DEFAULT_START_WAIT.as_secs())]
+    pub start_timeout: u64,
+    /// pg_ctl to use with --start.
+    #[arg(long)]
+    pub pg_ctl: Option<PathBuf>,
+    /// With --start: the port the standby listens on.
+    #[arg(long)]
+    pub standby_port: Option<u16>,
+    /// With --start as root: the OS user that owns and runs the standby (default postgres).
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Relocate a tablespace: OLDDIR=NEWDIR (repeatable).
+    #[arg(long = "tablespace-mapping")]
+    pub tablespace_mapping: Vec<String>,
+    /// Parallel downloads.
+    #[arg(long, default_value_t = 4)]
+    pub download_concurrency: usize,
+    /// Skip every fsync (faster, not crash-safe).
+    #[arg(long)]
+    pub no_sync: bool,
+    /// Show progress on standard error.
+    #[arg(long)]
+    pub progress: bool,
+    /// End with a JSON summary on standard output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+/// Prints progress lines every two seconds while `work` runs.
+async fn with_progress<T>(
+    enabled: bool,
+    what: &str,
+    counter: Arc<AtomicU64>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    if !enabled {
+        return work.await;
+    }
+    let started = Instant::now();
+    let mut work = std::pin::pin!(work);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.tick().await;
+    let terminal = std::io::stderr().is_terminal();
+    loop {
+        tokio::select! {
+            result = &mut work => {
+                if terminal { eprintln!(); }
+                return result;
+            }
+            _ = tick.tick() => {
+                let done = counter.load(Ordering::Relaxed);
+                let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001) / (1 << 20) as f64;
+                let line = format!("clone-standby: {what} {} ({rate:.0} MiB/s)", mib(done));
+                if terminal { eprint!("\r{line}   "); } else { eprintln!("{line}"); }
+            }
+        }
+    }
+}
+
+pub async fn run_backup(args: BackupArgs) -> pgrepo::Result<ExitCode> {
+    let repo = args.store.open()?;
+    let config = crate::source_config(&args.source)?;
+    let max_rate = args
+        .max_rate
+        .as_deref()
+        .map(standby::clone::parse_max_rate)
+        .transpose()?;
+    let options = RepoBackupOptions {
+        label: args.label.clone(),
+        compression: Compression::parse(&args.compress)?,
+        checkpoint: if args.checkpoint == "spread" {
+            basebackup::Checkpoint::Spread
+        } else {
+            basebackup::Checkpoint::Fast
+        },
+        max_rate,
+        upload: UploadOptions {
+            part_size: args.part_size_mib.max(5) << 20,
+            concurrency: args.upload_concurrency.max(1),
+        },
+    };
+    let uploaded = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let done = with_progress(
+        args.progress,
+        "uploaded",
+        uploaded.clone(),
+        pgrepo::backup_with_counter(&config, &repo, options, None, uploaded.clone()),
+    )
+    .await?;
+    let record = &done.record;
+    if args.json {
+        let mut value = serde_json::to_value(record).unwrap_or_default();
+        value["repository"] = repo.url().to_string().into();
+        value["seconds"] = started.elapsed().as_secs_f64().into();
+        println!("{value:#}");
+    } else {
+        println!(
+            "clone-standby: backup {} committed to {} in {:.1} s: {} files, {} of database stored as {} ({} WAL segments, {} records verified), consistent at {}",
+            record.label,
+            repo.url(),
+            started.elapsed().as_secs_f64(),
+            record.files,
+            mib(record.database_bytes),
+            mib(record.stored_bytes),
+            record.wal.segments,
+            record.wal.records_verified,
+            record.end_lsn
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn run_list(args: ListArgs) -> pgrepo::Result<ExitCode> {
+    let repo = args.store.open()?;
+    let backups = repo.backups().await?;
+    if args.json {
+        let list: Vec<_> = backups
+            .iter()
+            .map(|b| {
+                let mut value = serde_json::to_value(b).unwrap_or_default();
+                value["wal_complete"] = true.into();
+                value
+            })
+            .collect();
+        println!("{:#}", serde_json::Value::Array(list));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if backups.is_empty() {
+        println!("no committed backup in {}", repo.url());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<22} {:<20} {:>12} {:>12} {:>3} {:>10} {:>10} {:<12} WAL",
+        "label", "finished (UTC)", "start", "end", "tli", "database", "stored", "compression"
+    );
+    for b in &backups {
+        let compression = b
+            .archives
+            .first()
+            .map(|a| format!("{}/{}", a.compression.name(), a.compressed_by))
+            .unwrap_or_default();
+        println!(
+            "{:<22} {:<20} {:>12} {:>12} {:>3} {:>10} {:>10} {:<12} complete (in backup, {} segments)",
+            b.label,
+            b.finished_at.trim_end_matches('Z').replace('T', " "),
+            b.start_lsn,
+            b.end_lsn,
+            b.start_timeline,
+            mib(b.database_bytes),
+            mib(b.stored_bytes),
+            compression,
+            b.wal.segments
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn run_verify_repo(store: StoreArgs, args: VerifyRepoArgs) -> pgrepo::Result<ExitCode> {
+    let repo = store.open()?;
+    let download = DownloadOptions {
+        concurrency: args.download_concurrency.max(1),
+        ..DownloadOptions::default()
+    };
+    let started = Instant::now();
+    let checked = pgrepo::verify_backup(&repo, &args.backup, download).await?;
+    if args.json {
+        println!(
+            "{:#}",
+            serde_json::json!({
+                "label": checked.record.label,
+                "repository": repo.url().to_string(),
+                "files": checked.files,
+                "wal_records_verified": checked.wal_records,
+                "bytes_read": checked.downloaded,
+                "seconds": started.elapsed().as_secs_f64(),
+                "ok": true,
+            })
+        );
+    } else {
+        println!(
+            "clone-standby: backup {} in {} verified: {} files match the manifest, {} WAL records from {} to {} verified ({} read in {:.1} s)",
+            checked.record.label,
+            repo.url(),
+            checked.files,
+            checked.wal_records,
+            checked.record.start_lsn,
+            checked.record.end_lsn,
+            mib(checked.downloaded),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn run_restore(args: RestoreArgs) -> pgrepo::Result<ExitCode> {
+    let repo = args.store.open()?;
+    let source = args
+        .source
+        .as_deref()
+        .map(crate::source_config)
+        .transpose()?;
+    let mut mapping = basebackup::TablespaceMapping::default();
+    for m in &args.tablespace_mapping {
+        mapping.parse_arg(m)?;
+    }
+    let options = RestoreOptions {
+        tablespace_mapping: mapping,
+        no_sync: args.no_sync,
+        download: DownloadOptions {
+            concurrency: args.download_concurrency.max(1),
+            ..DownloadOptions::default()
+        },
+    };
+    let downloaded = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let restored = with_progress(
+        args.progress,
+        "downloaded",
+        downloaded.clone(),
+        pgrepo::restore_backup(
+            &repo,
+            &args.backup,
+            &args.pgdata,
+            options,
+            Some(downloaded.clone()),
+        ),
+    )
+    .await?;
+    let record = &restored.record;
+    if let (true, Some(source)) = (args.standby, source.as_ref()) {
+        let conninfo = standby::recovery::primary_conninfo(source, record.server_major);
+        if let Err(e) =
+            standby::recovery::write_standby_config(&args.pgdata, &conninfo, args.slot.as_deref())
+        {
+            let _ = std::fs::remove_dir_all(&args.pgdata);
+            return Err(pgrepo::Error::io(
+                "writing the standby configuration into",
+                &args.pgdata,
+                e,
+            ));
+        }
+    }
+    if !args.json {
+        println!(
+            "clone-standby: backup {} restored into {} in {:.1} s: {} files verified, {} WAL records verified{}",
+            record.label,
+            args.pgdata.display(),
+            started.elapsed().as_secs_f64(),
+            restored.files,
+            restored.wal_records,
+            if args.standby { "; configured as a standby" } else { "" }
+        );
+    }
+    let mut started_standby = false;
+    if args.start {
+        let source = source.as_ref().ok_or_else(|| {
+            pgrepo::Error::usage("--start needs --source", "name the primary with --source")
+        })?;
+        let start = StartOptions {
+            pgdata: args.pgdata.clone(),
+            pg_ctl: args.pg_ctl.clone(),
+            port: args.standby_port,
+            owner: args.owner.clone(),
+            timeout: Duration::from_secs(args.start_timeout),
+            timeout_option: "--start-timeout".into(),
+        };
+        standby::start::start_standby(&start, source, record.server_major).await?;
+        started_standby = true;
+        if !args.json {
+            println!("clone-standby: the standby is streaming and has caught up");
+        }
+    }
+    if args.json {
+        println!(
+            "{:#}",
+            serde_json::json!({
+                "label": record.label,
+                "pgdata": args.pgdata,
+                "files": restored.files,
+                "wal_records_verified": restored.wal_records,
+                "bytes_read": restored.downloaded,
+                "seconds": started.elapsed().as_secs_f64(),
+                "standby": args.standby,
+                "started": started_standby,
+            })
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,294 @@
+//! A repository: an object store, a prefix inside it, and the records in it.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use crate::error::{Error, Result};
+use crate::layout::{
+    CommitRecord, RepositoryRecord, BACKUPS_DIR, COMMIT_RECORD, FORMAT, REPOSITORY_RECORD,
+};
+use crate::store::{open_store, RepoUrl, StoreOptions};
+
+/// A backup repository in an object store.
+///
+/// ```
+/// # async fn demo() -> pgrepo::Result<()> {
+/// let repo = pgrepo::Repository::open("memory://demo", &pgrepo::StoreOptions::default())?;
+/// assert!(repo.backups().await?.is_empty());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Repository {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    url: RepoUrl,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL only: the store's configuration holds credentials.
+        f.debug_struct("Repository")
+            .field("url", &self.url.to_string())
+            .finish()
+    }
+}
+
+impl Repository {
+    /// Opens the repository at `url` (see [`RepoUrl::parse`]). Nothing is read yet.
+    pub fn open(url: &str, options: &StoreOptions) -> Result<Repository> {
+        let url = RepoUrl::parse(url)?;
+        let (store, prefix) = open_store(&url, options)?;
+        Ok(Repository { store, prefix, url })
+    }
+
+    /// A repository in a store built by the caller (any `object_store` backend), under
+    /// `prefix`; `url` is only for messages.
+    pub fn with_store(store: Arc<dyn ObjectStore>, prefix: &str, url: RepoUrl) -> Repository {
+        Repository {
+            store,
+            prefix: Path::from(prefix),
+            url,
+        }
+    }
+
+    /// The repository's URL (never with credentials).
+    pub fn url(&self) -> &RepoUrl {
+        &self.url
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The path of `relative` (slash-separated) inside the repository.
+    pub fn path(&self, relative: &str) -> Path {
+        let mut path = self.prefix.clone();
+        for part in relative.split('/').filter(|p| !p.is_empty()) {
+            path = path.clone().join(part);
+        }
+        path
+    }
+
+    /// The path of an object of backup `label`.
+    pub fn backup_path(&self, label: &str, object: &str) -> Path {
+        self.path(&format!("{BACKUPS_DIR}/{label}/{object}"))
+    }
+
+    /// Reads a whole (small) object.
+    pub async fn get_bytes(&self, path: &Path) -> Result<Bytes> {
+        let what = format!("reading {}", self.describe(path));
+        let result = self
+            .store
+            .get(path)
+            .await
+            .map_err(|e| Error::store(&what, e))?;
+        result.bytes().await.map_err(|e| Error::store(&what, e))
+    }
+
+    /// Writes a whole (small) object.
+    pub async fn put_bytes(&self, path: &Path, bytes: Bytes) -> Result<()> {
+        self.store
+            .put(path, PutPayload::from_bytes(bytes))
+            .await
+            .map_err(|e| Error::store(format!("writing {}", self.describe(path)), e))?;
+        Ok(())
+    }
+
+    /// `url/relative` for messages.
+    pub fn describe(&self, path: &Path) -> String {
+        let full = path.as_ref();
+        let relative = full
+            .strip_prefix(self.prefix.as_ref())
+            .unwrap_or(full)
+            .trim_start_matches('/');
+        format!("{}/{relative}", self.url.to_string().trim_end_matches('/'))
+    }
+
+    /// The repository record, if the repository was initialised.
+    pub async fn record(&self) -> Result<Option<RepositoryRecord>> {
+        let path = self.path(REPOSITORY_RECORD);
+        match self.store.get(&path).await {
+            Ok(result) => {
+                let bytes = result
+                    .bytes()
+                    .await
+                    .map_err(|e| Error::store(format!("reading {}", self.describe(&path)), e))?;
+                let record: RepositoryRecord = serde_json::from_slice(&bytes).map_err(|e| {
+                    Error::verify(
+                        self.describe(&path),
+                        format!("not a repository record: {e}"),
+                    )
+                })?;
+                if record.format > FORMAT {
+                    return Err(Error::usage(
+                        format!(
+                            "{} has format {}, newer than this tool's {FORMAT}",
+                            self.describe(&path),
+                            record.format
+                        ),
+                        "use a newer version of this tool",
+                    ));
+                }
+                Ok(Some(record))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::store(format!("reading {}", self.describe(&path)), e)),
+        }
+    }
+
+    /// Makes sure the repository belongs to the cluster `system_id`: creates the record in
+    /// an empty repository, refuses one of another cluster. (Object stores such as Garage
+    /// ignore conditional writes, so two clusters initialising the same empty prefix at
+    /// the same instant are not told apart; the commit records still name each backup's
+    /// own cluster, and restore checks them.)
+    pub async fn ensure_system(&self, system_id: u64) -> Result<RepositoryRecord> {
+        if let Some(record) = self.record().await? {
+            if record.system_identifier != system_id.to_string() {
+                return Err(Error::unsafe_op(
+                    format!(
+                        "repository {} belongs to the cluster with system identifier {}, \
+                         not to this one ({system_id})",
+                        self.url, record.system_identifier
+                    ),
+                    "use a repository (or prefix) of its own for each cluster",
+                ));
+            }
+            return Ok(record);
+        }
+        // A prefix holding other things is not taken over.
+        let mut listing = self.store.list(Some(&self.prefix));
+        if let Some(object) = listing
+            .try_next()
+            .await
+            .map_err(|e| Error::store(format!("listing {}", self.url), e))?
+        {
+            return Err(Error::unsafe_op(
+                format!(
+                    "{} is not empty (it holds {}) and is not a repository",
+                    self.url,
+                    self.describe(&object.location)
+                ),
+                "choose an empty prefix for a new repository",
+            ));
+        }
+        let record = RepositoryRecord {
+            format: FORMAT,
+            system_identifier: system_id.to_string(),
+            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        };
+        let json = serde_json::to_string_pretty(&record).unwrap_or_default() + "\n";
+        self.put_bytes(&self.path(REPOSITORY_RECORD), Bytes::from(json))
+            .await?;
+        Ok(record)
+    }
+
+    /// The committed backups, oldest first (by start LSN, then label). Labels without a
+    /// commit record (interrupted uploads) are not backups and are left out.
+    pub async fn backups(&self) -> Result<Vec<CommitRecord>> {
+        let dir = self.path(BACKUPS_DIR);
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&dir))
+            .await
+            .map_err(|e| Error::store(format!("listing {}", self.describe(&dir)), e))?;
+        let mut records = Vec::new();
+        for label_dir in listing.common_prefixes {
+            let Some(label) = label_dir.filename() else {
+                continue;
+            };
+            let path = self.backup_path(label, COMMIT_RECORD);
+            match self.store.get(&path).await {
+                Ok(result) => {
+                    let bytes = result.bytes().await.map_err(|e| {
+                        Error::store(format!("reading {}", self.describe(&path)), e)
+                    })?;
+                    records.push(CommitRecord::from_json(&bytes, &self.describe(&path))?);
+                }
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(Error::store(format!("reading {}", self.describe(&path)), e)),
+            }
+        }
+        records.sort_by_key(|r| (r.start().map(|l| l.0).unwrap_or(0), r.label.clone()));
+        Ok(records)
+    }
+
+    /// The committed backup `label`, or the newest with `latest`.
+    pub async fn backup(&self, label: &str) -> Result<CommitRecord> {
+        if label == "latest" {
+            return self.backups().await?.pop().ok_or_else(|| {
+                Error::usage(
+                    format!("repository {} holds no committed backup", self.url),
+                    "take one with `clone-standby backup`",
+                )
+            });
+        }
+        crate::layout::check_label(label)?;
+        let path = self.backup_path(label, COMMIT_RECORD);
+        match self.store.get(&path).await {
+            Ok(result) => {
+                let bytes = result
+                    .bytes()
+                    .await
+                    .map_err(|e| Error::store(format!("reading {}", self.describe(&path)), e))?;
+                CommitRecord::from_json(&bytes, &self.describe(&path))
+            }
+            Err(object_store::Error::NotFound { .. }) => Err(Error::usage(
+                format!("repository {} has no committed backup {label:?}", self.url),
+                "run `clone-standby list --repo URL` to see the backups",
+            )),
+            Err(e) => Err(Error::store(format!("reading {}", self.describe(&path)), e)),
+        }
+    }
+
+    /// True if any object exists under backup `label` (committed or not).
+    pub async fn label_taken(&self, label: &str) -> Result<bool> {
+        let dir = self.path(&format!("{BACKUPS_DIR}/{label}"));
+        let mut listing = self.store.list(Some(&dir));
+        Ok(listing
+            .try_next()
+            .await
+            .map_err(|e| Error::store(format!("listing {}", self.describe(&dir)), e))?
+            .is_some())
+    }
+
+    /// Deletes every object under backup `label`, the commit record first so that the
+    /// backup stops existing before any of its data goes. Returns the objects deleted.
+    pub async fn delete_backup_objects(&self, label: &str) -> Result<usize> {
+        let commit = self.backup_path(label, COMMIT_RECORD);
+        match self.store.delete(&commit).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => {
+                return Err(Error::store(
+                    format!("deleting {}", self.describe(&commit)),
+                    e,
+                ))
+            }
+        }
+        let dir = self.path(&format!("{BACKUPS_DIR}/{label}"));
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .map_err(|e| Error::store(format!("listing {}", self.describe(&dir)), e))?;
+        let mut deleted = 0;
+        for object in objects {
+            match self.store.delete(&object.location).await {
+                Ok(()) => deleted += 1,
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    return Err(Error::store(
+                        format!("deleting {}", self.describe(&object.location)),
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(deleted)
+    }
+}
