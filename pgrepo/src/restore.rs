@@ -252,16 +252,30 @@ async fn replay_backup<S: BackupSink + 'static>(
         // pipeline first is reported instead.
         return Err(match e.kind() {
             crate::ErrorKind::Store => e,
-            _ => root.into(),
+            _ => stored_damage(repo, &record, root),
         });
     }
-    let (outcome, checked) = replay.finish().await?;
+    let (outcome, checked) = replay
+        .finish()
+        .await
+        .map_err(|e| stored_damage(repo, &record, e))?;
     Ok(ReadSummary {
         files: outcome.files,
         wal_records: checked.wal.records_verified(),
         downloaded: downloaded.load(Ordering::Relaxed),
         record,
     })
+}
+
+/// What the pipeline calls an invalid stream is, read back from the store, damage to
+/// the stored backup: said so, naming it.
+fn stored_damage(repo: &Repository, record: &CommitRecord, e: basebackup::Error) -> Error {
+    if e.kind() == basebackup::ErrorKind::Protocol {
+        let dir = repo.path(&format!("{}/{}", crate::layout::BACKUPS_DIR, record.label));
+        Error::verify(repo.describe(&dir), e.message())
+    } else {
+        e.into()
+    }
 }
 
 /// Re-reads backup `label` (or `latest`) from the store and checks it as
