@@ -8,6 +8,8 @@ use std::process::{Command, Output};
 
 use pgwire_repl::{Config, SqlClient};
 
+pub mod repo;
+
 /// The binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_clone-standby")
