@@ -24,6 +24,9 @@ scripts/install-postgres.sh
 step "installing the libpq 18 oracle for differential tests (scripts/install-test-tools.sh)"
 scripts/install-test-tools.sh
 
+step "installing the Garage S3 store for object-storage tests (scripts/install-garage.sh)"
+scripts/install-garage.sh
+
 step "formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -167,7 +167,7 @@ fn mkdir(path: &Path, mode: u32, owner: Option<&ServerUser>) {
 
 /// Where cluster directories are made: `$PGREPL_TEST_TMPDIR`, else `/tmp` (not
 /// `$TMPDIR`, which may be too long for a Unix socket path).
-fn base_tmp_dir() -> PathBuf {
+pub(crate) fn base_tmp_dir() -> PathBuf {
     std::env::var_os("PGREPL_TEST_TMPDIR")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
@@ -178,7 +178,7 @@ fn quote(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap_or_else(|e| panic!("testkit: could not bind 127.0.0.1:0 to pick a port: {e}"));
     listener

@@ -18,9 +18,16 @@
 //! - `PGREPL_TEST_TMPDIR`: where each cluster's temporary directory is made (default
 //!   `/tmp`). A tmpfs such as `/dev/shm` makes starts much faster where creating files
 //!   is slow, but holds all data and WAL in memory.
-//! - `PGREPL_TEST_KEEP=1`: keep each cluster's directory after the test.
+//! - `PGREPL_TEST_KEEP=1`: keep each cluster's (and Garage store's) directory after the
+//!   test.
 //! - `PGREPL_TEST_NO_TEMPLATE=1`: run initdb for every cluster instead of copying a
 //!   cached template.
+//! - `PGREPL_GARAGE`: the Garage binary [`Garage`] runs (default
+//!   `<cache>/garage/bin/garage`, then `garage` on `PATH`).
+//!
+//! [`Garage`] runs a throwaway Garage S3-compatible object store (one node or a small
+//! replicated cluster) for the object-storage tests; its binary comes from
+//! `scripts/install-garage.sh` (see [`garage`]).
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -33,6 +40,7 @@
 mod cluster;
 mod env;
 pub mod fake;
+pub mod garage;
 pub mod oracle;
 pub mod proxy;
 mod standby;
@@ -41,5 +49,6 @@ mod tls;
 
 pub use cluster::{Cluster, ClusterOptions};
 pub use env::{bin_dir_from_env, cache_dir, pg_major_from_env, DEFAULT_MAJOR};
+pub use garage::Garage;
 pub use standby::Standby;
 pub use tls::{KeyAlgorithm, TlsFiles};
