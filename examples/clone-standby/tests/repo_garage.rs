@@ -131,7 +131,7 @@ async fn cuts_and_stalls_between_the_tool_and_garage_never_yield_a_false_backup(
             );
             assert!(text(&out).contains("what to do"), "{}", text(&out));
         }
-        eprintln!("{label}: exit {:?}", out.status.code());
+        eprintln!("{label}: exit {:?}\n{}", out.status.code(), text(&out));
     }
 
     // Restores through a proxy that cuts downloads: a verified data directory or nothing.
