@@ -252,3 +252,62 @@ async fn a_three_node_garage_that_loses_a_node_during_a_backup_still_commits_and
     assert!(restore.status.success(), "{}", text(&restore));
     assert!(target.join("global/pg_control").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_show_and_bad_ones_are_explained() {
+    let primary = Cluster::start(ClusterOptions::new());
+    let source = primary.unix_conninfo(primary.superuser());
+    let garage = Garage::start();
+    let secret = garage.secret_access_key().to_string();
+
+    // A wrong secret: refused by the store, explained, and no secret in the output.
+    let mut wrong = garage_store(&garage, "creds");
+    let bad_secret = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    for (k, v) in wrong.env.iter_mut() {
+        if k == "AWS_SECRET_ACCESS_KEY" {
+            *v = bad_secret.to_string();
+        }
+    }
+    let out = run_with(
+        &wrong,
+        &[
+            "backup", "--source", &source, "--repo", &wrong.url, "--json",
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    let shown = text(&out);
+    assert!(
+        !shown.contains(bad_secret) && !shown.contains(&secret),
+        "{shown}"
+    );
+    assert!(shown.contains("what to do"), "{shown}");
+
+    // A secret from a file overrides the variable; the JSON summary holds no secret.
+    let work = scratch();
+    let secret_file = work.path().join("secret");
+    std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+    let store = garage_store(&garage, "creds");
+    let out = run_with(
+        &wrong,
+        &[
+            "backup",
+            "--source",
+            &source,
+            "--repo",
+            &store.url,
+            "--secret-access-key-file",
+            secret_file.to_str().unwrap(),
+            "--json",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = text(&out);
+    assert!(
+        !shown.contains(&secret) && !shown.contains(bad_secret),
+        "{shown}"
+    );
+    let list = run_with(&store, &["list", "--repo", &store.url, "--json"]).await;
+    assert!(!text(&list).contains(&secret));
+}
