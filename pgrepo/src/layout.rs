@@ -250,8 +250,16 @@ pub fn check_label(label: &str) -> Result<()> {
     }
 }
 
+/// A UTC time, as labels and records use it.
+pub type Timestamp = chrono::DateTime<chrono::Utc>;
+
+/// The current UTC time.
+pub fn now() -> Timestamp {
+    chrono::Utc::now()
+}
+
 /// The default label: the UTC time, sortable (`20261130T101500Z`).
-pub fn default_label(now: chrono::DateTime<chrono::Utc>) -> String {
+pub fn default_label(now: Timestamp) -> String {
     now.format("%Y%m%dT%H%M%SZ").to_string()
 }
 

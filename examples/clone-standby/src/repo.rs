@@ -182,6 +182,10 @@ pub struct RestoreArgs {
     pub json: bool,
 }
 
+fn chrono_now() -> pgrepo::layout::Timestamp {
+    pgrepo::layout::now()
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
@@ -225,8 +229,13 @@ pub async fn run_backup(args: BackupArgs) -> pgrepo::Result<ExitCode> {
         .as_deref()
         .map(standby::clone::parse_max_rate)
         .transpose()?;
+    // The label is fixed here, so that an interrupted backup's objects can be found.
+    let label = match &args.label {
+        Some(label) => label.clone(),
+        None => pgrepo::layout::default_label(chrono_now()),
+    };
     let options = RepoBackupOptions {
-        label: args.label.clone(),
+        label: Some(label.clone()),
         compression: Compression::parse(&args.compress)?,
         checkpoint: if args.checkpoint == "spread" {
             basebackup::Checkpoint::Spread
@@ -241,13 +250,33 @@ pub async fn run_backup(args: BackupArgs) -> pgrepo::Result<ExitCode> {
     };
     let uploaded = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let done = with_progress(
+    let work = with_progress(
         args.progress,
         "uploaded",
         uploaded.clone(),
         pgrepo::backup_with_counter(&config, &repo, options, None, uploaded.clone()),
-    )
-    .await?;
+    );
+    let done = tokio::select! {
+        result = work => result?,
+        _ = tokio::signal::ctrl_c() => {
+            // The upload task aborts its multipart uploads on its own; give it a moment,
+            // then remove what was stored under the label (it has no commit record).
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let removed = match repo.label_taken(&label).await {
+                Ok(true) => repo.delete_backup_objects(&label).await.map(|n| format!("removed {n} objects under backups/{label}")),
+                Ok(false) => Ok("nothing was stored".into()),
+                Err(e) => Err(e),
+            };
+            let what = match removed {
+                Ok(what) => what,
+                Err(e) => format!("could not remove its objects ({e}); they have no commit record, so they are not a backup"),
+            };
+            return Err(pgrepo::Error::usage(
+                format!("interrupted: backup {label} was not committed; {what}"),
+                "run the backup again (with a new label)",
+            ));
+        }
+    };
     let record = &done.record;
     if args.json {
         let mut value = serde_json::to_value(record).unwrap_or_default();

@@ -311,3 +311,60 @@ async fn credentials_never_show_and_bad_ones_are_explained() {
     let list = run_with(&store, &["list", "--repo", &store.url, "--json"]).await;
     assert!(!text(&list).contains(&secret));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_a_backup_and_leaves_no_objects_behind() {
+    let primary = Cluster::start(ClusterOptions::new());
+    primary
+        .execute("CREATE TABLE t AS SELECT g, md5(g::text) AS m FROM generate_series(1, 300000) g")
+        .await;
+    let source = primary.unix_conninfo(primary.superuser());
+    let garage = Garage::start();
+    let store = garage_store(&garage, "interrupted");
+    let child = std::process::Command::new(common::bin())
+        .args([
+            "backup",
+            "--source",
+            &source,
+            "--repo",
+            &store.url,
+            "--label",
+            "cut-short",
+            "--compress",
+            "none",
+            "--max-rate",
+            "4M",
+            "--part-size-mib",
+            "5",
+        ])
+        .envs(store.env.clone())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("interrupted"), "{}", text(&out));
+    let list = run_with(&store, &["list", "--repo", &store.url, "--json"]).await;
+    assert_eq!(text(&list).trim(), "[]", "{}", text(&list));
+    // Nothing is left under the label: it can be used again at once.
+    let again = run_with(
+        &store,
+        &[
+            "backup",
+            "--source",
+            &source,
+            "--repo",
+            &store.url,
+            "--label",
+            "cut-short",
+        ],
+    )
+    .await;
+    assert!(again.status.success(), "{}", text(&again));
+}
