@@ -160,3 +160,97 @@ async fn damaged_missing_and_foreign_backups_are_refused_by_name() {
         text(&foreign)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tablespace_is_stored_and_restored_only_where_it_is_mapped() {
+    let work = scratch();
+    let primary = Cluster::start(ClusterOptions::new());
+    let location = work.path().join("ts");
+    std::fs::create_dir(&location).unwrap();
+    common::give_like(&location, primary.data_dir());
+    primary
+        .execute(&format!(
+            "CREATE TABLESPACE ts2 LOCATION '{}'",
+            location.display()
+        ))
+        .await;
+    primary
+        .execute("CREATE TABLE in_ts TABLESPACE ts2 AS SELECT g, md5(g::text) AS m FROM generate_series(1, 30000) g")
+        .await;
+    let oid = primary
+        .query_value("SELECT oid FROM pg_tablespace WHERE spcname = 'ts2'")
+        .await
+        .unwrap();
+    let source = primary.unix_conninfo(primary.superuser());
+    let store = Store {
+        url: format!("file://{}/repo", work.path().display()),
+        env: vec![],
+    };
+    let out = run_with(
+        &store,
+        &[
+            "backup", "--source", &source, "--repo", &store.url, "--json",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let objects: Vec<_> = record["archives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["object"].as_str().unwrap().to_string())
+        .collect();
+    assert!(objects.contains(&format!("{oid}.tar.zst")), "{objects:?}");
+
+    // Unmapped, the tablespace would go to the source's live directory: refused, and the
+    // source's tablespace is untouched.
+    let before = common::snapshot(&location);
+    let target = work.path().join("restored");
+    let refused = run_with(
+        &store,
+        &[
+            "restore",
+            "--repo",
+            &store.url,
+            "--pgdata",
+            target.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(!target.exists(), "{}", text(&refused));
+    assert_eq!(
+        before,
+        common::snapshot(&location),
+        "the source's tablespace changed"
+    );
+
+    let mapped = work.path().join("ts-restored");
+    let mapping = format!("{}={}", location.display(), mapped.display());
+    let out = run_with(
+        &store,
+        &[
+            "restore",
+            "--repo",
+            &store.url,
+            "--pgdata",
+            target.to_str().unwrap(),
+            "--tablespace-mapping",
+            &mapping,
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        std::fs::read_link(target.join(format!("pg_tblspc/{oid}"))).unwrap(),
+        mapped
+    );
+    let verify = run_with(&store, &["verify", "--pgdata", target.to_str().unwrap()]).await;
+    assert!(verify.status.success(), "{}", text(&verify));
+    assert_eq!(
+        before,
+        common::snapshot(&location),
+        "the source's tablespace changed"
+    );
+}
