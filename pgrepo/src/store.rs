@@ -326,6 +326,19 @@ fn open_azure(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any text parses or is refused without a panic, and what parses survives a
+        /// round trip through its own display.
+        #[test]
+        fn any_url_parses_or_is_refused(url in "(s3|file|memory|gs|az|ftp)?(:|://)?[a-z0-9@:/._?#-]{0,40}") {
+            if let Ok(parsed) = RepoUrl::parse(&url) {
+                let again = RepoUrl::parse(&parsed.to_string()).unwrap();
+                prop_assert_eq!(again, parsed);
+            }
+        }
+    }
 
     #[test]
     fn urls_round_trip_and_bad_ones_are_refused() {

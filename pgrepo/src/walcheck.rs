@@ -185,3 +185,101 @@ impl WalCheck {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use basebackup::Bytes;
+    use walstream::decode::synth::{SynthOptions, WalBuilder};
+
+    const SEGMENT: u64 = 1 << 20;
+    const SYSTEM: u64 = 7_000_000_000_000_000_001;
+
+    /// Two 1 MiB segments of records from 0/1000000; returns them and the LSN a record
+    /// boundary lands on in the second one.
+    fn wal() -> (Vec<u8>, Lsn) {
+        let size = WalSegmentSize::new(SEGMENT).unwrap();
+        let mut builder = WalBuilder::new(Lsn(SEGMENT), SynthOptions::new(size, 16));
+        let mut end = Lsn(0);
+        while builder.position().0 < 3 * SEGMENT - 4096 {
+            end = builder.record(0, 0, &[7u8; 300]);
+        }
+        builder.zeros_until(Lsn(3 * SEGMENT));
+        (builder.into_bytes(), end)
+    }
+
+    fn feed(check: &mut WalCheck, name: &str, data: &[u8]) {
+        check.event(&TarEvent::File {
+            path: format!("pg_wal/{name}").into_bytes(),
+            mode: 0o600,
+            size: data.len() as u64,
+        });
+        for piece in data.chunks(100_000) {
+            check.event(&TarEvent::Data(Bytes::copy_from_slice(piece)));
+        }
+        check.event(&TarEvent::FileEnd);
+    }
+
+    fn range(end: Lsn) -> Vec<WalRange> {
+        vec![WalRange {
+            timeline: TimelineId(1),
+            start: Lsn(SEGMENT + 40),
+            end,
+        }]
+    }
+
+    const FIRST: &str = "000000010000000000000001";
+    const SECOND: &str = "000000010000000000000002";
+
+    #[test]
+    fn complete_wal_passes_and_damage_before_the_end_fails() {
+        let (bytes, end) = wal();
+        let (one, two) = bytes.split_at(SEGMENT as usize);
+        let mut check = WalCheck::new(16, Some(SYSTEM));
+        feed(&mut check, FIRST, one);
+        feed(&mut check, SECOND, two);
+        check.finish(&range(end)).unwrap();
+        assert!(check.records_verified() > 1000);
+        assert_eq!(check.segments(), 2);
+
+        // A flipped byte inside a record before the end.
+        let mut damaged = two.to_vec();
+        damaged[5000] ^= 0xff;
+        let mut check = WalCheck::new(16, Some(SYSTEM));
+        feed(&mut check, FIRST, one);
+        feed(&mut check, SECOND, &damaged);
+        let err = check.finish(&range(end)).unwrap_err();
+        assert!(err.message().contains(SECOND), "{err}");
+
+        // Damage after the end (the rest of a recycled segment) is not read.
+        let mut after = two.to_vec();
+        let beyond = (end.0 + 2000 - 2 * SEGMENT) as usize;
+        after[beyond] ^= 0xff;
+        let mut check = WalCheck::new(16, Some(SYSTEM));
+        feed(&mut check, FIRST, one);
+        feed(&mut check, SECOND, &after);
+        check.finish(&range(Lsn(end.0 - 400))).unwrap();
+    }
+
+    #[test]
+    fn missing_and_short_segments_are_named() {
+        let (bytes, end) = wal();
+        let (one, two) = bytes.split_at(SEGMENT as usize);
+        let mut check = WalCheck::new(16, Some(SYSTEM));
+        feed(&mut check, FIRST, one);
+        let err = check.finish(&range(end)).unwrap_err();
+        assert!(err.message().contains(SECOND), "{err}");
+
+        let mut check = WalCheck::new(16, Some(SYSTEM));
+        feed(&mut check, SECOND, two);
+        let err = check.finish(&range(end)).unwrap_err();
+        assert!(err.message().contains(FIRST), "{err}");
+
+        let mut check = WalCheck::new(16, Some(SYSTEM));
+        let err = check.finish(&range(end)).unwrap_err();
+        assert!(err.message().contains("carries none"), "{err}");
+        // A file with a segment's name but not a segment's size is not WAL.
+        feed(&mut check, FIRST, &one[..1000]);
+        assert_eq!(check.segments(), 0);
+    }
+}
