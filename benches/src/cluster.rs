@@ -485,6 +485,22 @@ fn append(path: &Path, text: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn variants_get_their_own_directory() {
+        let mut opts = super::ClusterOptions {
+            bin_dir: "/x".into(),
+            work_dir: "/w".into(),
+            scale: 10,
+            port: 1,
+            random_text_pct: 0,
+            object_store: false,
+        };
+        assert_eq!(opts.dir_name(15), "pg15-scale-10");
+        opts.random_text_pct = 30;
+        opts.object_store = true;
+        assert_eq!(opts.dir_name(15), "pg15-scale-10-text30-objstore");
+    }
+
+    #[test]
     fn reads_majors() {
         assert_eq!(
             super::major_of("postgres (PostgreSQL) 15.13 (Debian 15.13-0+deb12u1)"),

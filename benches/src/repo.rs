@@ -502,7 +502,9 @@ impl TlsProxy {
         )?;
         std::fs::write(
             dir.join("server.ext"),
-            "subjectAltName = DNS:localhost, IP:127.0.0.1\n",
+            // pgBackRest 2.45 matches the host it connects to only against the CN and
+            // DNS-type names (not IP addresses), so 127.0.0.1 is listed as a DNS name too.
+            "subjectAltName = DNS:localhost, DNS:127.0.0.1, IP:127.0.0.1\n",
         )
         .map_err(|e| e.to_string())?;
         openssl(
@@ -1256,7 +1258,9 @@ impl RepoBench<'_> {
             (self.log)(&line(&run));
             Some(run)
         } else {
-            None
+            let mut run = self.measure_skipped(contender, Phase::Restore, round);
+            run.error = Some("not run: the backup failed".into());
+            Some(run)
         };
         runs.extend(restore);
         if let Err(e) = self.s3tool(store, "delete", &prefix) {
@@ -1352,6 +1356,9 @@ impl RepoBench<'_> {
             run_dir,
             user,
         };
+        // A run that was cut short may have left an archive_command pointing at a
+        // deleted prefix or script; start from the no-op.
+        self.set_archive_command("/bin/true")?;
         let (database_bytes, random_text_percent) = self.settle()?;
         log(&format!(
             "database {:.0} MB, {random_text_percent:.0} % random text",
@@ -1375,8 +1382,7 @@ impl RepoBench<'_> {
         if let Err(e) = self.set_archive_command("/bin/true") {
             checks.push(format!("resetting archive_command: {e}"));
         }
-        let mut versions = vec![store.garage.version.clone()];
-        versions.extend(self.peers.versions.iter().cloned());
+        let versions = self.peers.versions.clone();
         let nodelay = store.garage.nodelay;
         drop(store.tls);
         store.garage.stop();
@@ -1616,4 +1622,31 @@ pub fn markdown(report: &RepoReport, rounds: u32) -> String {
         let _ = writeln!(out, "- check: {check}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contender_names_and_prefixes_are_distinct() {
+        let mut ids = Vec::new();
+        for tool in [RepoTool::Ours, RepoTool::PgBackRest, RepoTool::Barman] {
+            for settings in [Settings::Fast, Settings::Defaults] {
+                ids.push(Contender { tool, settings }.id());
+            }
+        }
+        let mut unique = ids.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 6, "{ids:?}");
+        assert!(ids.contains(&"pgbackrest-fast".to_string()));
+    }
+
+    #[test]
+    fn the_shim_source_wraps_the_socket_calls() {
+        for name in ["int accept(", "int accept4(", "int connect(", "TCP_NODELAY"] {
+            assert!(NODELAY_C.contains(name), "{name}");
+        }
+    }
 }
