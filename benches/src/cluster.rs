@@ -68,6 +68,28 @@ pub struct ClusterOptions {
     pub scale: u32,
     /// TCP port on 127.0.0.1.
     pub port: u16,
+    /// Add a table of random base64 text making up about this share of the database,
+    /// in percent (0: none), so that backups do not compress to nothing. A separate
+    /// cluster (`…-text<N>`), so cached plain clusters stay as they are.
+    pub random_text_pct: u32,
+    /// The object-storage variant (`…-objstore`): `archive_mode = on` (with
+    /// `archive_command = '/bin/true'` until a peer's run sets its own),
+    /// `autovacuum = off`, `wal_recycle = off`.
+    pub object_store: bool,
+}
+
+impl ClusterOptions {
+    /// The cluster's directory name under the work directory.
+    pub fn dir_name(&self, major: u32) -> String {
+        let mut name = format!("pg{major}-scale-{}", self.scale);
+        if self.random_text_pct > 0 {
+            name.push_str(&format!("-text{}", self.random_text_pct));
+        }
+        if self.object_store {
+            name.push_str("-objstore");
+        }
+        name
+    }
 }
 
 /// A running source cluster.
@@ -85,6 +107,10 @@ pub struct SourceCluster {
     pub scale: u32,
     /// `postgres --version`.
     pub version: String,
+    /// Random text share asked for, percent.
+    pub random_text_pct: u32,
+    /// The object-storage variant.
+    pub object_store: bool,
     user: Option<OsUser>,
     started_here: bool,
     runtime: tokio::runtime::Runtime,
@@ -139,9 +165,7 @@ impl SourceCluster {
     pub fn prepare(opts: &ClusterOptions, log: &dyn Fn(&str)) -> Result<SourceCluster> {
         let version = postgres_version(&opts.bin_dir)?;
         let major = major_of(&version);
-        let base = opts
-            .work_dir
-            .join(format!("pg{major}-scale-{}", opts.scale));
+        let base = opts.work_dir.join(opts.dir_name(major));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -153,6 +177,8 @@ impl SourceCluster {
             port: opts.port,
             scale: opts.scale,
             version,
+            random_text_pct: opts.random_text_pct,
+            object_store: opts.object_store,
             user: server_user()?,
             started_here: false,
             runtime,
@@ -172,8 +198,14 @@ impl SourceCluster {
             return Ok(cluster);
         }
         cluster.build(log)?;
-        std::fs::write(&ready, format!("scale {}\n", cluster.scale))
-            .map_err(|e| format!("writing {}: {e}", ready.display()))?;
+        std::fs::write(
+            &ready,
+            format!(
+                "scale {}\nrandom text {} %\nobject store variant {}\n",
+                cluster.scale, cluster.random_text_pct, cluster.object_store
+            ),
+        )
+        .map_err(|e| format!("writing {}: {e}", ready.display()))?;
         Ok(cluster)
     }
 
@@ -241,6 +273,15 @@ impl SourceCluster {
             self.base.display()
         );
         append(&self.data.join("postgresql.conf"), &conf)?;
+        if self.object_store {
+            // Peers archive WAL with archive_command (each run sets its own); no
+            // autovacuum or recycled segments landing inside one tool's run.
+            append(
+                &self.data.join("postgresql.conf"),
+                "archive_mode = on\narchive_command = '/bin/true'\nautovacuum = off\n\
+                 wal_recycle = off\n",
+            )?;
+        }
         std::fs::write(
             self.data.join("pg_hba.conf"),
             "local all all trust\nlocal replication all trust\n\
@@ -261,9 +302,57 @@ impl SourceCluster {
                 .arg("postgres"),
             "pgbench -i",
         )?;
-        self.sql("CHECKPOINT")?;
         log(&format!(
             "pgbench -i took {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
+        if self.random_text_pct > 0 {
+            self.add_random_text(log)?;
+        }
+        self.sql("CHECKPOINT")?;
+        Ok(())
+    }
+
+    /// Adds `bench_random_text` until it is about `random_text_pct` % of the database:
+    /// rows of 1 KiB of base64 text of random bytes (48 MD5s of `random()`), below the
+    /// TOAST threshold so they stay uncompressed in the heap. gzip gets such text to
+    /// about 3/4, lz4 hardly at all.
+    fn add_random_text(&self, log: &dyn Fn(&str)) -> Result<()> {
+        let size = |sql: &str| -> Result<u64> {
+            Ok(self
+                .sql_value(sql)?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0))
+        };
+        let base = size("SELECT pg_database_size('postgres')")?;
+        let pct = u64::from(self.random_text_pct.min(95));
+        let want = base * pct / (100 - pct);
+        log(&format!(
+            "adding about {:.0} MB of random text ({pct} % of the database)",
+            want as f64 / 1e6
+        ));
+        let started = std::time::Instant::now();
+        self.sql("CREATE TABLE bench_random_text (id bigint, body text NOT NULL)")?;
+        let mut next = 0u64;
+        loop {
+            let have = size("SELECT pg_total_relation_size('bench_random_text')")?;
+            if have >= want {
+                break;
+            }
+            // About 1.2 kB per row on disk; at most 20000 rows per statement.
+            let rows = ((want - have) / 1200).clamp(1, 20_000);
+            self.sql(&format!(
+                "INSERT INTO bench_random_text \
+                 SELECT g, encode(decode((SELECT string_agg(md5(random()::text || i::text || g::text), '') \
+                 FROM generate_series(1, 48) AS i), 'hex'), 'base64') \
+                 FROM generate_series({}, {}) AS g",
+                next + 1,
+                next + rows
+            ))?;
+            next += rows;
+        }
+        log(&format!(
+            "random text: {next} rows in {:.1} s",
             started.elapsed().as_secs_f64()
         ));
         Ok(())
@@ -395,6 +484,22 @@ fn append(path: &Path, text: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn variants_get_their_own_directory() {
+        let mut opts = super::ClusterOptions {
+            bin_dir: "/x".into(),
+            work_dir: "/w".into(),
+            scale: 10,
+            port: 1,
+            random_text_pct: 0,
+            object_store: false,
+        };
+        assert_eq!(opts.dir_name(15), "pg15-scale-10");
+        opts.random_text_pct = 30;
+        opts.object_store = true;
+        assert_eq!(opts.dir_name(15), "pg15-scale-10-text30-objstore");
+    }
+
     #[test]
     fn reads_majors() {
         assert_eq!(

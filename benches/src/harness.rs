@@ -28,11 +28,22 @@ pub enum Case {
     Zstd,
     /// WAL catch-up from a slot to an end position, fsync on.
     Wal,
+    /// Object storage: backup into a local Garage S3 store (ours against pgBackRest
+    /// and barman-cloud; not in the default set; see `crate::repo`).
+    RepoBackup,
+    /// Object storage: restore from that store into a fresh directory.
+    RepoRestore,
 }
 
 impl Case {
-    /// Every case, in report order.
+    /// Every local case, in report order: the default set (the object-storage cases
+    /// need peers and a store, and run only when asked for).
     pub const ALL: [Case; 5] = [Case::Plain, Case::NoSync, Case::Tar, Case::Zstd, Case::Wal];
+
+    /// True for the object-storage cases.
+    pub fn is_repo(self) -> bool {
+        matches!(self, Case::RepoBackup | Case::RepoRestore)
+    }
 
     /// A short identifier (file names, JSON).
     pub fn id(self) -> &'static str {
@@ -42,6 +53,8 @@ impl Case {
             Case::Tar => "tar",
             Case::Zstd => "zstd",
             Case::Wal => "wal",
+            Case::RepoBackup => "repo-backup",
+            Case::RepoRestore => "repo-restore",
         }
     }
 
@@ -53,12 +66,16 @@ impl Case {
             Case::Tar => "tar format, WAL streamed, durable",
             Case::Zstd => "server-side zstd, plain, durable",
             Case::Wal => "WAL catch-up to an end LSN, durable",
+            Case::RepoBackup => "backup into S3 object storage",
+            Case::RepoRestore => "restore from S3 object storage",
         }
     }
 
     fn ours_subcommand(self) -> &'static str {
         match self {
             Case::Wal => "receive-wal",
+            Case::RepoBackup => "backup",
+            Case::RepoRestore => "restore",
             _ => "clone",
         }
     }
@@ -315,8 +332,12 @@ pub struct Report {
     pub setup_s: f64,
     /// The machine's limits.
     pub limits: LimitsReport,
-    /// Per case.
+    /// Per case (the local cases).
     pub cases: Vec<CaseReport>,
+    /// The object-storage cases, when they ran.
+    pub repo: Option<crate::repo::RepoReport>,
+    /// Why the object-storage cases could not run at all.
+    pub repo_error: Option<String>,
     /// Number of failed runs.
     pub failed_runs: usize,
     /// /proc/loadavg after the rounds.
@@ -929,6 +950,7 @@ impl Harness<'_> {
                     (None, None) => (None, "not measured".into()),
                 }
             }
+            Case::RepoBackup | Case::RepoRestore => (None, "not measured".into()),
         };
         if case == Case::Wal {
             checks = compare_wal_checks(checks);

@@ -5,11 +5,15 @@
 //! both tools alternately on each case ([`harness`]) measuring wall time, CPU and peak
 //! RSS of the whole process tree ([`measure`]), measures the machine's limits in the
 //! same run ([`limits`]), and renders markdown and JSON ([`report`]).
+//!
+//! The object-storage cases ([`repo`], `--cases repo-backup,repo-restore`) back up into
+//! and restore from a local Garage S3 store, ours against pgBackRest and barman-cloud.
 
 pub mod cluster;
 pub mod harness;
 pub mod limits;
 pub mod machine;
 pub mod measure;
+pub mod repo;
 pub mod report;
 pub mod stats;

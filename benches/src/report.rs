@@ -104,24 +104,33 @@ pub fn markdown(report: &Report) -> String {
         m.pg_basebackup,
         m.git_commit
     );
+    let wal = report
+        .cases
+        .iter()
+        .find(|c| c.case == Case::Wal)
+        .map(|c| format!(" WAL case streams {:.0} MB.", c.payload_bytes as f64 / 1e6))
+        .unwrap_or_default();
+    let order = if report.cases.is_empty() {
+        ""
+    } else {
+        " A B then B A alternating."
+    };
     let _ = writeln!(
         out,
-        "Source: pgbench scale {} at `{}`, loopback TCP. {} round(s), A B then B A alternating; \
-         WAL case streams {:.0} MB. Setup {:.0} s, total {:.0} s. Priority: {}.\n",
+        "Source: pgbench scale {} at `{}`, loopback TCP. {} round(s).{order}{wal} \
+         Setup {:.0} s, total {:.0} s. Priority: {}.\n",
         s.scale,
         report.source_data_dir.display(),
         s.rounds,
-        report
-            .cases
-            .iter()
-            .find(|c| c.case == Case::Wal)
-            .map(|c| c.payload_bytes as f64 / 1e6)
-            .unwrap_or(0.0),
         report.setup_s,
         report.total_s,
         s.priority
     );
 
+    if report.cases.is_empty() {
+        repo_section(&mut out, report);
+        return out;
+    }
     let _ = writeln!(out, "### Limits (measured in this run, once per round)\n");
     let _ = writeln!(
         out,
@@ -240,5 +249,19 @@ pub fn markdown(report: &Report) -> String {
             .map(|c| c.payload_bytes as f64 / 1e6)
             .unwrap_or(0.0)
     );
+    repo_section(&mut out, report);
     out
+}
+
+fn repo_section(out: &mut String, report: &Report) {
+    if let Some(repo) = &report.repo {
+        let _ = writeln!(out);
+        out.push_str(&crate::repo::markdown(repo, report.settings.rounds));
+    }
+    if let Some(e) = &report.repo_error {
+        let _ = writeln!(
+            out,
+            "\n### Object storage\n\nThe object-storage cases could not run: {e}"
+        );
+    }
 }

@@ -4,6 +4,8 @@
 //! cargo run --release -p benches --bin compare -- --scale 100 --rounds 5 \
 //!     --json benches/results.json --markdown benches/results.md
 //! cargo run --release -p benches --bin compare -- --smoke          # CI: tiny, one round
+//! cargo run --release -p benches --bin compare -- --cases repo-backup,repo-restore \
+//!     --scale 10 --rounds 3                                          # object storage
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -12,6 +14,7 @@ use std::time::Instant;
 
 use benches::cluster::{ClusterOptions, SourceCluster};
 use benches::harness::{self, Case, Harness, OursTool, Report, Settings, Sides};
+use benches::repo::{Peers, Phase, RepoBench};
 use benches::{machine, report};
 use clap::Parser;
 
@@ -33,6 +36,16 @@ use clap::Parser;
 ///
 /// CI smoke: cargo run --release -p benches --bin compare -- --smoke
 ///
+/// Object storage (not in the default set, not in --smoke): --cases repo-backup,repo-restore
+/// backs up into and restores from a local single-node Garage S3 store: ours
+/// (`clone-standby backup --source C --repo s3://B/P` / `restore --repo s3://B/P
+/// --pgdata DIR --backup latest`) against pgBackRest (via an haproxy TLS terminator)
+/// and barman-cloud, each with its fastest sensible settings and with its defaults;
+/// wall, client CPU, peak RSS, bytes stored. Needs scripts/install-bench-peers.sh
+/// (and the Garage binary); `--sides reference` runs the peers alone. These cases use
+/// a separate source cluster (`pgN-scale-S-text30-objstore`: 30 % random text,
+/// archive_mode on, autovacuum and wal_recycle off).
+///
 /// Exit status: 0 when every run succeeded (or --allow-failures), 1 when a run failed,
 /// 2 when setup failed.
 #[derive(Debug, Parser)]
@@ -47,12 +60,27 @@ struct Args {
     /// Tiny and fast, for CI: scale 1, one round, 8 MB of WAL, 64 MB disk test
     #[arg(long)]
     smoke: bool,
-    /// Cases to run, comma-separated [default: all]
+    /// Cases to run, comma-separated [default: plain,no-sync,tar,zstd,wal; the
+    /// object-storage cases repo-backup and repo-restore run only when named]
     #[arg(long, value_enum, value_delimiter = ',')]
     cases: Vec<Case>,
-    /// Which tools run
+    /// Which tools run (reference: pg_basebackup / pg_receivewal, and for the
+    /// object-storage cases pgBackRest and barman-cloud)
     #[arg(long, value_enum, default_value = "both")]
     sides: Sides,
+    /// Percent of the source database that is a table of random text, so backups do not
+    /// compress to nothing; a separate cached cluster per value [default: 30 with an
+    /// object-storage case, else 0]
+    #[arg(long)]
+    random_text_pct: Option<u32>,
+    /// Object storage: run Garage as shipped, without the TCP_NODELAY shim (Garage 2.5
+    /// then adds about 44 ms to each small GET on loopback)
+    #[arg(long)]
+    stock_garage: bool,
+    /// Object storage: first of the ports on 127.0.0.1 (Garage S3, +1 RPC, +3 admin,
+    /// +4 the TLS proxy for pgBackRest)
+    #[arg(long, default_value_t = 39100)]
+    repo_port: u16,
     /// MB of WAL for the catch-up case [default: 1024 × scale / 100, at least 16; smoke: 8]
     #[arg(long)]
     wal_mb: Option<u64>,
@@ -218,6 +246,26 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    let repo_phases: Vec<Phase> = settings
+        .cases
+        .iter()
+        .filter_map(|c| match c {
+            Case::RepoBackup => Some(Phase::Backup),
+            Case::RepoRestore => Some(Phase::Restore),
+            _ => None,
+        })
+        .collect();
+    let peers = if repo_phases.is_empty() {
+        None
+    } else {
+        match Peers::locate(settings.sides != Sides::Ours) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("compare: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
     let ours = if settings.sides == Sides::Reference {
         OursTool::probe(&PathBuf::from("clone-standby"), Some("not run".into()))
     } else {
@@ -239,6 +287,12 @@ fn main() -> ExitCode {
             work_dir: settings.work_dir.clone(),
             scale,
             port: args.port,
+            random_text_pct: args.random_text_pct.unwrap_or(if repo_phases.is_empty() {
+                0
+            } else {
+                30
+            }),
+            object_store: !repo_phases.is_empty(),
         },
         &log,
     ) {
@@ -264,15 +318,51 @@ fn main() -> ExitCode {
     };
     let setup_s = started.elapsed().as_secs_f64();
     let machine = machine::describe(&settings.work_dir, &cluster.bin_dir, &workspace_root());
-    let harness = Harness {
-        cluster: &cluster,
-        settings: settings.clone(),
-        ours: ours.clone(),
-        wal,
-        log: &log,
+    let mut local = settings.clone();
+    local.cases.retain(|c| !c.is_repo());
+    let (limits, cases) = if local.cases.is_empty() {
+        Default::default()
+    } else {
+        Harness {
+            cluster: &cluster,
+            settings: local,
+            ours: ours.clone(),
+            wal,
+            log: &log,
+        }
+        .run()
     };
-    let (limits, cases) = harness.run();
-    let failed_runs = cases.iter().flat_map(|c| &c.runs).filter(|r| !r.ok).count();
+    let (repo, repo_error) = match &peers {
+        None => (None, None),
+        Some(peers) => match (RepoBench {
+            cluster: &cluster,
+            ours: &ours,
+            peers,
+            sides: settings.sides,
+            rounds: settings.rounds,
+            phases: repo_phases.clone(),
+            work_dir: settings.work_dir.clone(),
+            base_port: args.repo_port,
+            nodelay: !args.stock_garage,
+            timeout_s: settings.timeout_s,
+            log: &log,
+        })
+        .run()
+        {
+            Ok(r) => (Some(r), None),
+            Err(e) => {
+                log(&format!("object storage: {e}"));
+                (None, Some(e))
+            }
+        },
+    };
+    let failed_runs = cases.iter().flat_map(|c| &c.runs).filter(|r| !r.ok).count()
+        + repo
+            .iter()
+            .flat_map(|r| &r.runs)
+            .filter(|r| !r.ok && repo_phases.contains(&r.phase))
+            .count()
+        + usize::from(repo_error.is_some());
     let result = Report {
         command_line,
         started_utc,
@@ -284,6 +374,8 @@ fn main() -> ExitCode {
         setup_s,
         limits,
         cases,
+        repo,
+        repo_error,
         failed_runs,
         load_after: machine::load_average(),
     };
