@@ -29,9 +29,11 @@
 mod backup;
 mod error;
 pub mod layout;
+mod delta;
 mod repository;
 mod restore;
 mod store;
+pub mod tarindex;
 mod upload;
 pub mod walcheck;
 
