@@ -389,7 +389,10 @@ fn write_frames(
 ) -> Result<()> {
     while let Some(msg) = rx.blocking_recv() {
         let Msg::Frame(index) = msg else {
-            return Err(Error::usage("frame data out of order", "report this as a bug"));
+            return Err(Error::usage(
+                "frame data out of order",
+                "report this as a bug",
+            ));
         };
         let plan = &plans[index];
         let mut reader = FrameReader {
@@ -613,13 +616,13 @@ pub(crate) async fn restore_delta(
                     .iter()
                     .filter(|f| !is_ignored(&f.path))
                     .filter(|f| {
-                        let plan = plans.iter().find(|p| !p.base && f.path.starts_with(&p.prefix));
+                        let plan = plans
+                            .iter()
+                            .find(|p| !p.base && f.path.starts_with(&p.prefix));
                         let plan = plan.or_else(|| plans.iter().find(|p| p.base));
-                        plan.and_then(|p| {
-                            local_path(&p.root, &f.path[p.prefix.len()..], p.base)
-                        })
-                        .and_then(|local| local_sum(&local, f))
-                        .unwrap_or(false)
+                        plan.and_then(|p| local_path(&p.root, &f.path[p.prefix.len()..], p.base))
+                            .and_then(|local| local_sum(&local, f))
+                            .unwrap_or(false)
                     })
                     .map(|f| f.path.clone())
                     .collect()
@@ -660,6 +663,13 @@ pub(crate) async fn restore_delta(
             }
         }
 
+        tracing::info!(
+            "delta restore: {} of {} local files match; fetching {} of {} frames",
+            good.len(),
+            manifest.files.len(),
+            needed.len(),
+            plans.iter().map(|p| p.frames.len()).sum::<usize>()
+        );
         // Fetch the frames (ranged GETs, several in flight) and write them.
         let by_path: HashMap<Vec<u8>, ManifestFile> = manifest
             .files
@@ -709,9 +719,10 @@ pub(crate) async fn restore_delta(
                 })
                 .buffered(options.download.concurrency.max(1));
             loop {
-                let next = chunks.try_next().await.map_err(|e| {
-                    Error::store("reading the backup's archives", e)
-                })?;
+                let next = chunks
+                    .try_next()
+                    .await
+                    .map_err(|e| Error::store("reading the backup's archives", e))?;
                 let Some((index, first, last, bytes)) = next else {
                     break;
                 };
@@ -748,7 +759,8 @@ pub(crate) async fn restore_delta(
 
         // Everything the manifest lists is here: checked up front, or while writing.
         for f in &manifest.files {
-            if !is_ignored(&f.path) && !good.contains(&f.path) && !writer.written.contains(&f.path) {
+            if !is_ignored(&f.path) && !good.contains(&f.path) && !writer.written.contains(&f.path)
+            {
                 return Err(Error::verify(
                     repo.describe(&repo.backup_path(&record.label, "")),
                     format!(
@@ -768,6 +780,8 @@ pub(crate) async fn restore_delta(
             if plan.base {
                 keep.insert(b"backup_manifest".to_vec());
                 keep.insert(PG_CONTROL.to_vec());
+                // Written and verified; renamed into place last.
+                keep.insert([PG_CONTROL, TMP_SUFFIX.as_bytes()].concat());
                 keep.insert(b"pg_tblspc".to_vec());
                 for archive in &record.archives {
                     if let Some(oid) = archive.tablespace_oid {
@@ -799,7 +813,8 @@ pub(crate) async fn restore_delta(
                 "holds no global/pg_control",
             ));
         };
-        std::fs::rename(&tmp, &control).map_err(|e| Error::io("renaming into place", &control, e))?;
+        std::fs::rename(&tmp, &control)
+            .map_err(|e| Error::io("renaming into place", &control, e))?;
         if !options.no_sync {
             fsync(control.parent().unwrap_or(pgdata))?;
         }

@@ -27,9 +27,9 @@
 //! ```
 
 mod backup;
+mod delta;
 mod error;
 pub mod layout;
-mod delta;
 mod repository;
 mod restore;
 mod store;

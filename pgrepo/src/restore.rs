@@ -124,7 +124,10 @@ impl BackupSink for Nowhere {
 }
 
 /// Reads and checks the manifest object against the commit record.
-pub(crate) async fn read_manifest(repo: &Repository, record: &CommitRecord) -> Result<(Bytes, Manifest)> {
+pub(crate) async fn read_manifest(
+    repo: &Repository,
+    record: &CommitRecord,
+) -> Result<(Bytes, Manifest)> {
     let path = repo.backup_path(&record.label, MANIFEST);
     let bytes = repo.get_bytes(&path).await?;
     let describe = repo.describe(&path);

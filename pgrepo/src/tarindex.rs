@@ -236,9 +236,8 @@ impl TarWalker {
                     match key {
                         b"path" => self.pax_path = Some(value.to_vec()),
                         b"size" => {
-                            self.pax_size = std::str::from_utf8(value)
-                                .ok()
-                                .and_then(|s| s.parse().ok())
+                            self.pax_size =
+                                std::str::from_utf8(value).ok().and_then(|s| s.parse().ok())
                         }
                         _ => {}
                     }
@@ -419,11 +418,15 @@ mod tests {
         assert!(walker.broken());
         // Base-256 sizes, including one near u64::MAX.
         let mut big = header(b"big", 0, b'0');
-        big[124..136].copy_from_slice(&[0x80, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        big[124..136].copy_from_slice(&[
+            0x80, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ]);
         let (entries, _) = walk(&big, 512);
         assert_eq!(entries[0].size, u64::MAX);
         let mut huge = header(b"big", 0, b'L');
-        huge[124..136].copy_from_slice(&[0x80, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        huge[124..136].copy_from_slice(&[
+            0x80, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ]);
         huge.extend([1u8; 2048]);
         let _ = walk(&huge, 100);
     }

@@ -16,13 +16,16 @@ use crate::layout::{
     ArchiveIndex, ArchiveRecord, CommitRecord, IndexEntry, IndexFrame, StoredCompression,
     WalRecord, COMMIT_RECORD, FORMAT, INDEX_SUFFIX, MANIFEST,
 };
-use crate::tarindex::{TarEntry, TarWalker};
 use crate::repository::Repository;
+use crate::tarindex::{TarEntry, TarWalker};
 use crate::walcheck::WalCheck;
 
 /// A stored archive compressed (or stored plain) here is cut into a new independent
 /// frame at the first tar entry boundary after this much tar data.
 pub const FRAME_TAR_BYTES: u64 = 8 << 20;
+/// Entries at least this large get frames of their own, so that a small changed file
+/// next to a large unchanged one (a catalog beside a 1 GB segment) costs little to fetch.
+pub const LARGE_ENTRY_BYTES: u64 = 1 << 20;
 
 /// S3's smallest part (but the last).
 pub const MIN_PART_SIZE: usize = 5 << 20;
@@ -218,6 +221,8 @@ struct CurrentArchive {
     /// Whether frames may be cut (not lz4: basebackup's reader stops after one frame).
     split: bool,
     frames: Vec<IndexFrame>,
+    /// The last entry was large (the next one starts a frame).
+    after_large: bool,
 }
 
 fn index_entry(e: TarEntry) -> IndexEntry {
@@ -238,8 +243,9 @@ impl CurrentArchive {
     /// Stores `data` (tar bytes), compressing it when asked.
     async fn store(&mut self, data: Bytes) -> crate::Result<()> {
         let stored = match self.encoder.as_mut() {
-            Some(encoder) => cpu(|| encoder.write(&data))
-                .map_err(|e| crate::Error::usage(format!("compressing: {e}"), "report this as a bug"))?,
+            Some(encoder) => cpu(|| encoder.write(&data)).map_err(|e| {
+                crate::Error::usage(format!("compressing: {e}"), "report this as a bug")
+            })?,
             None => data,
         };
         if !stored.is_empty() {
@@ -251,8 +257,9 @@ impl CurrentArchive {
     /// Ends the current frame at tar offset `tar_end` (finishing the encoder).
     async fn end_frame(&mut self, tar_end: u64) -> crate::Result<()> {
         if let Some(encoder) = self.encoder.take() {
-            let tail = cpu(|| encoder.finish())
-                .map_err(|e| crate::Error::usage(format!("compressing: {e}"), "report this as a bug"))?;
+            let tail = cpu(|| encoder.finish()).map_err(|e| {
+                crate::Error::usage(format!("compressing: {e}"), "report this as a bug")
+            })?;
             if !tail.is_empty() {
                 self.upload.write(tail).await?;
             }
@@ -266,8 +273,9 @@ impl CurrentArchive {
 
     /// Starts a frame at tar offset `tar_start`.
     fn start_frame(&mut self, tar_start: u64) -> crate::Result<()> {
-        self.encoder = ClientEncoder::new(self.record.compression, self.level)
-            .map_err(|e| crate::Error::usage(format!("compressing: {e}"), "report this as a bug"))?;
+        self.encoder = ClientEncoder::new(self.record.compression, self.level).map_err(|e| {
+            crate::Error::usage(format!("compressing: {e}"), "report this as a bug")
+        })?;
         self.frames.push(IndexFrame {
             stored_offset: self.upload.bytes,
             stored_len: 0,
@@ -291,10 +299,10 @@ impl CurrentArchive {
         let mut from = 0u64;
         for entry in entries {
             let frame_start = self.frames.last().map_or(0, |f| f.tar_offset);
-            if self.split
-                && entry.offset >= base + from
-                && entry.offset - frame_start >= FRAME_TAR_BYTES
-            {
+            let large = entry.size >= LARGE_ENTRY_BYTES;
+            let cut = entry.offset - frame_start >= FRAME_TAR_BYTES || large || self.after_large;
+            self.after_large = large;
+            if self.split && entry.offset >= base + from && entry.offset > frame_start && cut {
                 let to = entry.offset - base;
                 self.store(data.slice(from as usize..to as usize)).await?;
                 from = to;
@@ -482,6 +490,7 @@ impl AsyncBackupSink for RepoSink {
             walker: archive.compression.is_none().then(TarWalker::default),
             split: compression != StoredCompression::Lz4,
             frames: Vec::new(),
+            after_large: false,
         });
         if let Some(current) = self.current.as_mut() {
             if current.walker.is_some() {
@@ -541,7 +550,10 @@ impl AsyncBackupSink for RepoSink {
                 basebackup::Error::sink(format!("writing the index: {e}"), "report this as a bug")
             })?;
             self.repo
-                .put_bytes(&self.repo.backup_path(&self.label, &name), Bytes::from(json))
+                .put_bytes(
+                    &self.repo.backup_path(&self.label, &name),
+                    Bytes::from(json),
+                )
                 .await
                 .map_err(to_sink)?;
             current.record.index = Some(name);

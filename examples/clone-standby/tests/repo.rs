@@ -5,7 +5,7 @@
 mod common;
 
 use common::repo::{round_trip_under_load, run_with, Store};
-use common::{scratch, text};
+use common::{free_port, scratch, standby_config, table_digest, text, StandbyGuard};
 use testkit::{Cluster, ClusterOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,5 +158,219 @@ async fn damaged_missing_and_foreign_backups_are_refused_by_name() {
         text(&foreign).contains("belongs to the cluster with system identifier"),
         "{}",
         text(&foreign)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_restore_fetches_only_what_changed() {
+    let primary = Cluster::start(ClusterOptions::new());
+    // New WAL segments zero-filled rather than recycled: the backups carry their WAL
+    // segment whole, and a recycled one is full of old (compressible, but not nothing)
+    // table data that would drown the measurement.
+    primary.execute("ALTER SYSTEM SET wal_recycle = off").await;
+    primary.execute("SELECT pg_reload_conf()").await;
+    // About 100 MB in eight tables, frozen so that later reads change no page.
+    for i in 0..8 {
+        primary
+            .execute(&format!(
+                "CREATE TABLE t{i} AS SELECT g, md5(g::text) || md5((g + {i})::text) AS m \
+                 FROM generate_series(1, 120000) g"
+            ))
+            .await;
+    }
+    primary.execute("VACUUM (FREEZE, ANALYZE)").await;
+    primary.execute("CHECKPOINT").await;
+    let source = primary.unix_conninfo(primary.superuser());
+    let dir = scratch();
+    let store = Store {
+        url: format!("file://{}/repo", dir.path().display()),
+        env: vec![],
+    };
+    let backup = |label: &'static str| {
+        let (store, source) = (&store, &source);
+        async move {
+            let out = run_with(
+                store,
+                &[
+                    "backup",
+                    "--source",
+                    source,
+                    "--repo",
+                    &store.url,
+                    "--compress",
+                    "client-zstd",
+                    "--label",
+                    label,
+                    "--json",
+                ],
+            )
+            .await;
+            assert!(out.status.success(), "backup {label}:\n{}", text(&out));
+        }
+    };
+    backup("one").await;
+    assert!(dir
+        .path()
+        .join("repo/backups/one/base.tar.zst.index.json")
+        .exists());
+
+    let work = scratch();
+    let pgdata = work.path().join("restored");
+    let pgdata_text = pgdata.to_str().unwrap().to_string();
+    let restore = run_with(
+        &store,
+        &[
+            "restore",
+            "--repo",
+            &store.url,
+            "--backup",
+            "one",
+            "--pgdata",
+            &pgdata_text,
+        ],
+    )
+    .await;
+    assert!(restore.status.success(), "restore:\n{}", text(&restore));
+    // A file the backup does not hold goes away.
+    std::fs::write(pgdata.join("base/stray_file"), b"stray").unwrap();
+
+    primary
+        .execute("UPDATE t3 SET m = upper(m) WHERE g <= 20000")
+        .await;
+    primary.execute("CHECKPOINT").await;
+    backup("two").await;
+
+    let delta = run_with(
+        &store,
+        &[
+            "restore",
+            "--repo",
+            &store.url,
+            "--backup",
+            "two",
+            "--pgdata",
+            &pgdata_text,
+            "--delta",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(delta.status.success(), "restore --delta:\n{}", text(&delta));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&delta.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&delta)));
+    let files = summary["files"].as_u64().unwrap();
+    let reused = summary["files_reused"].as_u64().unwrap();
+    let read = summary["bytes_read"].as_u64().unwrap();
+    let archives = summary["archive_bytes"].as_u64().unwrap();
+    eprintln!("delta: {summary}");
+    assert!(reused * 10 > files * 9, "most files reused: {summary}");
+    assert!(summary["files_written"].as_u64().unwrap() > 0, "{summary}");
+    assert!(
+        read * 100 < archives * 40,
+        "downloaded {read} of {archives}: {summary}"
+    );
+    assert!(!pgdata.join("base/stray_file").exists());
+
+    let verify = common::run(&["verify", "--pgdata", &pgdata_text]);
+    assert!(
+        verify.status.success(),
+        "verify --pgdata:\n{}",
+        text(&verify)
+    );
+
+    // A delta of the same backup again, this time started as a standby: it fetches
+    // almost nothing and starts with the changed data.
+    let _guard = StandbyGuard {
+        pg_ctl: primary.bin("pg_ctl"),
+        pgdata: pgdata.clone(),
+    };
+    let port = free_port().to_string();
+    let again = run_with(
+        &store,
+        &[
+            "restore",
+            "--repo",
+            &store.url,
+            "--backup",
+            "two",
+            "--pgdata",
+            &pgdata_text,
+            "--delta",
+            "--json",
+            "--standby",
+            "--source",
+            &source,
+            "--start",
+            "--standby-port",
+            &port,
+            "--pg-ctl",
+            primary.bin("pg_ctl").to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(
+        again.status.success(),
+        "second restore --delta:\n{}",
+        text(&again)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(summary["started"], true, "{summary}");
+    assert!(
+        summary["bytes_read"].as_u64().unwrap() < read,
+        "the second delta fetched less: {summary}"
+    );
+    let standby = standby_config(&pgdata, "postgres");
+    let primary_config = primary.config(primary.superuser());
+    for table in ["t3", "t5"] {
+        assert_eq!(
+            table_digest(&primary_config, table).await,
+            table_digest(&standby, table).await,
+            "table {table} differs"
+        );
+    }
+
+    // Refused: a running server's directory, and another cluster's.
+    let running = run_with(
+        &store,
+        &[
+            "restore",
+            "--repo",
+            &store.url,
+            "--pgdata",
+            &pgdata_text,
+            "--delta",
+        ],
+    )
+    .await;
+    assert!(!running.status.success());
+    assert!(
+        text(&running).contains("postmaster.pid"),
+        "{}",
+        text(&running)
+    );
+    let other = work.path().join("other");
+    std::fs::create_dir_all(other.join("global")).unwrap();
+    std::fs::write(other.join("global/pg_control"), [1u8; 64]).unwrap();
+    let foreign = run_with(
+        &store,
+        &[
+            "restore",
+            "--repo",
+            &store.url,
+            "--pgdata",
+            other.to_str().unwrap(),
+            "--delta",
+        ],
+    )
+    .await;
+    assert!(!foreign.status.success());
+    assert!(
+        text(&foreign).contains("system identifier"),
+        "{}",
+        text(&foreign)
+    );
+    assert!(
+        other.join("global/pg_control").exists(),
+        "a refused directory is untouched"
     );
 }
