@@ -456,8 +456,15 @@ fn write_frames(
 }
 
 /// Removes from `dir` (relative `rel` below the plan's root) what `keep` does not hold;
-/// never follows a symbolic link.
-fn prune(dir: &FsPath, rel: &[u8], keep: &HashSet<Vec<u8>>, removed: &mut usize) -> Result<()> {
+/// never follows a symbolic link. With `spare_top`, unknown entries directly in `dir`
+/// are left alone (a tablespace directory may hold other versions' subdirectories).
+fn prune(
+    dir: &FsPath,
+    rel: &[u8],
+    keep: &HashSet<Vec<u8>>,
+    spare_top: bool,
+    removed: &mut usize,
+) -> Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -467,8 +474,10 @@ fn prune(dir: &FsPath, rel: &[u8], keep: &HashSet<Vec<u8>>, removed: &mut usize)
         let entry = entry.map_err(|e| Error::io("reading", dir, e))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else {
-            remove_any(&entry.path())?;
-            *removed += 1;
+            if !spare_top {
+                remove_any(&entry.path())?;
+                *removed += 1;
+            }
             continue;
         };
         let path: Vec<u8> = if rel.is_empty() {
@@ -479,10 +488,12 @@ fn prune(dir: &FsPath, rel: &[u8], keep: &HashSet<Vec<u8>>, removed: &mut usize)
         let meta = std::fs::symlink_metadata(entry.path())
             .map_err(|e| Error::io("reading", &entry.path(), e))?;
         if !keep.contains(&path) {
-            remove_any(&entry.path())?;
-            *removed += 1;
+            if !spare_top {
+                remove_any(&entry.path())?;
+                *removed += 1;
+            }
         } else if meta.is_dir() {
-            prune(&entry.path(), &path, keep, removed)?;
+            prune(&entry.path(), &path, keep, false, removed)?;
         }
     }
     Ok(())
@@ -589,6 +600,7 @@ pub(crate) async fn restore_delta(
             &wal_dir.join("archive_status"),
             b"",
             &HashSet::new(),
+            false,
             &mut 0,
         )?;
         // Tablespace directories and links, from the mapping.
@@ -789,7 +801,7 @@ pub(crate) async fn restore_delta(
                     }
                 }
             }
-            prune(&plan.root, b"", &keep, &mut removed)?;
+            prune(&plan.root, b"", &keep, !plan.base, &mut removed)?;
         }
 
         // The manifest, then pg_control last.

@@ -5,6 +5,8 @@
 //! <prefix>/backups/<label>/<archive>       archives as the server sent them
 //!                                          (base.tar.zst, 16385.tar.zst, …) or compressed
 //!                                          here (base.tar.zst) or as plain tar
+//! <prefix>/backups/<label>/<archive>.index.json  where each frame of an archive
+//!                                          stored here starts ([`ArchiveIndex`])
 //! <prefix>/backups/<label>/backup_manifest the server's manifest, byte for byte
 //! <prefix>/backups/<label>/backup.json     the commit record, written last
 //! <prefix>/wal/<TLI>/…                     reserved for the streamed WAL archive
@@ -372,5 +374,40 @@ mod tests {
         let newer = record.to_json().replace("\"format\": 1", "\"format\": 9");
         assert!(CommitRecord::from_json(newer.as_bytes(), "x").is_err());
         assert!(CommitRecord::from_json(b"{", "x").is_err());
+    }
+
+    #[test]
+    fn archive_records_without_an_index_still_parse() {
+        let old = r#"{"object":"base.tar.zst","tablespace_oid":null,"location":null,
+            "compression":"zstd","compressed_by":"server","stored_bytes":5,"tar_bytes":9}"#;
+        let record: ArchiveRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.index, None);
+    }
+
+    #[test]
+    fn indexes_must_tile_the_archive() {
+        let frame = |stored_offset, stored_len, tar_offset, tar_len| IndexFrame {
+            stored_offset,
+            stored_len,
+            tar_offset,
+            tar_len,
+            entries: vec![],
+        };
+        let index = ArchiveIndex {
+            format: FORMAT,
+            compression: StoredCompression::Zstd,
+            frames: vec![frame(0, 10, 0, 100), frame(10, 5, 100, 50)],
+        };
+        let json = serde_json::to_vec(&index).unwrap();
+        assert_eq!(ArchiveIndex::from_json(&json, "x", 15, 150).unwrap(), index);
+        assert!(ArchiveIndex::from_json(&json, "x", 16, 150).is_err());
+        assert!(ArchiveIndex::from_json(&json, "x", 15, 149).is_err());
+        assert!(ArchiveIndex::from_json(b"[", "x", 15, 150).is_err());
+        let gap = ArchiveIndex {
+            frames: vec![frame(0, 10, 0, 100), frame(11, 4, 100, 50)],
+            ..index
+        };
+        let json = serde_json::to_vec(&gap).unwrap();
+        assert!(ArchiveIndex::from_json(&json, "x", 15, 150).is_err());
     }
 }

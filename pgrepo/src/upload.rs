@@ -157,12 +157,21 @@ impl ClientEncoder {
     fn new(method: StoredCompression, level: Option<i32>) -> std::io::Result<Option<Self>> {
         Ok(Some(match method {
             StoredCompression::None => return Ok(None),
-            StoredCompression::Zstd => ClientEncoder::Zstd(zstd::stream::write::Encoder::new(
-                Vec::new(),
-                level.unwrap_or(1),
-            )?),
+            // Every frame carries a checksum of its content: damage anywhere in it is
+            // found when it is decompressed, also in bytes no other check covers (such
+            // as a WAL segment's unused tail).
+            StoredCompression::Zstd => {
+                let mut encoder =
+                    zstd::stream::write::Encoder::new(Vec::new(), level.unwrap_or(1))?;
+                encoder.include_checksum(true)?;
+                ClientEncoder::Zstd(encoder)
+            }
             StoredCompression::Lz4 => {
-                ClientEncoder::Lz4(lz4_flex::frame::FrameEncoder::new(Vec::new()))
+                let info = lz4_flex::frame::FrameInfo::new().content_checksum(true);
+                ClientEncoder::Lz4(lz4_flex::frame::FrameEncoder::with_frame_info(
+                    info,
+                    Vec::new(),
+                ))
             }
             StoredCompression::Gzip => ClientEncoder::Gzip(flate2::write::GzEncoder::new(
                 Vec::new(),

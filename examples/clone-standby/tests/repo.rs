@@ -280,7 +280,7 @@ async fn delta_restore_fetches_only_what_changed() {
 
     // A delta of the same backup again, this time started as a standby: it fetches
     // almost nothing and starts with the changed data.
-    let _guard = StandbyGuard {
+    let guard = StandbyGuard {
         pg_ctl: primary.bin("pg_ctl"),
         pgdata: pgdata.clone(),
     };
@@ -373,4 +373,54 @@ async fn delta_restore_fetches_only_what_changed() {
         other.join("global/pg_control").exists(),
         "a refused directory is untouched"
     );
+
+    // A damaged frame: the delta restore fails, says the directory must be restored
+    // again, and leaves it without global/pg_control (never looking complete).
+    drop(guard);
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("repo/backups/one/base.tar.zst.index.json")).unwrap(),
+    )
+    .unwrap();
+    let wal_frame = index["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| {
+            f["entries"].as_array().unwrap().iter().any(|e| {
+                e["path"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("./")
+                    .starts_with("pg_wal/0")
+            })
+        })
+        .expect("a frame with WAL");
+    let archive = dir.path().join("repo/backups/one/base.tar.zst");
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let at = wal_frame["stored_offset"].as_u64().unwrap()
+        + wal_frame["stored_len"].as_u64().unwrap() / 2;
+    bytes[at as usize] ^= 0x55;
+    std::fs::write(&archive, bytes).unwrap();
+    let damaged = run_with(
+        &store,
+        &[
+            "restore",
+            "--repo",
+            &store.url,
+            "--backup",
+            "one",
+            "--pgdata",
+            &pgdata_text,
+            "--delta",
+        ],
+    )
+    .await;
+    assert!(!damaged.status.success(), "{}", text(&damaged));
+    assert!(
+        text(&damaged).contains("inconsistent"),
+        "{}",
+        text(&damaged)
+    );
+    assert!(pgdata.exists(), "the user's directory is kept");
+    assert!(!pgdata.join("global/pg_control").exists());
 }
