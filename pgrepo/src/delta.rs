@@ -845,3 +845,119 @@ pub(crate) async fn restore_delta(
     let _: &Manifest = &manifest;
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn control(dir: &FsPath, system_id: u64) {
+        std::fs::create_dir_all(dir.join("global")).unwrap();
+        let mut bytes = system_id.to_le_bytes().to_vec();
+        bytes.resize(8192, 0);
+        std::fs::write(dir.join("global/pg_control"), bytes).unwrap();
+    }
+
+    #[test]
+    fn targets_are_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        // New and empty directories are fine.
+        check_target(&tmp.path().join("new/data"), 7).unwrap();
+        assert!(tmp.path().join("new/data").is_dir());
+        check_target(&tmp.path().join("new/data"), 7).unwrap();
+        // The same cluster, stopped.
+        let same = tmp.path().join("same");
+        control(&same, 7);
+        check_target(&same, 7).unwrap();
+        // Another cluster.
+        let e = check_target(&same, 8).unwrap_err();
+        assert!(e.message().contains("system identifier 7"), "{e}");
+        // A running server.
+        std::fs::write(same.join("postmaster.pid"), "1\n").unwrap();
+        let e = check_target(&same, 7).unwrap_err();
+        assert!(e.message().contains("postmaster.pid"), "{e}");
+        // Not a data directory: a short pg_control, or none.
+        let short = tmp.path().join("short");
+        std::fs::create_dir_all(short.join("global")).unwrap();
+        std::fs::write(short.join("global/pg_control"), [1, 2, 3]).unwrap();
+        assert!(check_target(&short, 7).is_err());
+        let other = tmp.path().join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("notes.txt"), "x").unwrap();
+        assert!(check_target(&other, 7).is_err());
+        // A file.
+        assert!(check_target(&other.join("notes.txt"), 7).is_err());
+    }
+
+    #[test]
+    fn local_paths_never_pass_through_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("data");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(root.join("base/1")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("base/evil")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("pg_wal")).unwrap();
+        assert_eq!(
+            local_path(&root, b"base/1/123", true),
+            Some(root.join("base/1/123"))
+        );
+        assert_eq!(local_path(&root, b"base/evil/123", true), None);
+        assert_eq!(local_path(&root, b"base/../x", true), None);
+        assert_eq!(local_path(&root, b"/etc/passwd", true), None);
+        // The top-level pg_wal link of the base directory only.
+        assert!(local_path(&root, b"pg_wal/000000010000000000000001", true).is_some());
+        assert_eq!(local_path(&root, b"pg_wal/x", false), None);
+        // Missing directories are fine (created when written).
+        assert!(local_path(&root, b"base/2/1", true).is_some());
+    }
+
+    #[test]
+    fn pruning_removes_extras_and_never_follows_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("data");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(root.join("base/1")).unwrap();
+        std::fs::create_dir_all(root.join("extra_dir/sub")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("precious"), "x").unwrap();
+        std::fs::write(root.join("base/1/keep"), "k").unwrap();
+        std::fs::write(root.join("base/1/stray"), "s").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("base/link")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("kept_link")).unwrap();
+        let keep: HashSet<Vec<u8>> = ["base", "base/1", "base/1/keep", "kept_link"]
+            .iter()
+            .map(|p| p.as_bytes().to_vec())
+            .collect();
+        let mut removed = 0;
+        prune(&root, b"", &keep, false, &mut removed).unwrap();
+        assert_eq!(removed, 3);
+        assert!(root.join("base/1/keep").exists());
+        assert!(!root.join("base/1/stray").exists());
+        assert!(!root.join("extra_dir").exists());
+        assert!(std::fs::symlink_metadata(root.join("base/link")).is_err());
+        assert!(outside.join("precious").exists());
+        // A tablespace directory: unknown top-level entries are spared.
+        std::fs::create_dir_all(root.join("PG_14_other")).unwrap();
+        prune(&root, b"", &keep, true, &mut removed).unwrap();
+        assert!(root.join("PG_14_other").exists());
+    }
+
+    #[test]
+    fn local_checksums() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        std::fs::write(&path, b"123456789").unwrap();
+        let mut file = ManifestFile {
+            path: b"f".to_vec(),
+            size: 9,
+            algorithm: basebackup::ChecksumAlgorithm::Crc32c,
+            checksum: Some("839206e3".into()),
+        };
+        assert_eq!(local_sum(&path, &file), Some(true));
+        file.checksum = Some("00000000".into());
+        assert_eq!(local_sum(&path, &file), Some(false));
+        file.size = 8;
+        assert_eq!(local_sum(&path, &file), Some(false));
+        assert_eq!(local_sum(&tmp.path().join("missing"), &file), None);
+    }
+}
