@@ -381,6 +381,24 @@ impl Read for FrameReader<'_> {
     }
 }
 
+/// Concatenated LZ4 frames as one stream (lz4_flex's decoder ends a read at each frame's
+/// end; the next is read when more input follows).
+struct Lz4Frames<R: std::io::BufRead>(lz4_flex::frame::FrameDecoder<R>);
+
+impl<R: std::io::BufRead> Read for Lz4Frames<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let n = self.0.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            if self.0.get_mut().fill_buf()?.is_empty() {
+                return Ok(0);
+            }
+        }
+    }
+}
+
 /// Decompresses and writes the frames arriving on `rx`.
 fn write_frames(
     plans: &[Plan],
@@ -406,7 +424,9 @@ fn write_frames(
         let mut decoder: Box<dyn Read + '_> = match plan.compression {
             StoredCompression::None => Box::new(&mut reader),
             StoredCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut reader)),
-            StoredCompression::Lz4 => Box::new(lz4_flex::frame::FrameDecoder::new(&mut reader)),
+            StoredCompression::Lz4 => Box::new(Lz4Frames(lz4_flex::frame::FrameDecoder::new(
+                std::io::BufReader::new(&mut reader),
+            ))),
             StoredCompression::Zstd => {
                 Box::new(zstd::stream::read::Decoder::new(&mut reader).map_err(damaged)?)
             }

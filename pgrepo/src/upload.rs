@@ -227,8 +227,6 @@ struct CurrentArchive {
     base: bool,
     /// Walks the tar stream to find entry boundaries (archives stored by us only).
     walker: Option<TarWalker>,
-    /// Whether frames may be cut (not lz4: basebackup's reader stops after one frame).
-    split: bool,
     frames: Vec<IndexFrame>,
     /// The last entry was large (the next one starts a frame).
     after_large: bool,
@@ -311,7 +309,7 @@ impl CurrentArchive {
             let large = entry.size >= LARGE_ENTRY_BYTES;
             let cut = entry.offset - frame_start >= FRAME_TAR_BYTES || large || self.after_large;
             self.after_large = large;
-            if self.split && entry.offset >= base + from && entry.offset > frame_start && cut {
+            if entry.offset >= base + from && entry.offset > frame_start && cut {
                 let to = entry.offset - base;
                 self.store(data.slice(from as usize..to as usize)).await?;
                 from = to;
@@ -497,7 +495,6 @@ impl AsyncBackupSink for RepoSink {
             server_compressed: archive.compression.is_some(),
             base: archive.is_base(),
             walker: archive.compression.is_none().then(TarWalker::default),
-            split: compression != StoredCompression::Lz4,
             frames: Vec::new(),
             after_large: false,
         });
