@@ -281,6 +281,32 @@ async fn delta_restore_fetches_only_what_changed() {
         text(&verify)
     );
 
+    // Into a new directory, a delta restore is a full one.
+    let fresh = work.path().join("fresh");
+    let fresh_text = fresh.to_str().unwrap();
+    let full = run_with(
+        &store,
+        &[
+            "restore", "--repo", &store.url, "--backup", "two", "--pgdata", fresh_text, "--delta",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(
+        full.status.success(),
+        "restore --delta into a new directory:\n{}",
+        text(&full)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&full.stdout).unwrap();
+    assert_eq!(summary["files_reused"], 0, "{summary}");
+    assert_eq!(summary["bytes_read"], summary["archive_bytes"], "{summary}");
+    let verify = common::run(&["verify", "--pgdata", fresh_text]);
+    assert!(
+        verify.status.success(),
+        "verify --pgdata (fresh):\n{}",
+        text(&verify)
+    );
+
     // A delta of the same backup again, this time started as a standby: it fetches
     // almost nothing and starts with the changed data.
     let guard = StandbyGuard {
