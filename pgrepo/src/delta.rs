@@ -822,6 +822,19 @@ pub(crate) async fn restore_delta(
                 }
             }
             prune(&plan.root, b"", &keep, !plan.base, &mut removed)?;
+            if !options.no_sync {
+                // Every directory of the backup: new entries in it, renames, removals.
+                fsync(&plan.root)?;
+                for path in &keep {
+                    let Ok(path) = std::str::from_utf8(path) else {
+                        continue;
+                    };
+                    let local = plan.root.join(path);
+                    if std::fs::symlink_metadata(&local).is_ok_and(|m| m.is_dir()) {
+                        fsync(&local)?;
+                    }
+                }
+            }
         }
 
         // The manifest, then pg_control last.
