@@ -453,3 +453,117 @@ async fn delta_restore_fetches_only_what_changed() {
     assert!(pgdata.exists(), "the user's directory is kept");
     assert!(!pgdata.join("global/pg_control").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_restore_brings_a_mapped_tablespace_up_to_date() {
+    let dir = scratch();
+    let primary = Cluster::start(ClusterOptions::new());
+    let location = dir.path().join("ts");
+    std::fs::create_dir(&location).unwrap();
+    common::give_like(&location, primary.data_dir());
+    primary
+        .execute(&format!(
+            "CREATE TABLESPACE ts2 LOCATION '{}'",
+            location.display()
+        ))
+        .await;
+    primary
+        .execute(
+            "CREATE TABLE in_ts TABLESPACE ts2 AS SELECT g AS id, md5(g::text) AS m \
+             FROM generate_series(1, 100000) g",
+        )
+        .await;
+    primary.execute("VACUUM (FREEZE, ANALYZE)").await;
+    primary.execute("CHECKPOINT").await;
+    let source = primary.unix_conninfo(primary.superuser());
+    let store = Store {
+        url: format!("file://{}/repo", dir.path().display()),
+        env: vec![],
+    };
+    let work = scratch();
+    let pgdata = work.path().join("data");
+    let mapped = work.path().join("ts_mapped");
+    let mapping = format!("{}={}", location.display(), mapped.display());
+    let restore = |label: &'static str, delta: bool| {
+        let (store, pgdata, mapping) = (&store, &pgdata, &mapping);
+        async move {
+            let mut args = vec![
+                "restore",
+                "--repo",
+                &store.url,
+                "--backup",
+                label,
+                "--pgdata",
+                pgdata.to_str().unwrap(),
+                "--tablespace-mapping",
+                mapping,
+                "--json",
+            ];
+            if delta {
+                args.push("--delta");
+            }
+            let out = run_with(store, &args).await;
+            assert!(out.status.success(), "restore {label}:\n{}", text(&out));
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        }
+    };
+    for label in ["one", "two"] {
+        if label == "two" {
+            primary
+                .execute("UPDATE in_ts SET m = upper(m) WHERE id <= 1000")
+                .await;
+            primary.execute("CHECKPOINT").await;
+        }
+        let out = run_with(
+            &store,
+            &[
+                "backup",
+                "--source",
+                &source,
+                "--repo",
+                &store.url,
+                "--compress",
+                if label == "one" {
+                    "client-gzip"
+                } else {
+                    "none"
+                },
+                "--label",
+                label,
+            ],
+        )
+        .await;
+        assert!(out.status.success(), "backup {label}:\n{}", text(&out));
+    }
+    restore("one", false).await;
+    let version_dir = std::fs::read_dir(&mapped)
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    std::fs::write(version_dir.join("stray"), b"x").unwrap();
+    std::fs::create_dir(mapped.join("PG_99_other_cluster")).unwrap();
+
+    let summary = restore("two", true).await;
+    assert!(summary["files_reused"].as_u64().unwrap() > 900, "{summary}");
+    assert!(!version_dir.join("stray").exists(), "extra files go");
+    assert!(
+        mapped.join("PG_99_other_cluster").exists(),
+        "another version's directory in the tablespace location stays"
+    );
+    let oid_link = std::fs::read_dir(pgdata.join("pg_tblspc"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    assert_eq!(std::fs::read_link(&oid_link).unwrap(), mapped);
+    std::fs::remove_dir(mapped.join("PG_99_other_cluster")).unwrap();
+    let verify = common::run(&["verify", "--pgdata", pgdata.to_str().unwrap()]);
+    assert!(
+        verify.status.success(),
+        "verify --pgdata:\n{}",
+        text(&verify)
+    );
+}
