@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use basebackup::manifest::{is_ignored, FileChecksum, ManifestFile};
 use basebackup::tar::{normalize, TarParser};
-use basebackup::{Bytes, Manifest, TarEvent};
+use basebackup::{Bytes, TarEvent};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 
@@ -875,7 +875,6 @@ pub(crate) async fn restore_delta(
     };
     let mut summary = work.await.map_err(inconsistent)?;
     summary.downloaded = downloaded.load(Ordering::Relaxed);
-    let _: &Manifest = &manifest;
     Ok(summary)
 }
 

@@ -328,8 +328,11 @@ pub struct RestoreOptions {
 /// Restores backup `label` (or `latest`) into `pgdata`, which must be new or empty, as
 /// must every tablespace directory. Every file is verified against the manifest as it is
 /// written, and the backup's WAL record by record; on any failure, everything written is
-/// removed. The result starts as the server did at the backup's end (add recovery
-/// settings to make it a standby).
+/// removed. With [`RestoreOptions::delta`], `pgdata` may instead be a stopped data
+/// directory of the same cluster: only what differs is fetched and rewritten, and on
+/// failure the directory is kept but left without `global/pg_control` (inconsistent).
+/// The result starts as the server did at the backup's end (add recovery settings to
+/// make it a standby).
 ///
 /// ```no_run
 /// # async fn demo(repo: pgrepo::Repository) -> pgrepo::Result<()> {
