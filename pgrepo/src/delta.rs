@@ -519,6 +519,11 @@ fn prune(
     Ok(())
 }
 
+/// True when manifest path `path` lies in one of the tablespace archives.
+fn is_tablespace_file(path: &[u8], plans: &[Plan]) -> bool {
+    plans.iter().any(|p| !p.base && path.starts_with(&p.prefix))
+}
+
 /// The delta restore of `record` into `pgdata` (see the module documentation).
 pub(crate) async fn restore_delta(
     repo: &Repository,
@@ -809,6 +814,24 @@ pub(crate) async fn restore_delta(
         for (i, plan) in plans.iter().enumerate() {
             let mut keep = std::mem::take(&mut keep[i]);
             keep.extend(writer.seen[i].drain());
+            // Whatever the manifest lists stays, with its directories, whatever an index
+            // says.
+            for f in &manifest.files {
+                let Some(rel) = f.path.strip_prefix(plan.prefix.as_slice()) else {
+                    continue;
+                };
+                if plan.base && is_tablespace_file(&f.path, &plans) {
+                    continue;
+                }
+                let mut end = rel.len();
+                loop {
+                    keep.insert(rel[..end].to_vec());
+                    match rel[..end].iter().rposition(|&b| b == b'/') {
+                        Some(slash) => end = slash,
+                        None => break,
+                    }
+                }
+            }
             if plan.base {
                 keep.insert(b"backup_manifest".to_vec());
                 keep.insert(PG_CONTROL.to_vec());

@@ -545,7 +545,9 @@ impl AsyncBackupSink for RepoSink {
         let bytes = current.upload.finish().await.map_err(to_sink)?;
         current.record.stored_bytes = bytes;
         tracing::debug!("stored {}", self.repo.describe(&path));
-        if current.walker.is_some() {
+        // An index only when the walker understood the whole stream (the pipeline
+        // verified it anyway); otherwise readers take the archive whole.
+        if current.walker.as_ref().is_some_and(|w| !w.broken()) {
             let index = ArchiveIndex {
                 format: FORMAT,
                 compression: current.record.compression,
