@@ -132,6 +132,26 @@ impl Read for ChannelReader<'_> {
     }
 }
 
+/// Concatenated LZ4 frames, read as one stream: lz4_flex's decoder ends each read at
+/// the end of a frame; the next frame is read when more input follows. (pgrepo stores
+/// client-compressed archives as a series of frames.)
+struct Lz4Frames<R: std::io::BufRead>(lz4_flex::frame::FrameDecoder<R>);
+
+impl<R: std::io::BufRead> Read for Lz4Frames<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let n = self.0.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            // Each pass either ends here or consumes a frame header (or fails).
+            if self.0.get_mut().fill_buf()?.is_empty() {
+                return Ok(0);
+            }
+        }
+    }
+}
+
 /// One uncompressed chunk: to the sink as bytes, then parsed, verified and to the sink as
 /// entries.
 #[inline]
@@ -232,7 +252,9 @@ fn run_inner(
                                 Box::new(flate2::read::MultiGzDecoder::new(&mut reader))
                             }
                             CompressionMethod::Lz4 => {
-                                Box::new(lz4_flex::frame::FrameDecoder::new(&mut reader))
+                                Box::new(Lz4Frames(lz4_flex::frame::FrameDecoder::new(
+                                    std::io::BufReader::new(&mut reader),
+                                )))
                             }
                             CompressionMethod::Zstd => Box::new(
                                 zstd::stream::read::Decoder::new(&mut reader).map_err(|e| {
@@ -652,6 +674,20 @@ mod tests {
                     "{method:?}: {uncompressed} bytes passed on after only {delivered} compressed"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn concatenated_frames_are_one_stream() {
+        let tar = server_tar(true);
+        let cut = 512;
+        for method in METHODS {
+            let mut compressed = compress(method, &tar[..cut]);
+            compressed.extend(compress(method, &[]));
+            compressed.extend(compress(method, &tar[cut..]));
+            let mut sink = Recorder::default();
+            run_compressed(method, &compressed, &mut sink).unwrap();
+            assert_eq!(sink.uncompressed, tar.len(), "{method:?}");
         }
     }
 

@@ -5,6 +5,8 @@
 //! <prefix>/backups/<label>/<archive>       archives as the server sent them
 //!                                          (base.tar.zst, 16385.tar.zst, …) or compressed
 //!                                          here (base.tar.zst) or as plain tar
+//! <prefix>/backups/<label>/<archive>.index.json  where each frame of an archive
+//!                                          stored here starts ([`ArchiveIndex`])
 //! <prefix>/backups/<label>/backup_manifest the server's manifest, byte for byte
 //! <prefix>/backups/<label>/backup.json     the commit record, written last
 //! <prefix>/wal/<TLI>/…                     reserved for the streamed WAL archive
@@ -114,6 +116,85 @@ pub struct ArchiveRecord {
     pub stored_bytes: u64,
     /// The size of the tar stream inside.
     pub tar_bytes: u64,
+    /// The name of its frame index object (`base.tar.zst.index.json`), when the archive
+    /// was cut into independently readable frames here; `None` for server-compressed
+    /// archives and backups taken before indexes existed.
+    #[serde(default)]
+    pub index: Option<String>,
+}
+
+/// The suffix of an archive's index object.
+pub const INDEX_SUFFIX: &str = ".index.json";
+
+/// `<archive>.index.json`: where an archive stored by this tool can be entered. Each
+/// frame is an independent compressed stream (or a plain slice of tar) that starts at a
+/// tar entry's first header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveIndex {
+    /// The layout's format version.
+    pub format: u32,
+    /// How each frame is compressed.
+    pub compression: StoredCompression,
+    /// The frames, in order; together they are the whole object.
+    pub frames: Vec<IndexFrame>,
+}
+
+/// One frame of an [`ArchiveIndex`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexFrame {
+    /// Where it starts in the stored object.
+    pub stored_offset: u64,
+    /// Its stored length.
+    pub stored_len: u64,
+    /// Where its tar data starts in the archive's tar stream.
+    pub tar_offset: u64,
+    /// Its length of tar data.
+    pub tar_len: u64,
+    /// The entries whose first header is in this frame.
+    pub entries: Vec<IndexEntry>,
+}
+
+/// One tar entry of an [`IndexFrame`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    /// Its path as stored in the archive (lossy UTF-8).
+    pub path: String,
+    /// Its data size.
+    pub size: u64,
+    /// `file`, `dir`, `link` or `other`.
+    pub kind: String,
+}
+
+impl ArchiveIndex {
+    /// Parses a stored index and checks that its frames tile an object of `stored_bytes`
+    /// holding `tar_bytes` of tar, naming the object on failure.
+    pub fn from_json(
+        bytes: &[u8],
+        object: &str,
+        stored_bytes: u64,
+        tar_bytes: u64,
+    ) -> Result<ArchiveIndex> {
+        let index: ArchiveIndex = serde_json::from_slice(bytes)
+            .map_err(|e| Error::verify(object, format!("not a valid archive index: {e}")))?;
+        let (mut stored, mut tar) = (0u64, 0u64);
+        for f in &index.frames {
+            if f.stored_offset != stored || f.tar_offset != tar {
+                return Err(Error::verify(object, "its frames do not tile the archive"));
+            }
+            stored = stored.saturating_add(f.stored_len);
+            tar = tar.saturating_add(f.tar_len);
+        }
+        if stored != stored_bytes || tar != tar_bytes {
+            return Err(Error::verify(
+                object,
+                format!(
+                    "its frames cover {stored} stored and {tar} tar bytes, but the commit \
+                     record says {stored_bytes} and {tar_bytes}"
+                ),
+            ));
+        }
+        Ok(index)
+    }
 }
 
 /// How the WAL a backup needs is kept.
@@ -301,5 +382,40 @@ mod tests {
         let newer = record.to_json().replace("\"format\": 1", "\"format\": 9");
         assert!(CommitRecord::from_json(newer.as_bytes(), "x").is_err());
         assert!(CommitRecord::from_json(b"{", "x").is_err());
+    }
+
+    #[test]
+    fn archive_records_without_an_index_still_parse() {
+        let old = r#"{"object":"base.tar.zst","tablespace_oid":null,"location":null,
+            "compression":"zstd","compressed_by":"server","stored_bytes":5,"tar_bytes":9}"#;
+        let record: ArchiveRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.index, None);
+    }
+
+    #[test]
+    fn indexes_must_tile_the_archive() {
+        let frame = |stored_offset, stored_len, tar_offset, tar_len| IndexFrame {
+            stored_offset,
+            stored_len,
+            tar_offset,
+            tar_len,
+            entries: vec![],
+        };
+        let index = ArchiveIndex {
+            format: FORMAT,
+            compression: StoredCompression::Zstd,
+            frames: vec![frame(0, 10, 0, 100), frame(10, 5, 100, 50)],
+        };
+        let json = serde_json::to_vec(&index).unwrap();
+        assert_eq!(ArchiveIndex::from_json(&json, "x", 15, 150).unwrap(), index);
+        assert!(ArchiveIndex::from_json(&json, "x", 16, 150).is_err());
+        assert!(ArchiveIndex::from_json(&json, "x", 15, 149).is_err());
+        assert!(ArchiveIndex::from_json(b"[", "x", 15, 150).is_err());
+        let gap = ArchiveIndex {
+            frames: vec![frame(0, 10, 0, 100), frame(11, 4, 100, 50)],
+            ..index
+        };
+        let json = serde_json::to_vec(&gap).unwrap();
+        assert!(ArchiveIndex::from_json(&json, "x", 15, 150).is_err());
     }
 }

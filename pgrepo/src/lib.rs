@@ -13,7 +13,9 @@
 //! - [`verify_backup`] re-reads a backup from the store and checks it as
 //!   `pg_verifybackup` would.
 //! - [`restore_backup`] downloads in parallel and writes a data directory through the
-//!   same verifying pipeline as a live backup.
+//!   same verifying pipeline as a live backup; with [`RestoreOptions::delta`] it brings
+//!   an existing data directory of the cluster up to the backup, fetching only the
+//!   frames ([`layout::ArchiveIndex`]) that hold files whose local copy differs.
 //!
 //! ```no_run
 //! # async fn demo() -> pgrepo::Result<()> {
@@ -27,11 +29,13 @@
 //! ```
 
 mod backup;
+mod delta;
 mod error;
 pub mod layout;
 mod repository;
 mod restore;
 mod store;
+pub mod tarindex;
 mod upload;
 pub mod walcheck;
 

@@ -49,6 +49,11 @@ pub struct ReadSummary {
     pub wal_records: u64,
     /// Bytes downloaded.
     pub downloaded: u64,
+    /// Files of the manifest whose local copy already matched (a delta restore), not
+    /// downloaded again.
+    pub files_reused: usize,
+    /// Files of the manifest written.
+    pub files_written: usize,
 }
 
 /// A sink that checks the WAL of the base archive, around an optional writer.
@@ -119,7 +124,10 @@ impl BackupSink for Nowhere {
 }
 
 /// Reads and checks the manifest object against the commit record.
-async fn read_manifest(repo: &Repository, record: &CommitRecord) -> Result<(Bytes, Manifest)> {
+pub(crate) async fn read_manifest(
+    repo: &Repository,
+    record: &CommitRecord,
+) -> Result<(Bytes, Manifest)> {
     let path = repo.backup_path(&record.label, MANIFEST);
     let bytes = repo.get_bytes(&path).await?;
     let describe = repo.describe(&path);
@@ -261,6 +269,8 @@ async fn replay_backup<S: BackupSink + 'static>(
         .map_err(|e| stored_damage(repo, &record, e))?;
     Ok(ReadSummary {
         files: outcome.files,
+        files_reused: 0,
+        files_written: outcome.files,
         wal_records: checked.wal.records_verified(),
         downloaded: downloaded.load(Ordering::Relaxed),
         record,
@@ -308,13 +318,21 @@ pub struct RestoreOptions {
     pub no_sync: bool,
     /// Download settings.
     pub download: DownloadOptions,
+    /// Bring an existing data directory of the same cluster up to the backup, fetching
+    /// only what differs (like pgBackRest's `--delta`). The directory must be stopped
+    /// (no `postmaster.pid`) and hold this cluster's `global/pg_control`, or be empty.
+    /// On failure it is left in place but inconsistent (without `global/pg_control`).
+    pub delta: bool,
 }
 
 /// Restores backup `label` (or `latest`) into `pgdata`, which must be new or empty, as
 /// must every tablespace directory. Every file is verified against the manifest as it is
 /// written, and the backup's WAL record by record; on any failure, everything written is
-/// removed. The result starts as the server did at the backup's end (add recovery
-/// settings to make it a standby).
+/// removed. With [`RestoreOptions::delta`], `pgdata` may instead be a stopped data
+/// directory of the same cluster: only what differs is fetched and rewritten, and on
+/// failure the directory is kept but left without `global/pg_control` (inconsistent).
+/// The result starts as the server did at the backup's end (add recovery settings to
+/// make it a standby).
 ///
 /// ```no_run
 /// # async fn demo(repo: pgrepo::Repository) -> pgrepo::Result<()> {
@@ -330,6 +348,16 @@ pub async fn restore_backup(
     downloaded: Option<Arc<AtomicU64>>,
 ) -> Result<ReadSummary> {
     let record = repo.backup(label).await?;
+    if options.delta {
+        return crate::delta::restore_delta(
+            repo,
+            record,
+            pgdata,
+            options,
+            downloaded.unwrap_or_default(),
+        )
+        .await;
+    }
     let sink = PlainDirSink::new(PathBuf::from(pgdata))
         .tablespace_mapping(options.tablespace_mapping)
         .options(SinkOptions {

@@ -13,10 +13,19 @@ use object_store::{MultipartUpload, ObjectStoreExt, PutPayload, UploadPart};
 use sha2::Digest;
 
 use crate::layout::{
-    ArchiveRecord, CommitRecord, StoredCompression, WalRecord, COMMIT_RECORD, FORMAT, MANIFEST,
+    ArchiveIndex, ArchiveRecord, CommitRecord, IndexEntry, IndexFrame, StoredCompression,
+    WalRecord, COMMIT_RECORD, FORMAT, INDEX_SUFFIX, MANIFEST,
 };
 use crate::repository::Repository;
+use crate::tarindex::{TarEntry, TarWalker};
 use crate::walcheck::WalCheck;
+
+/// A stored archive compressed (or stored plain) here is cut into a new independent
+/// frame at the first tar entry boundary after this much tar data.
+pub const FRAME_TAR_BYTES: u64 = 8 << 20;
+/// Entries at least this large get frames of their own, so that a small changed file
+/// next to a large unchanged one (a catalog beside a 1 GB segment) costs little to fetch.
+pub const LARGE_ENTRY_BYTES: u64 = 1 << 20;
 
 /// S3's smallest part (but the last).
 pub const MIN_PART_SIZE: usize = 5 << 20;
@@ -148,12 +157,21 @@ impl ClientEncoder {
     fn new(method: StoredCompression, level: Option<i32>) -> std::io::Result<Option<Self>> {
         Ok(Some(match method {
             StoredCompression::None => return Ok(None),
-            StoredCompression::Zstd => ClientEncoder::Zstd(zstd::stream::write::Encoder::new(
-                Vec::new(),
-                level.unwrap_or(1),
-            )?),
+            // Every frame carries a checksum of its content: damage anywhere in it is
+            // found when it is decompressed, also in bytes no other check covers (such
+            // as a WAL segment's unused tail).
+            StoredCompression::Zstd => {
+                let mut encoder =
+                    zstd::stream::write::Encoder::new(Vec::new(), level.unwrap_or(1))?;
+                encoder.include_checksum(true)?;
+                ClientEncoder::Zstd(encoder)
+            }
             StoredCompression::Lz4 => {
-                ClientEncoder::Lz4(lz4_flex::frame::FrameEncoder::new(Vec::new()))
+                let info = lz4_flex::frame::FrameInfo::new().content_checksum(true);
+                ClientEncoder::Lz4(lz4_flex::frame::FrameEncoder::with_frame_info(
+                    info,
+                    Vec::new(),
+                ))
             }
             StoredCompression::Gzip => ClientEncoder::Gzip(flate2::write::GzEncoder::new(
                 Vec::new(),
@@ -190,7 +208,7 @@ impl ClientEncoder {
 }
 
 /// Runs CPU-heavy work without stalling the runtime's other tasks where it can.
-fn cpu<T>(work: impl FnOnce() -> T) -> T {
+pub(crate) fn cpu<T>(work: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(work)
@@ -204,8 +222,106 @@ struct CurrentArchive {
     path: Path,
     record: ArchiveRecord,
     encoder: Option<ClientEncoder>,
+    level: Option<i32>,
     server_compressed: bool,
     base: bool,
+    /// Walks the tar stream to find entry boundaries (archives stored by us only).
+    walker: Option<TarWalker>,
+    frames: Vec<IndexFrame>,
+    /// The last entry was large (the next one starts a frame).
+    after_large: bool,
+}
+
+fn index_entry(e: TarEntry) -> IndexEntry {
+    IndexEntry {
+        path: String::from_utf8_lossy(&e.path).into_owned(),
+        size: e.size,
+        kind: match e.typeflag {
+            b'0' | 0 | b'7' => "file",
+            b'5' => "dir",
+            b'2' => "link",
+            _ => "other",
+        }
+        .into(),
+    }
+}
+
+impl CurrentArchive {
+    /// Stores `data` (tar bytes), compressing it when asked.
+    async fn store(&mut self, data: Bytes) -> crate::Result<()> {
+        let stored = match self.encoder.as_mut() {
+            Some(encoder) => cpu(|| encoder.write(&data)).map_err(|e| {
+                crate::Error::usage(format!("compressing: {e}"), "report this as a bug")
+            })?,
+            None => data,
+        };
+        if !stored.is_empty() {
+            self.upload.write(stored).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the current frame at tar offset `tar_end` (finishing the encoder).
+    async fn end_frame(&mut self, tar_end: u64) -> crate::Result<()> {
+        if let Some(encoder) = self.encoder.take() {
+            let tail = cpu(|| encoder.finish()).map_err(|e| {
+                crate::Error::usage(format!("compressing: {e}"), "report this as a bug")
+            })?;
+            if !tail.is_empty() {
+                self.upload.write(tail).await?;
+            }
+        }
+        if let Some(frame) = self.frames.last_mut() {
+            frame.stored_len = self.upload.bytes - frame.stored_offset;
+            frame.tar_len = tar_end - frame.tar_offset;
+        }
+        Ok(())
+    }
+
+    /// Starts a frame at tar offset `tar_start`.
+    fn start_frame(&mut self, tar_start: u64) -> crate::Result<()> {
+        self.encoder = ClientEncoder::new(self.record.compression, self.level).map_err(|e| {
+            crate::Error::usage(format!("compressing: {e}"), "report this as a bug")
+        })?;
+        self.frames.push(IndexFrame {
+            stored_offset: self.upload.bytes,
+            stored_len: 0,
+            tar_offset: tar_start,
+            tar_len: 0,
+            entries: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Takes tar bytes of an archive stored here: walks them, cuts frames at entry
+    /// boundaries, stores them.
+    async fn tar_bytes(&mut self, data: Bytes) -> crate::Result<()> {
+        let base = self.record.tar_bytes;
+        self.record.tar_bytes += data.len() as u64;
+        let Some(walker) = self.walker.as_mut() else {
+            return self.store(data).await;
+        };
+        let mut entries = Vec::new();
+        walker.push(&data, &mut |e| entries.push(e));
+        let mut from = 0u64;
+        for entry in entries {
+            let frame_start = self.frames.last().map_or(0, |f| f.tar_offset);
+            let large = entry.size >= LARGE_ENTRY_BYTES;
+            let cut = entry.offset - frame_start >= FRAME_TAR_BYTES || large || self.after_large;
+            self.after_large = large;
+            if entry.offset >= base + from && entry.offset > frame_start && cut {
+                let to = entry.offset - base;
+                self.store(data.slice(from as usize..to as usize)).await?;
+                from = to;
+                self.end_frame(entry.offset).await?;
+                self.start_frame(entry.offset)?;
+            }
+            if let Some(frame) = self.frames.last_mut() {
+                frame.entries.push(index_entry(entry));
+            }
+        }
+        self.store(data.slice(from as usize..)).await
+    }
 }
 
 /// The [`AsyncBackupSink`] that streams a backup into a repository.
@@ -372,11 +488,21 @@ impl AsyncBackupSink for RepoSink {
                 compressed_by: by.into(),
                 stored_bytes: 0,
                 tar_bytes: 0,
+                index: None,
             },
             encoder,
+            level: self.client_compression.1,
             server_compressed: archive.compression.is_some(),
             base: archive.is_base(),
+            walker: archive.compression.is_none().then(TarWalker::default),
+            frames: Vec::new(),
+            after_large: false,
         });
+        if let Some(current) = self.current.as_mut() {
+            if current.walker.is_some() {
+                current.start_frame(0).map_err(to_sink)?;
+            }
+        }
         Ok(())
     }
 
@@ -392,20 +518,11 @@ impl AsyncBackupSink for RepoSink {
                 "report this as a bug",
             ));
         };
-        current.record.tar_bytes += data.len() as u64;
         if current.server_compressed {
+            current.record.tar_bytes += data.len() as u64;
             return Ok(());
         }
-        let stored = match current.encoder.as_mut() {
-            Some(encoder) => cpu(|| encoder.write(&data)).map_err(|e| {
-                basebackup::Error::sink(format!("compressing: {e}"), "report this as a bug")
-            })?,
-            None => data,
-        };
-        if stored.is_empty() {
-            return Ok(());
-        }
-        self.write(stored).await
+        current.tar_bytes(data).await.map_err(to_sink)
     }
 
     async fn entry(&mut self, event: TarEvent) -> basebackup::Result<()> {
@@ -422,24 +539,35 @@ impl AsyncBackupSink for RepoSink {
                 "report this as a bug",
             ));
         };
-        if let Some(encoder) = current.encoder.take() {
-            let tail = cpu(|| encoder.finish()).map_err(|e| {
-                basebackup::Error::sink(format!("compressing: {e}"), "report this as a bug")
-            })?;
-            if !tail.is_empty() {
-                current.upload.write(tail).await.map_err(to_sink)?;
-            }
-        }
+        let tar_end = current.record.tar_bytes;
+        current.end_frame(tar_end).await.map_err(to_sink)?;
         let path = current.path.clone();
-        match current.upload.finish().await {
-            Ok(bytes) => {
-                current.record.stored_bytes = bytes;
-                tracing::debug!("stored {}", self.repo.describe(&path));
-                self.archives.push(current.record);
-                Ok(())
-            }
-            Err(e) => Err(to_sink(e)),
+        let bytes = current.upload.finish().await.map_err(to_sink)?;
+        current.record.stored_bytes = bytes;
+        tracing::debug!("stored {}", self.repo.describe(&path));
+        // An index only when the walker understood the whole stream (the pipeline
+        // verified it anyway); otherwise readers take the archive whole.
+        if current.walker.as_ref().is_some_and(|w| !w.broken()) {
+            let index = ArchiveIndex {
+                format: FORMAT,
+                compression: current.record.compression,
+                frames: std::mem::take(&mut current.frames),
+            };
+            let name = format!("{}{INDEX_SUFFIX}", current.record.object);
+            let json = serde_json::to_vec(&index).map_err(|e| {
+                basebackup::Error::sink(format!("writing the index: {e}"), "report this as a bug")
+            })?;
+            self.repo
+                .put_bytes(
+                    &self.repo.backup_path(&self.label, &name),
+                    Bytes::from(json),
+                )
+                .await
+                .map_err(to_sink)?;
+            current.record.index = Some(name);
         }
+        self.archives.push(current.record);
+        Ok(())
     }
 
     async fn commit(&mut self, manifest: Option<Bytes>) -> basebackup::Result<()> {

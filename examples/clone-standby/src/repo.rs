@@ -180,6 +180,11 @@ pub struct RestoreArgs {
     /// End with a JSON summary on standard output.
     #[arg(long)]
     pub json: bool,
+    /// Bring an existing, stopped data directory of the same cluster up to the backup,
+    /// downloading only what differs (files whose size and checksum match the manifest
+    /// are kept). On failure the directory is left inconsistent: restore it again.
+    #[arg(long)]
+    pub delta: bool,
 }
 
 fn chrono_now() -> pgrepo::layout::Timestamp {
@@ -396,6 +401,7 @@ pub async fn run_restore(args: RestoreArgs) -> pgrepo::Result<ExitCode> {
     let options = RestoreOptions {
         tablespace_mapping: mapping,
         no_sync: args.no_sync,
+        delta: args.delta,
         download: DownloadOptions {
             concurrency: args.download_concurrency.max(1),
             ..DownloadOptions::default()
@@ -422,7 +428,9 @@ pub async fn run_restore(args: RestoreArgs) -> pgrepo::Result<ExitCode> {
         if let Err(e) =
             standby::recovery::write_standby_config(&args.pgdata, &conninfo, args.slot.as_deref())
         {
-            let _ = std::fs::remove_dir_all(&args.pgdata);
+            if !args.delta {
+                let _ = std::fs::remove_dir_all(&args.pgdata);
+            }
             return Err(pgrepo::Error::io(
                 "writing the standby configuration into",
                 &args.pgdata,
@@ -432,12 +440,15 @@ pub async fn run_restore(args: RestoreArgs) -> pgrepo::Result<ExitCode> {
     }
     if !args.json {
         println!(
-            "clone-standby: backup {} restored into {} in {:.1} s: {} files verified, {} WAL records verified{}",
+            "clone-standby: backup {} restored into {} in {:.1} s: {} files verified ({} reused, {} written), {} WAL records verified, {} downloaded{}",
             record.label,
             args.pgdata.display(),
             started.elapsed().as_secs_f64(),
             restored.files,
+            restored.files_reused,
+            restored.files_written,
             restored.wal_records,
+            mib(restored.downloaded),
             if args.standby { "; configured as a standby" } else { "" }
         );
     }
@@ -467,6 +478,10 @@ pub async fn run_restore(args: RestoreArgs) -> pgrepo::Result<ExitCode> {
                 "label": record.label,
                 "pgdata": args.pgdata,
                 "files": restored.files,
+                "files_reused": restored.files_reused,
+                "files_written": restored.files_written,
+                "delta": args.delta,
+                "archive_bytes": record.archives.iter().map(|a| a.stored_bytes).sum::<u64>(),
                 "wal_records_verified": restored.wal_records,
                 "bytes_read": restored.downloaded,
                 "seconds": started.elapsed().as_secs_f64(),
