@@ -32,8 +32,10 @@ pub struct DownloadOptions {
 impl Default for DownloadOptions {
     fn default() -> DownloadOptions {
         DownloadOptions {
-            chunk_size: 8 << 20,
-            concurrency: 4,
+            // Small enough that the chunks queued for the writer (which pin whole
+            // chunks) stay a few MiB; enough in flight to keep the store busy.
+            chunk_size: 2 << 20,
+            concurrency: 6,
         }
     }
 }

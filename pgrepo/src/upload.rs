@@ -46,8 +46,9 @@ pub struct UploadOptions {
 
 impl Default for UploadOptions {
     fn default() -> UploadOptions {
+        // S3's smallest part: the memory in flight is what bounds the process's size.
         UploadOptions {
-            part_size: 8 << 20,
+            part_size: MIN_PART_SIZE,
             concurrency: 4,
         }
     }
@@ -63,7 +64,8 @@ struct ObjectUpload {
     part_size: usize,
     parts: usize,
     concurrency: usize,
-    in_flight: FuturesUnordered<UploadPart>,
+    /// Part uploads run as tasks, so that they progress while this side waits for data.
+    in_flight: FuturesUnordered<tokio::task::JoinHandle<object_store::Result<()>>>,
     bytes: u64,
     uploaded: Arc<AtomicU64>,
 }
@@ -104,8 +106,8 @@ impl ObjectUpload {
             self.part_size *= 2;
         }
         let uploaded = self.uploaded.clone();
-        let part = self.upload.put_part(payload);
-        self.in_flight.push(Box::pin(async move {
+        let part: UploadPart = self.upload.put_part(payload);
+        self.in_flight.push(tokio::spawn(async move {
             part.await?;
             uploaded.fetch_add(size, Ordering::Relaxed);
             Ok(())
@@ -114,10 +116,19 @@ impl ObjectUpload {
     }
 
     async fn wait_one(&mut self) -> crate::Result<()> {
-        if let Some(result) = self.in_flight.next().await {
-            result.map_err(|e| crate::Error::store(format!("uploading {}", self.describe), e))?;
+        match self.in_flight.next().await {
+            Some(Ok(result)) => {
+                result.map_err(|e| crate::Error::store(format!("uploading {}", self.describe), e))
+            }
+            Some(Err(join)) => Err(crate::Error::usage(
+                format!(
+                    "uploading {}: the upload task failed: {join}",
+                    self.describe
+                ),
+                "report this as a bug",
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Uploads the rest and completes the object.
@@ -139,6 +150,9 @@ impl ObjectUpload {
     }
 
     async fn abort(mut self) {
+        for task in self.in_flight.iter() {
+            task.abort();
+        }
         self.in_flight.clear();
         if let Err(e) = self.upload.abort().await {
             tracing::warn!("aborting the upload of {}: {e}", self.describe);

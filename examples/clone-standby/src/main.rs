@@ -270,16 +270,16 @@ fn show_warnings() {
 }
 
 fn main() -> ExitCode {
-    tune_allocator();
-    show_warnings();
     let cli = Cli::parse();
     let repository_command = matches!(
         cli.command,
         Command::Backup(_) | Command::List(_) | Command::Restore(_)
     ) || matches!(&cli.command, Command::Verify { store: Some(_), .. });
+    show_warnings();
     if repository_command {
         return run_repository_command(cli.command);
     }
+    tune_allocator();
     // One thread drives the sockets and the futures (no cross-thread wake-up per socket
     // read); file writes and fsyncs run on tokio's blocking threads.
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -93,7 +93,7 @@ pub struct BackupArgs {
     #[arg(long)]
     pub max_rate: Option<String>,
     /// Size of the first upload parts in MiB (at least 5; doubles every 1000 parts).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 5)]
     pub part_size_mib: usize,
     /// Parts uploaded at the same time.
     #[arg(long, default_value_t = 4)]
@@ -123,7 +123,7 @@ pub struct VerifyRepoArgs {
     #[arg(long, default_value = "latest")]
     pub backup: String,
     /// Parallel downloads.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 6)]
     pub download_concurrency: usize,
     /// Print JSON.
     #[arg(long)]
@@ -169,7 +169,7 @@ pub struct RestoreArgs {
     #[arg(long = "tablespace-mapping")]
     pub tablespace_mapping: Vec<String>,
     /// Parallel downloads.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 6)]
     pub download_concurrency: usize,
     /// Skip every fsync (faster, not crash-safe).
     #[arg(long)]
