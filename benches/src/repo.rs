@@ -396,7 +396,16 @@ impl Garage {
                 Err(_) => std::thread::sleep(Duration::from_millis(200)),
             }
         };
-        cli(&["layout", "assign", "-z", "dc1", "-c", "10G", &node])?;
+        // `node id` reads the key from disk and can answer before the RPC port listens;
+        // the layout commands need the server itself.
+        let started = Instant::now();
+        loop {
+            match cli(&["layout", "assign", "-z", "dc1", "-c", "10G", &node]) {
+                Ok(_) => break,
+                Err(e) if started.elapsed() > Duration::from_secs(60) => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
         cli(&["layout", "apply", "--version", "1"])?;
         let key = cli(&["key", "create", "pgrepl-bench"])?;
         let field = |name: &str| {

@@ -539,22 +539,7 @@ pub(crate) async fn restore_delta(
     // The plan: where each archive goes, and its frames.
     let mut plans = Vec::new();
     for archive in &record.archives {
-        let object = repo.backup_path(&record.label, &archive.object);
-        let describe = repo.describe(&object);
-        let meta = repo
-            .store()
-            .head(&object)
-            .await
-            .map_err(|e| Error::store(format!("reading {describe}"), e))?;
-        if meta.size != archive.stored_bytes {
-            return Err(Error::verify(
-                describe,
-                format!(
-                    "holds {} bytes, but the commit record says {}",
-                    meta.size, archive.stored_bytes
-                ),
-            ));
-        }
+        let (object, describe, _) = crate::restore::stored_archive(repo, &record, archive).await?;
         let (root, prefix) = match (archive.tablespace_oid, &archive.location) {
             (None, _) => (pgdata.to_path_buf(), Vec::new()),
             (Some(oid), Some(location)) => (

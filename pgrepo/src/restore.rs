@@ -160,6 +160,32 @@ pub(crate) async fn read_manifest(
     Ok((bytes, manifest))
 }
 
+/// An archive object's path, its name for messages, and its size, checked against the
+/// commit record before anything is read from it.
+pub(crate) async fn stored_archive(
+    repo: &Repository,
+    record: &CommitRecord,
+    archive: &crate::layout::ArchiveRecord,
+) -> Result<(object_store::path::Path, String, u64)> {
+    let path = repo.backup_path(&record.label, &archive.object);
+    let describe = repo.describe(&path);
+    let meta = repo
+        .store()
+        .head(&path)
+        .await
+        .map_err(|e| Error::store(format!("reading {describe}"), e))?;
+    if meta.size != archive.stored_bytes {
+        return Err(Error::verify(
+            describe,
+            format!(
+                "holds {} bytes, but the commit record says {}",
+                meta.size, archive.stored_bytes
+            ),
+        ));
+    }
+    Ok((path, describe, meta.size))
+}
+
 /// Feeds every archive of `record` through `replay`, downloading ranges in parallel.
 async fn feed_archives<S: BackupSink + 'static>(
     repo: &Repository,
@@ -169,22 +195,7 @@ async fn feed_archives<S: BackupSink + 'static>(
     downloaded: &AtomicU64,
 ) -> Result<()> {
     for archive in &record.archives {
-        let path = repo.backup_path(&record.label, &archive.object);
-        let describe = repo.describe(&path);
-        let meta = repo
-            .store()
-            .head(&path)
-            .await
-            .map_err(|e| Error::store(format!("reading {describe}"), e))?;
-        if meta.size != archive.stored_bytes {
-            return Err(Error::verify(
-                describe,
-                format!(
-                    "holds {} bytes, but the commit record says {}",
-                    meta.size, archive.stored_bytes
-                ),
-            ));
-        }
+        let (path, describe, size) = stored_archive(repo, record, archive).await?;
         replay
             .begin_archive(ArchiveInfo {
                 name: archive.object.clone(),
@@ -197,8 +208,8 @@ async fn feed_archives<S: BackupSink + 'static>(
             })
             .await?;
         let chunk = download.chunk_size.max(1);
-        let ranges: Vec<_> = (0..meta.size.div_ceil(chunk))
-            .map(|i| i * chunk..((i + 1) * chunk).min(meta.size))
+        let ranges: Vec<_> = (0..size.div_ceil(chunk))
+            .map(|i| i * chunk..((i + 1) * chunk).min(size))
             .collect();
         let store = repo.store().clone();
         let mut chunks = futures::stream::iter(ranges)

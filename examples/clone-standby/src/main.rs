@@ -258,6 +258,19 @@ fn tune_allocator() {
     }
 }
 
+/// For the object-storage commands, whose peak memory is a promise: buffers of 1 MiB and
+/// more (upload parts, download chunks) are mapped and unmapped, so memory goes back to
+/// the system as soon as they are freed. Without a fixed threshold glibc raises it to the
+/// size of the first freed part and keeps such buffers in its heaps, one per thread.
+fn bound_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts glibc malloc parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Prints the libraries' warnings (a password file with group or world access, …) on
 /// standard error, as libpq does; they would be lost without a subscriber.
 fn show_warnings() {
@@ -333,6 +346,7 @@ fn main() -> ExitCode {
 /// The object-storage commands: a multi-threaded runtime, so that uploads, downloads and
 /// client-side compression proceed side by side.
 fn run_repository_command(command: Command) -> ExitCode {
+    bound_allocator();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -96,7 +96,7 @@ pub struct BackupArgs {
     #[arg(long, default_value_t = 5)]
     pub part_size_mib: usize,
     /// Parts uploaded at the same time.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 3)]
     pub upload_concurrency: usize,
     /// Show progress on standard error.
     #[arg(long)]

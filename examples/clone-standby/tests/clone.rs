@@ -5,43 +5,13 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use common::repo::start_load;
 use common::{bin, free_port, run, scratch, standby_config, table_digest, text, StandbyGuard};
 use pgwire_repl::SqlClient;
 use testkit::{Cluster, ClusterOptions};
-
-/// Tables with data, then a background writer until the returned flag is cleared.
-async fn start_load(primary: &Cluster) -> (Arc<AtomicBool>, tokio::task::JoinHandle<u64>) {
-    primary
-        .execute(
-            "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint, note text);
-             INSERT INTO accounts SELECT g, 0, repeat('n', 200) FROM generate_series(1, 20000) g;
-             CREATE TABLE history (id bigserial PRIMARY KEY, account int, delta bigint, at timestamptz DEFAULT now());",
-        )
-        .await;
-    let running = Arc::new(AtomicBool::new(true));
-    let flag = running.clone();
-    let config = primary.config(primary.superuser());
-    let task = tokio::spawn(async move {
-        let mut sql = SqlClient::connect(&config).await.expect("load connection");
-        let mut transactions = 0u64;
-        while flag.load(Ordering::Relaxed) {
-            let id = (transactions * 7919) % 20000 + 1;
-            sql.batch(&format!(
-                "BEGIN; UPDATE accounts SET balance = balance + 1 WHERE id = {id};
-                 INSERT INTO history (account, delta) VALUES ({id}, 1); COMMIT;"
-            ))
-            .await
-            .expect("load transaction");
-            transactions += 1;
-        }
-        transactions
-    });
-    (running, task)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_cloned_under_load_streams_and_holds_the_same_data() {
