@@ -84,7 +84,10 @@ impl WalCheck {
                 let Some(segment) = self.current.as_mut() else {
                     return;
                 };
-                let lsn = Lsn(segment.number * segment.size + segment.received);
+                let lsn = Lsn(segment
+                    .number
+                    .saturating_mul(segment.size)
+                    .saturating_add(segment.received));
                 segment.received += data.len() as u64;
                 let verifier = self.verifiers.entry(segment.timeline.0).or_insert_with(|| {
                     WalVerifier::new(
