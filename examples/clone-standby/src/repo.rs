@@ -253,6 +253,9 @@ pub async fn run_backup(args: BackupArgs) -> pgrepo::Result<ExitCode> {
             concurrency: args.upload_concurrency.max(1),
         },
     };
+    // Only objects this run stored may be removed after an interruption: a label that is
+    // taken already (the backup then refuses it) is never cleaned up here.
+    let label_was_free = !repo.label_taken(&label).await?;
     let uploaded = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let work = with_progress(
@@ -267,10 +270,20 @@ pub async fn run_backup(args: BackupArgs) -> pgrepo::Result<ExitCode> {
             // The upload task aborts its multipart uploads on its own; give it a moment,
             // then remove what was stored under the label (it has no commit record).
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let removed = match repo.label_taken(&label).await {
-                Ok(true) => repo.delete_backup_objects(&label).await.map(|n| format!("removed {n} objects under backups/{label}")),
-                Ok(false) => Ok("nothing was stored".into()),
-                Err(e) => Err(e),
+            let removed = if !label_was_free {
+                Ok(format!("nothing under backups/{label} was touched (the label was taken before this run)"))
+            } else if repo.backup(&label).await.is_ok() {
+                // The commit won the race with the interruption: the backup is complete.
+                return Err(pgrepo::Error::usage(
+                    format!("interrupted after backup {label} was committed; it is complete and was kept"),
+                    "check it with `clone-standby list`",
+                ));
+            } else {
+                match repo.label_taken(&label).await {
+                    Ok(true) => repo.delete_backup_objects(&label).await.map(|n| format!("removed {n} objects under backups/{label}")),
+                    Ok(false) => Ok("nothing was stored".into()),
+                    Err(e) => Err(e),
+                }
             };
             let what = match removed {
                 Ok(what) => what,
@@ -421,21 +434,43 @@ pub async fn run_restore(args: RestoreArgs) -> pgrepo::Result<ExitCode> {
             Some(downloaded.clone()),
         ),
     )
-    .await?;
+    .await
+    .map_err(|e| {
+        if args.delta {
+            return e; // the delta error already says the directory must be restored again
+        }
+        // Said from what is on disk now, not from what should have happened.
+        let left = match std::fs::read_dir(&args.pgdata).map(|mut e| e.next().is_none()) {
+            Err(_) => format!("nothing was left at {}", args.pgdata.display()),
+            Ok(true) => format!("{} was left empty", args.pgdata.display()),
+            Ok(false) => format!(
+                "{} still holds files from this restore: remove them before restoring again",
+                args.pgdata.display()
+            ),
+        };
+        e.context(format!("restore failed ({left})"))
+    })?;
     let record = &restored.record;
     if let (true, Some(source)) = (args.standby, source.as_ref()) {
         let conninfo = standby::recovery::primary_conninfo(source, record.server_major);
         if let Err(e) =
             standby::recovery::write_standby_config(&args.pgdata, &conninfo, args.slot.as_deref())
         {
-            if !args.delta {
-                let _ = std::fs::remove_dir_all(&args.pgdata);
-            }
+            let left = if args.delta {
+                "the data directory was left as restored, without a standby configuration"
+                    .to_string()
+            } else {
+                match std::fs::remove_dir_all(&args.pgdata) {
+                    Ok(()) => "the restored data directory was removed".to_string(),
+                    Err(r) => format!("the restored data directory could not be removed ({r}): remove it before using it"),
+                }
+            };
             return Err(pgrepo::Error::io(
                 "writing the standby configuration into",
                 &args.pgdata,
                 e,
-            ));
+            )
+            .context(left));
         }
     }
     if !args.json {
