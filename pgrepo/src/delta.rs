@@ -556,7 +556,9 @@ pub(crate) async fn restore_delta(
         let (frames, indexed) = match &archive.index {
             Some(name) => {
                 let path = repo.backup_path(&record.label, name);
-                let bytes = repo.get_bytes(&path).await?;
+                let bytes = repo
+                    .get_bytes(&path, crate::repository::INDEX_LIMIT)
+                    .await?;
                 let index = ArchiveIndex::from_json(
                     &bytes,
                     &repo.describe(&path),

@@ -13,6 +13,12 @@ use crate::layout::{
 };
 use crate::store::{open_store, RepoUrl, StoreOptions};
 
+/// The largest repository or commit record read (they are a few KiB).
+const RECORD_LIMIT: u64 = 16 << 20;
+
+/// The largest frame index read: a few hundred bytes per file of an archive.
+pub(crate) const INDEX_LIMIT: u64 = 1 << 30;
+
 /// A backup repository in an object store.
 ///
 /// ```
@@ -79,15 +85,43 @@ impl Repository {
         self.path(&format!("{BACKUPS_DIR}/{label}/{object}"))
     }
 
-    /// Reads a whole (small) object.
-    pub async fn get_bytes(&self, path: &Path) -> Result<Bytes> {
+    /// Reads a whole (small) object of at most `limit` bytes; the size is checked before
+    /// the body is read, so a damaged or hostile store cannot make this allocate more.
+    pub async fn get_bytes(&self, path: &Path, limit: u64) -> Result<Bytes> {
+        self.get_optional(path, limit).await?.ok_or_else(|| {
+            Error::store(
+                format!("reading {}", self.describe(path)),
+                object_store::Error::NotFound {
+                    path: path.to_string(),
+                    source: "no such object".into(),
+                },
+            )
+        })
+    }
+
+    /// [`get_bytes`](Repository::get_bytes), with `None` for an object that does not
+    /// exist.
+    pub async fn get_optional(&self, path: &Path, limit: u64) -> Result<Option<Bytes>> {
         let what = format!("reading {}", self.describe(path));
-        let result = self
-            .store
-            .get(path)
+        let result = match self.store.get(path).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(Error::store(&what, e)),
+        };
+        if result.meta.size > limit {
+            return Err(Error::verify(
+                self.describe(path),
+                format!(
+                    "holds {} bytes, more than the {limit} such an object can have",
+                    result.meta.size
+                ),
+            ));
+        }
+        result
+            .bytes()
             .await
-            .map_err(|e| Error::store(&what, e))?;
-        result.bytes().await.map_err(|e| Error::store(&what, e))
+            .map(Some)
+            .map_err(|e| Error::store(&what, e))
     }
 
     /// Writes a whole (small) object.
@@ -112,33 +146,26 @@ impl Repository {
     /// The repository record, if the repository was initialised.
     pub async fn record(&self) -> Result<Option<RepositoryRecord>> {
         let path = self.path(REPOSITORY_RECORD);
-        match self.store.get(&path).await {
-            Ok(result) => {
-                let bytes = result
-                    .bytes()
-                    .await
-                    .map_err(|e| Error::store(format!("reading {}", self.describe(&path)), e))?;
-                let record: RepositoryRecord = serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::verify(
-                        self.describe(&path),
-                        format!("not a repository record: {e}"),
-                    )
-                })?;
-                if record.format > FORMAT {
-                    return Err(Error::usage(
-                        format!(
-                            "{} has format {}, newer than this tool's {FORMAT}",
-                            self.describe(&path),
-                            record.format
-                        ),
-                        "use a newer version of this tool",
-                    ));
-                }
-                Ok(Some(record))
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(Error::store(format!("reading {}", self.describe(&path)), e)),
+        let Some(bytes) = self.get_optional(&path, RECORD_LIMIT).await? else {
+            return Ok(None);
+        };
+        let record: RepositoryRecord = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::verify(
+                self.describe(&path),
+                format!("not a repository record: {e}"),
+            )
+        })?;
+        if record.format > FORMAT {
+            return Err(Error::usage(
+                format!(
+                    "{} has format {}, newer than this tool's {FORMAT}",
+                    self.describe(&path),
+                    record.format
+                ),
+                "use a newer version of this tool",
+            ));
         }
+        Ok(Some(record))
     }
 
     /// Makes sure the repository belongs to the cluster `system_id`: creates the record in
@@ -202,15 +229,8 @@ impl Repository {
                 continue;
             };
             let path = self.backup_path(label, COMMIT_RECORD);
-            match self.store.get(&path).await {
-                Ok(result) => {
-                    let bytes = result.bytes().await.map_err(|e| {
-                        Error::store(format!("reading {}", self.describe(&path)), e)
-                    })?;
-                    records.push(CommitRecord::from_json(&bytes, &self.describe(&path))?);
-                }
-                Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(Error::store(format!("reading {}", self.describe(&path)), e)),
+            if let Some(bytes) = self.get_optional(&path, RECORD_LIMIT).await? {
+                records.push(CommitRecord::from_json(&bytes, &self.describe(&path))?);
             }
         }
         records.sort_by_key(|r| (r.start().map(|l| l.0).unwrap_or(0), r.label.clone()));
@@ -229,19 +249,12 @@ impl Repository {
         }
         crate::layout::check_label(label)?;
         let path = self.backup_path(label, COMMIT_RECORD);
-        match self.store.get(&path).await {
-            Ok(result) => {
-                let bytes = result
-                    .bytes()
-                    .await
-                    .map_err(|e| Error::store(format!("reading {}", self.describe(&path)), e))?;
-                CommitRecord::from_json(&bytes, &self.describe(&path))
-            }
-            Err(object_store::Error::NotFound { .. }) => Err(Error::usage(
+        match self.get_optional(&path, RECORD_LIMIT).await? {
+            Some(bytes) => CommitRecord::from_json(&bytes, &self.describe(&path)),
+            None => Err(Error::usage(
                 format!("repository {} has no committed backup {label:?}", self.url),
                 "run `clone-standby list --repo URL` to see the backups",
             )),
-            Err(e) => Err(Error::store(format!("reading {}", self.describe(&path)), e)),
         }
     }
 

@@ -131,7 +131,8 @@ pub(crate) async fn read_manifest(
     record: &CommitRecord,
 ) -> Result<(Bytes, Manifest)> {
     let path = repo.backup_path(&record.label, MANIFEST);
-    let bytes = repo.get_bytes(&path).await?;
+    // The commit record says how large it is: nothing larger is read.
+    let bytes = repo.get_bytes(&path, record.manifest_bytes).await?;
     let describe = repo.describe(&path);
     let sha = hex(&sha2::Sha256::digest(&bytes));
     if bytes.len() as u64 != record.manifest_bytes || sha != record.manifest_sha256 {
