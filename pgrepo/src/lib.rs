@@ -38,6 +38,7 @@ mod store;
 pub mod tarindex;
 mod upload;
 pub mod walcheck;
+pub mod walnames;
 
 pub use backup::{
     backup_to_repository, backup_with_counter, Compression, RepoBackupOptions, RepoBackupSummary,
