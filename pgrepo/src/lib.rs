@@ -34,10 +34,12 @@ mod error;
 pub mod layout;
 mod repository;
 mod restore;
+pub mod retention;
 mod store;
 pub mod tarindex;
 mod upload;
 pub mod walcheck;
+pub mod walfetch;
 pub mod walnames;
 
 pub use backup::{

@@ -150,8 +150,7 @@ pub fn parse_wal_object(relative: &str, segment_size: WalSegmentSize) -> Option<
         let timeline = parse_timeline(history)?;
         return (timeline == dir_timeline).then_some(WalObject::History { timeline });
     }
-    let (segment_name, kind) = if let Some((segment_name, range)) = name.split_once(PARTIAL_INFIX)
-    {
+    let (segment_name, kind) = if let Some((segment_name, range)) = name.split_once(PARTIAL_INFIX) {
         let (from, to) = range.split_once('-')?;
         (segment_name, Some((parse_hex8(from)?, parse_hex8(to)?)))
     } else if let Some(segment_name) = name.strip_suffix(ZSTD_SUFFIX) {
@@ -167,12 +166,14 @@ pub fn parse_wal_object(relative: &str, segment_size: WalSegmentSize) -> Option<
         return None;
     }
     match kind {
-        Some((from, to)) => (from < to && to <= segment_size.bytes()).then_some(WalObject::Partial {
-            timeline,
-            segment,
-            from,
-            to,
-        }),
+        Some((from, to)) => {
+            (from < to && to <= segment_size.bytes()).then_some(WalObject::Partial {
+                timeline,
+                segment,
+                from,
+                to,
+            })
+        }
         None => Some(WalObject::Complete {
             timeline,
             segment,
