@@ -54,6 +54,29 @@ pub struct RetentionSummary {
     pub wal_objects_deleted: usize,
 }
 
+/// Parses a time for [`RetentionRule::Before`]: RFC 3339, or the label form
+/// `20261130T101500Z` (UTC).
+///
+/// ```
+/// let a = pgrepo::retention::parse_time("2026-11-30T10:15:00Z").unwrap();
+/// let b = pgrepo::retention::parse_time("20261130T101500Z").unwrap();
+/// assert_eq!(a, b);
+/// assert!(pgrepo::retention::parse_time("yesterday").is_err());
+/// ```
+pub fn parse_time(text: &str) -> Result<Timestamp> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    chrono::NaiveDateTime::parse_from_str(text, "%Y%m%dT%H%M%SZ")
+        .map(|t| t.and_utc())
+        .map_err(|_| {
+            Error::usage(
+                format!("{text:?} is not a time"),
+                "write it as 2026-11-30T10:15:00Z (RFC 3339) or 20261130T101500Z",
+            )
+        })
+}
+
 /// Works out what `rule` deletes in `repo`. Nothing is changed.
 ///
 /// ```

@@ -172,6 +172,12 @@ fn wal_damage(object: impl std::fmt::Display, what: impl std::fmt::Display) -> E
     )
 }
 
+/// The segment size of the repository's WAL archive; `None` when it has none (no
+/// `wal/archive.json`: no receiver ever streamed into it).
+pub async fn archive_segment_size(repo: &Repository) -> Result<Option<WalSegmentSize>> {
+    Ok(archive_params(repo).await?.map(|p| p.segment_size))
+}
+
 /// What the listing of `wal/<TLI>/` showed for one segment.
 #[derive(Debug, Default)]
 struct Listed {

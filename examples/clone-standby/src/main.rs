@@ -2,7 +2,7 @@
 //! protocol alone.
 //!
 //! Commands: `clone`, `receive-wal`, `verify`, `status`, `check` and `identify`, and for
-//! object storage `backup`, `list`, `verify --repo` and `restore`.
+//! object storage `backup`, `list`, `verify --repo`, `restore`, `wal-fetch` and `delete`.
 
 mod repo;
 
@@ -72,12 +72,25 @@ enum Command {
     List(repo::ListArgs),
     /// Restore a backup from a repository into a new data directory, verifying every
     /// file; with --standby --source, a streaming standby (and --start to start it).
+    /// When the repository holds a WAL archive, restore_command fetches from it
+    /// (wal-fetch); --target-lsn/--target-time recover to a point in time.
     Restore(repo::RestoreArgs),
+    /// Fetch one WAL file from a repository's WAL archive, verified, for
+    /// restore_command = '… wal-fetch --store-config FILE %f %p'. Exits 1 when the
+    /// repository does not have it, 2 on any other failure (nothing is written then).
+    WalFetch(repo::WalFetchArgs),
+    /// Delete old backups (--retain N, --before TIME), then the WAL that no remaining
+    /// backup needs.
+    Delete(repo::DeleteArgs),
     /// Check a plain backup (--pgdata) or a backup in a repository (--repo) against its
     /// backup_manifest, as pg_verifybackup does, including the WAL range it names.
     Verify {
         /// The data directory to check.
-        #[arg(long, required_unless_present = "repo", conflicts_with = "repo")]
+        #[arg(
+            long,
+            required_unless_present_any = ["repo", "store_config"],
+            conflicts_with_all = ["repo", "store_config"]
+        )]
         pgdata: Option<PathBuf>,
         /// The repository holding the backup (s3://BUCKET/PREFIX), instead of --pgdata.
         #[command(flatten)]
@@ -286,7 +299,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let repository_command = matches!(
         cli.command,
-        Command::Backup(_) | Command::List(_) | Command::Restore(_)
+        Command::Backup(_)
+            | Command::List(_)
+            | Command::Restore(_)
+            | Command::WalFetch(_)
+            | Command::Delete(_)
     ) || matches!(&cli.command, Command::Verify { store: Some(_), .. });
     show_warnings();
     if repository_command {
@@ -318,7 +335,9 @@ fn main() -> ExitCode {
             Command::Verify { .. }
             | Command::Backup(_)
             | Command::List(_)
-            | Command::Restore(_) => {
+            | Command::Restore(_)
+            | Command::WalFetch(_)
+            | Command::Delete(_) => {
                 unreachable!("repository commands run on their own runtime")
             }
             Command::Identify { source, json } => {
@@ -364,6 +383,8 @@ fn run_repository_command(command: Command) -> ExitCode {
                 Command::Backup(args) => repo::run_backup(args).await,
                 Command::List(args) => repo::run_list(args).await,
                 Command::Restore(args) => repo::run_restore(args).await,
+                Command::WalFetch(args) => repo::run_wal_fetch(args).await,
+                Command::Delete(args) => repo::run_delete(args).await,
                 Command::Verify {
                     store: Some(store),
                     repo_args,
