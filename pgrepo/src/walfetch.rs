@@ -35,7 +35,6 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use pgwire_repl::types::{parse_wal_file_name, wal_file_name};
 use pgwire_repl::{Lsn, SystemId, TimelineId, WalSegmentSize};
-use serde::Deserialize;
 use walstream::decode::{VerifierConfig, WalVerifier};
 
 use crate::error::{Error, Result};
@@ -115,14 +114,6 @@ pub enum FetchOutcome {
     Missing,
 }
 
-/// `wal/archive.json`.
-#[derive(Debug, Clone, Deserialize)]
-pub(crate) struct WalArchiveInfo {
-    pub format: u32,
-    pub system_identifier: String,
-    pub segment_size: u64,
-}
-
 /// The WAL archive's cluster and segment size, checked.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ArchiveParams {
@@ -132,23 +123,10 @@ pub(crate) struct ArchiveParams {
 
 /// Reads `wal/archive.json`; `None` when the repository has no WAL archive.
 pub(crate) async fn archive_params(repo: &Repository) -> Result<Option<ArchiveParams>> {
-    let path = repo.path(walnames::ARCHIVE_RECORD);
-    let Some(bytes) = repo.get_optional(&path, SMALL_LIMIT).await? else {
+    let Some(info) = crate::walarchive::read_archive_record(repo).await? else {
         return Ok(None);
     };
-    let what = repo.describe(&path);
-    let info: WalArchiveInfo = serde_json::from_slice(&bytes)
-        .map_err(|e| wal_damage(&what, format!("not a WAL archive record: {e}")))?;
-    if info.format > crate::layout::FORMAT {
-        return Err(Error::usage(
-            format!(
-                "{what} has format {}, newer than this tool's {}",
-                info.format,
-                crate::layout::FORMAT
-            ),
-            "use a newer version of this tool",
-        ));
-    }
+    let what = repo.describe(&repo.path(walnames::ARCHIVE_RECORD));
     let system_id = info
         .system_identifier
         .parse::<u64>()

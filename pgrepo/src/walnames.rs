@@ -22,6 +22,8 @@ use pgwire_repl::{TimelineId, WalSegmentSize};
 pub const WAL_DIR: &str = "wal";
 /// The WAL archive's record: cluster and segment size.
 pub const ARCHIVE_RECORD: &str = "wal/archive.json";
+/// The directory of leases.
+pub const LOCKS_DIR: &str = "locks";
 /// The receiver's lease.
 pub const RECEIVER_LEASE: &str = "locks/receiver.json";
 
@@ -197,7 +199,7 @@ pub fn history_name_timeline(name: &str) -> Option<TimelineId> {
 
 fn parse_timeline(text: &str) -> Option<TimelineId> {
     let value = parse_hex8(text)?;
-    (value != 0).then(|| TimelineId(value as u32))
+    (value != 0).then_some(TimelineId(value as u32))
 }
 
 fn parse_hex8(text: &str) -> Option<u64> {
