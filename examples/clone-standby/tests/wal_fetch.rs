@@ -481,3 +481,183 @@ async fn restore_to_a_target_lsn_from_the_repository_alone() {
         .unwrap();
     assert_eq!(bulk, "100000");
 }
+
+/// The end of the contiguous WAL the archive holds on timeline 1, from its first
+/// segment: complete segments, then the pieces of the next one.
+async fn stored_end(repo: &Repository, size: WalSegmentSize) -> Option<Lsn> {
+    let inventory = pgrepo::walarchive::wal_inventory(repo, size).await.ok()?;
+    let mut segments = inventory
+        .segments
+        .iter()
+        .filter(|((t, _), _)| *t == TimelineId(1));
+    let ((_, first), _) = segments.next()?;
+    let mut end = Lsn(first * size.bytes());
+    for ((_, segment), objects) in inventory
+        .segments
+        .iter()
+        .filter(|((t, _), _)| *t == TimelineId(1))
+    {
+        if Lsn(segment * size.bytes()) != end {
+            break;
+        }
+        if objects.complete.is_some() {
+            end = Lsn((segment + 1) * size.bytes());
+        } else {
+            end = Lsn(segment * size.bytes() + objects.contiguous_end());
+            break;
+        }
+    }
+    Some(end)
+}
+
+/// The end-to-end point-in-time recovery: a backup and the WAL streamed by
+/// `receive-wal --repo`, the primary stopped with `-m immediate`, then `restore
+/// --target-lsn` from the repository alone (the last segment served from its pieces).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pitr_from_a_backup_and_the_streamed_wal_archive() {
+    let primary = Cluster::start(ClusterOptions::new().setting("wal_keep_size", "1GB"));
+    let garage = Garage::start();
+    let store = Store {
+        url: garage.url("streamed"),
+        env: garage.env(),
+    };
+    let repo = garage_repo(&garage, "streamed");
+    let work = scratch();
+    let source = primary.unix_conninfo(primary.superuser());
+    primary
+        .execute("CREATE TABLE marks (id int PRIMARY KEY, phase text)")
+        .await;
+
+    // The receiver first, so that the archive holds everything from before the backup.
+    let receiver_log = work.path().join("receiver.log");
+    let mut receiver = std::process::Command::new(common::bin())
+        .args([
+            "receive-wal",
+            "--source",
+            &source,
+            "--repo",
+            &store.url,
+            "--flush-interval",
+            "0.2",
+        ])
+        .envs(store.env.clone())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&receiver_log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let size = loop {
+        if let Some(size) = pgrepo::walfetch::archive_segment_size(&repo).await.unwrap() {
+            break size;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60) && receiver.try_wait().unwrap().is_none(),
+            "the receiver did not open the archive:\n{}",
+            std::fs::read_to_string(&receiver_log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let backup = run_with(
+        &store,
+        &[
+            "backup", "--source", &source, "--repo", &store.url, "--label", "base",
+        ],
+    )
+    .await;
+    assert!(backup.status.success(), "backup:\n{}", text(&backup));
+
+    primary
+        .execute("INSERT INTO marks SELECT g, 'before' FROM generate_series(1, 1000) g")
+        .await;
+    primary
+        .execute(
+            "CREATE TABLE bulk AS SELECT g, md5(g::text) AS m FROM generate_series(1, 100000) g",
+        )
+        .await;
+    let mark: Lsn = primary
+        .query_value("SELECT pg_current_wal_lsn()::text")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    primary
+        .execute("INSERT INTO marks SELECT g, 'after' FROM generate_series(1001, 2000) g")
+        .await;
+    let after: Lsn = primary
+        .query_value("SELECT pg_current_wal_lsn()::text")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let end = stored_end(&repo, size).await;
+        if end.is_some_and(|end| end >= after) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the archive reached only {end:?}, not {after}:\n{}",
+            std::fs::read_to_string(&receiver_log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_immediately(&primary);
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    assert!(mark < after);
+    // The target lies in the segment still being written: only its pieces are stored,
+    // so recovery reaches it through wal-fetch --partial.
+    let inventory = pgrepo::walarchive::wal_inventory(&repo, size)
+        .await
+        .unwrap();
+    let current = inventory
+        .segments
+        .get(&(TimelineId(1), mark.segment_number(size)))
+        .expect("the mark's segment is stored");
+    assert!(
+        current.complete.is_none() && current.contiguous_end() > mark.segment_offset(size),
+        "the mark's segment is stored as pieces only: {current:?}"
+    );
+
+    let pgdata = work.path().join("pitr");
+    let mark_text = mark.to_string();
+    let restore = run_with(
+        &store,
+        &[
+            "restore",
+            "--repo",
+            &store.url,
+            "--pgdata",
+            pgdata.to_str().unwrap(),
+            "--target-lsn",
+            &mark_text,
+        ],
+    )
+    .await;
+    assert!(restore.status.success(), "restore:\n{}", text(&restore));
+    let restored = Cluster::start_on_data_dir(&pgdata, ClusterOptions::new());
+    wait_promoted(&restored).await;
+    let counts = restored
+        .query_value("SELECT count(*) FILTER (WHERE phase = 'before') || '/' || count(*) FILTER (WHERE phase = 'after') FROM marks")
+        .await
+        .unwrap();
+    assert_eq!(
+        counts,
+        "1000/0",
+        "rows before the mark only:\n{}",
+        restored.log()
+    );
+    assert_eq!(
+        restored
+            .query_value("SELECT count(*) FROM bulk")
+            .await
+            .as_deref(),
+        Some("100000")
+    );
+    assert!(
+        restored.log().contains("from archive"),
+        "WAL came through restore_command:\n{}",
+        restored.log()
+    );
+}
