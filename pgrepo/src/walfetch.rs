@@ -782,6 +782,178 @@ async fn prefetch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use walstream::decode::synth::{SynthOptions, WalBuilder};
+
+    const SIZE: u64 = 1 << 20;
+    const SYSTEM: u64 = 7_000_000_000_000_000_123;
+
+    /// Segments 1..=4 of timeline 1, full of records.
+    fn segments() -> Vec<Vec<u8>> {
+        let size = WalSegmentSize::new(SIZE).unwrap();
+        let mut options = SynthOptions::new(size, 16);
+        options.system_id = SYSTEM;
+        let mut builder = WalBuilder::new(Lsn(SIZE), options);
+        while builder.position().0 < 5 * SIZE - 8192 {
+            builder.record(0, 0, &[9u8; 500]);
+        }
+        builder.zeros_until(Lsn(5 * SIZE));
+        builder
+            .into_bytes()
+            .chunks(SIZE as usize)
+            .map(<[u8]>::to_vec)
+            .collect()
+    }
+
+    fn name(n: u64) -> String {
+        wal_file_name(TimelineId(1), n, WalSegmentSize::new(SIZE).unwrap())
+    }
+
+    async fn put(repo: &Repository, relative: &str, bytes: &[u8]) {
+        repo.put_bytes(&repo.path(relative), Bytes::copy_from_slice(bytes))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn fetches_verifies_pads_and_prefetches_from_a_store() {
+        let repo = Repository::open("memory://fetch/x", &Default::default()).unwrap();
+        let record =
+            format!(r#"{{"format":1,"system_identifier":"{SYSTEM}","segment_size":{SIZE}}}"#);
+        put(&repo, walnames::ARCHIVE_RECORD, record.as_bytes()).await;
+        let wal = segments();
+        for n in 1..=2u64 {
+            let bytes = zstd::bulk::compress(&wal[n as usize - 1], 1).unwrap();
+            put(
+                &repo,
+                &walnames::segment_object(TimelineId(1), &name(n), true),
+                &bytes,
+            )
+            .await;
+        }
+        put(
+            &repo,
+            &walnames::segment_object(TimelineId(1), &name(3), false),
+            &wal[2],
+        )
+        .await;
+        for (from, to) in [(0u64, 5000u64), (4000, 9000), (12000, 13000)] {
+            let object = walnames::partial_object(TimelineId(1), &name(4), from, to);
+            put(&repo, &object, &wal[3][from as usize..to as usize]).await;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("RECOVERYXLOG");
+        let options = FetchOptions::default();
+
+        let got = fetch_wal_file(&repo, &name(1), &dest, &options)
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                got,
+                FetchOutcome::Fetched {
+                    from: FetchedFrom::Store,
+                    prefetched: 2,
+                    ..
+                }
+            ),
+            "{got:?}"
+        );
+        assert_eq!(std::fs::read(&dest).unwrap(), wal[0]);
+        let got = fetch_wal_file(&repo, &name(2), &dest, &options)
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                got,
+                FetchOutcome::Fetched {
+                    from: FetchedFrom::Cache,
+                    ..
+                }
+            ),
+            "{got:?}"
+        );
+        assert_eq!(std::fs::read(&dest).unwrap(), wal[1]);
+
+        // Pieces: missing without `partial`; with it, the run from 0 (to the hole), padded.
+        std::fs::remove_file(&dest).unwrap();
+        assert_eq!(
+            fetch_wal_file(&repo, &name(4), &dest, &options)
+                .await
+                .unwrap(),
+            FetchOutcome::Missing
+        );
+        assert!(!dest.exists());
+        let partial = FetchOptions {
+            partial: true,
+            ..FetchOptions::default()
+        };
+        let got = fetch_wal_file(&repo, &name(4), &dest, &partial)
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                got,
+                FetchOutcome::Fetched {
+                    from: FetchedFrom::Partial { end: 9000 },
+                    ..
+                }
+            ),
+            "{got:?}"
+        );
+        let served = std::fs::read(&dest).unwrap();
+        assert_eq!(served.len() as u64, SIZE);
+        assert_eq!(served[..9000], wal[3][..9000]);
+        assert!(served[9000..].iter().all(|b| *b == 0));
+
+        // Damage in the store: an error, nothing written, no temporary file left.
+        std::fs::remove_file(&dest).unwrap();
+        let mut bad = wal[4 - 1].clone();
+        bad[300_000..300_008].iter_mut().for_each(|b| *b ^= 0xff);
+        put(
+            &repo,
+            &walnames::segment_object(TimelineId(1), &name(4), false),
+            &bad,
+        )
+        .await;
+        let err = fetch_wal_file(&repo, &name(4), &dest, &options)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Verify, "{err}");
+        for garbage in [&b"not zstd"[..], &[0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0][..]] {
+            put(
+                &repo,
+                &walnames::segment_object(TimelineId(1), &name(4), true),
+                garbage,
+            )
+            .await;
+            assert!(fetch_wal_file(&repo, &name(4), &dest, &options)
+                .await
+                .is_err());
+        }
+        assert!(!dest.exists());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from(CACHE_DIR_NAME)]);
+
+        // Beyond the archive, and names that are not WAL.
+        assert_eq!(
+            fetch_wal_file(&repo, &name(9), &dest, &options)
+                .await
+                .unwrap(),
+            FetchOutcome::Missing
+        );
+        assert_eq!(
+            fetch_wal_file(&repo, "00000002.history", &dest, &options)
+                .await
+                .unwrap(),
+            FetchOutcome::Missing
+        );
+        assert!(fetch_wal_file(&repo, "../../etc/passwd", &dest, &options)
+            .await
+            .is_err());
+    }
 
     #[test]
     fn neighbouring_names() {

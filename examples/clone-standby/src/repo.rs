@@ -1064,3 +1064,30 @@ pub async fn run_receive_wal_repo(args: ReceiveWalRepoArgs) -> pgrepo::Result<Ex
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_command_is_quoted_for_the_shell_and_for_placeholders() {
+        assert_eq!(
+            shell_quote("/usr/bin/clone-standby"),
+            "/usr/bin/clone-standby"
+        );
+        assert_eq!(shell_quote("/srv/my data/x"), "'/srv/my data/x'");
+        assert_eq!(shell_quote("/srv/it's"), r"'/srv/it'\''s'");
+        let value = restore_command_value(
+            Path::new("/opt/bin/clone-standby"),
+            Path::new("/srv/100% pg/pgrepo-store.json"),
+            true,
+        );
+        assert_eq!(
+            value,
+            "/opt/bin/clone-standby wal-fetch --store-config '/srv/100%% pg/pgrepo-store.json' --partial %f %p"
+        );
+        // And quoted once more for postgresql.auto.conf.
+        let line = standby::recovery::settings_lines(&[("restore_command", "a 'b' %f")]);
+        assert!(line.ends_with("restore_command = 'a ''b'' %f'\n"), "{line}");
+    }
+}
