@@ -406,6 +406,23 @@ fn run_repository_command(command: Command) -> ExitCode {
             }
         };
     }
+    let (interrupted, advice) = match &command {
+        Command::WalFetch(_) => (
+            "interrupted: nothing was written to the destination",
+            "run the command again",
+        ),
+        Command::Delete(_) => (
+            "interrupted: the deletion stopped part way (each deleted backup lost its commit \
+             record first, so none is half-listed)",
+            "run the same delete again to finish",
+        ),
+        _ => (
+            "interrupted: no backup was committed and no restore completed",
+            "run the command again; objects an interrupted backup left behind have no \
+             commit record, so they are not a backup, and a partial restore directory \
+             must be removed before restoring into it",
+        ),
+    };
     let result = runtime.block_on(async {
         let work = async {
             match command {
@@ -424,12 +441,7 @@ fn run_repository_command(command: Command) -> ExitCode {
         };
         tokio::select! {
             result = work => result,
-            _ = tokio::signal::ctrl_c() => Err(pgrepo::Error::usage(
-                "interrupted: no backup was committed and no restore completed",
-                "run the command again; objects an interrupted backup left behind have no \
-                 commit record, so they are not a backup, and a partial restore directory \
-                 must be removed before restoring into it",
-            )),
+            _ = tokio::signal::ctrl_c() => Err(pgrepo::Error::usage(interrupted, advice)),
         }
     });
     match result {

@@ -480,6 +480,68 @@ async fn restore_to_a_target_lsn_from_the_repository_alone() {
         .await
         .unwrap();
     assert_eq!(bulk, "100000");
+
+    // A standby restored from the same repository fetches complete segments only (it
+    // streams the rest), and has no recovery target.
+    let standby_dir = work.path().join("standby");
+    let restore = run_with(
+        &store,
+        &[
+            "restore",
+            "--repo",
+            &store.url,
+            "--pgdata",
+            standby_dir.to_str().unwrap(),
+            "--standby",
+            "--source",
+            &source,
+        ],
+    )
+    .await;
+    assert!(restore.status.success(), "restore:\n{}", text(&restore));
+    let auto_conf = std::fs::read_to_string(standby_dir.join("postgresql.auto.conf")).unwrap();
+    assert!(auto_conf.contains("primary_conninfo = "), "{auto_conf}");
+    assert!(
+        auto_conf.contains("wal-fetch --store-config"),
+        "{auto_conf}"
+    );
+    assert!(!auto_conf.contains("--partial"), "{auto_conf}");
+    assert!(!auto_conf.contains("recovery_target"), "{auto_conf}");
+    assert!(standby_dir.join("standby.signal").exists());
+    assert!(!standby_dir.join("recovery.signal").exists());
+    // The store configuration carries what the environment held.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(standby_dir.join("pgrepo-store.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["repo"], store.url.as_str());
+    assert_eq!(config["endpoint"], garage.endpoint().as_str());
+    assert_eq!(config["secret_access_key"], garage.secret_access_key());
+    assert_eq!(config["allow_http"], true);
+
+    // A target needs a point; a standby takes none.
+    let other = work.path().join("other");
+    for args in [
+        vec!["--target-action", "pause"],
+        vec![
+            "--standby",
+            "--source",
+            source.as_str(),
+            "--target-lsn",
+            "0/1",
+        ],
+    ] {
+        let mut all = vec![
+            "restore",
+            "--repo",
+            &store.url,
+            "--pgdata",
+            other.to_str().unwrap(),
+        ];
+        all.extend(args);
+        let out = run_with(&store, &all).await;
+        assert!(!out.status.success(), "{all:?}: {}", text(&out));
+        assert!(!other.exists(), "nothing restored for {all:?}");
+    }
 }
 
 /// The end of the contiguous WAL the archive holds on timeline 1, from its first
