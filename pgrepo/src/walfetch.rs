@@ -241,54 +241,74 @@ pub async fn fetch_wal_file(
         });
     }
 
-    let (params, listing) = resolve(repo, timeline, file, options.prefetch).await?;
-    let Some(params) = params else {
-        return Ok(FetchOutcome::Missing);
-    };
-    let (_, number) = parse_wal_file_name(file, params.segment_size).ok_or_else(|| {
-        Error::usage(
-            format!(
-                "{file} is not a segment name for the archive's {}-byte segments",
-                params.segment_size.bytes()
-            ),
-            "check that the repository belongs to this cluster",
-        )
-    })?;
-    let listing = index_listing(repo, listing, timeline, params.segment_size);
-    remove_older(&cache, number, params.segment_size).await;
-    let Some(entry) = listing.get(&number) else {
-        return Ok(FetchOutcome::Missing);
-    };
-    if let Some((path, compressed, size)) = &entry.complete {
-        let (bytes, records) =
-            fetch_complete(repo, path, *compressed, *size, timeline, number, params).await?;
-        let len = bytes.len() as u64;
-        write_atomically(dest, bytes, 0).await?;
-        let prefetched = if options.prefetch > 0 {
-            prefetch(repo, &cache, timeline, number, &listing, params, options).await
-        } else {
-            0
+    // Twice at most: pieces may be folded into a complete object while being read.
+    for attempt in 0..2 {
+        let (params, listing) = resolve(repo, timeline, file, options.prefetch).await?;
+        let Some(params) = params else {
+            return Ok(FetchOutcome::Missing);
         };
+        let (_, number) = parse_wal_file_name(file, params.segment_size).ok_or_else(|| {
+            Error::usage(
+                format!(
+                    "{file} is not a segment name for the archive's {}-byte segments",
+                    params.segment_size.bytes()
+                ),
+                "check that the repository belongs to this cluster",
+            )
+        })?;
+        let listing = index_listing(repo, listing, timeline, params.segment_size);
+        remove_older(&cache, number, params.segment_size).await;
+        let Some(entry) = listing.get(&number) else {
+            return Ok(FetchOutcome::Missing);
+        };
+        if let Some((path, compressed, size)) = &entry.complete {
+            let (bytes, records) =
+                fetch_complete(repo, path, *compressed, *size, timeline, number, params).await?;
+            let len = bytes.len() as u64;
+            write_atomically(dest, bytes, 0).await?;
+            let prefetched = if options.prefetch > 0 {
+                prefetch(repo, &cache, timeline, number, &listing, params, options).await
+            } else {
+                0
+            };
+            return Ok(FetchOutcome::Fetched {
+                from: FetchedFrom::Store,
+                bytes: len,
+                records_verified: records,
+                prefetched,
+            });
+        }
+        if !options.partial || entry.pieces.is_empty() {
+            return Ok(FetchOutcome::Missing);
+        }
+        let Some((bytes, records)) =
+            fetch_partial(repo, &entry.pieces, timeline, number, params).await?
+        else {
+            // A piece went away after the listing: the segment was just completed (its
+            // pieces are deleted after the complete object is stored). Look again.
+            if attempt == 0 {
+                continue;
+            }
+            return Err(Error::verify(
+                format!("{} ({file})", repo.url()),
+                "its partial pieces vanished twice between listing and reading",
+            )
+            .with_advice("try again; a receiver is rewriting this segment"));
+        };
+        let end = bytes.len() as u64;
+        let pad = params.segment_size.bytes() - end;
+        write_atomically(dest, bytes, pad).await?;
         return Ok(FetchOutcome::Fetched {
-            from: FetchedFrom::Store,
-            bytes: len,
+            from: FetchedFrom::Partial { end },
+            bytes: params.segment_size.bytes(),
             records_verified: records,
-            prefetched,
+            prefetched: 0,
         });
     }
-    if !options.partial || entry.pieces.is_empty() {
-        return Ok(FetchOutcome::Missing);
-    }
-    let (bytes, records) = fetch_partial(repo, &entry.pieces, timeline, number, params).await?;
-    let end = bytes.len() as u64;
-    let pad = params.segment_size.bytes() - end;
-    write_atomically(dest, bytes, pad).await?;
-    Ok(FetchOutcome::Fetched {
-        from: FetchedFrom::Partial { end },
-        bytes: params.segment_size.bytes(),
-        records_verified: records,
-        prefetched: 0,
-    })
+    Err(Error::usage(
+        format!("{file}: gave up after two attempts"),
+        "try again",
+    ))
 }
 
 async fn fetch_history(
@@ -533,7 +553,7 @@ async fn fetch_partial(
     timeline: TimelineId,
     number: u64,
     params: ArchiveParams,
-) -> Result<(Bytes, u64)> {
+) -> Result<Option<(Bytes, u64)>> {
     // The run from 0: at each point the piece that reaches furthest.
     let mut run = Vec::new();
     let mut end = 0;
@@ -553,9 +573,11 @@ async fn fetch_partial(
             "its partial pieces do not start at offset 0",
         ));
     }
-    let fetched: Vec<(u64, Bytes)> = futures::stream::iter(run.into_iter().map(
+    let fetched: Vec<Option<Bytes>> = futures::stream::iter(run.into_iter().map(
         |(from, to, path, keep_from)| async move {
-            let bytes = repo.get_bytes(&path, to - from).await?;
+            let Some(bytes) = repo.get_optional(&path, to - from).await? else {
+                return Ok(None);
+            };
             if bytes.len() as u64 != to - from {
                 return Err(wal_damage(
                     repo.describe(&path),
@@ -563,15 +585,17 @@ async fn fetch_partial(
                 ));
             }
             let skip = (keep_from - from) as usize;
-            Ok((keep_from, bytes.slice(skip..)))
+            Ok(Some(bytes.slice(skip..)))
         },
     ))
     .buffered(PIECE_CONCURRENCY)
     .try_collect()
     .await?;
     let mut segment = Vec::with_capacity(end as usize);
-    for (at, piece) in fetched {
-        debug_assert_eq!(at, segment.len() as u64);
+    for piece in fetched {
+        let Some(piece) = piece else {
+            return Ok(None);
+        };
         segment.extend_from_slice(&piece);
     }
     let segment = Bytes::from(segment);
@@ -585,7 +609,7 @@ async fn fetch_partial(
         tokio::task::spawn_blocking(move || verify_wal(&checked, timeline, number, params, &what))
             .await
             .map_err(|e| Error::usage(format!("verifying {e}"), "report this bug"))??;
-    Ok((segment, records))
+    Ok(Some((segment, records)))
 }
 
 /// Writes `bytes` then `pad` zeros to a temporary file beside `dest`, syncs it and

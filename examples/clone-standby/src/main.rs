@@ -77,7 +77,8 @@ enum Command {
     Restore(repo::RestoreArgs),
     /// Fetch one WAL file from a repository's WAL archive, verified, for
     /// restore_command = '… wal-fetch --store-config FILE %f %p'. Exits 1 when the
-    /// repository does not have it, 2 on any other failure (nothing is written then).
+    /// repository does not have it, 2 on any other failure (126 with --partial, which
+    /// stops recovery); nothing is written then.
     WalFetch(repo::WalFetchArgs),
     /// Delete old backups (--retain N, --before TIME), then the WAL that no remaining
     /// backup needs.

@@ -335,7 +335,9 @@ pub struct WalFetchArgs {
     #[command(flatten)]
     pub store: StoreArgs,
     /// Serve a segment that has only partial pieces, as far as they go, zero-padded (for
-    /// recovery to the very end of the archive; not for a standby, which streams).
+    /// recovery to the very end of the archive; not for a standby, which streams). Any
+    /// failure other than a missing file then exits 126, which makes PostgreSQL stop
+    /// recovery instead of ending it early at a damaged or unreachable segment.
     #[arg(long)]
     pub partial: bool,
     /// Complete segments fetched ahead into the cache.
@@ -864,9 +866,18 @@ pub async fn run_wal_fetch(args: WalFetchArgs) -> pgrepo::Result<ExitCode> {
         Ok(pgrepo::walfetch::FetchOutcome::Missing) => Ok(ExitCode::from(1)),
         Ok(_) => Ok(ExitCode::SUCCESS),
         Err(e) => {
-            // 2, not 1: the file may exist but could not be fetched or did not verify.
+            // Not 1: the file may exist but could not be fetched or did not verify. A
+            // standby (no --partial) then streams and asks again later: 2. Recovery
+            // from the archive alone (--partial) must not end early and promote at the
+            // failure: above 125, which PostgreSQL treats as fatal, so it stops and
+            // resumes from there when started again.
             eprintln!("clone-standby wal-fetch {}: {e}", args.file);
-            Ok(ExitCode::from(2))
+            if args.partial {
+                eprintln!("clone-standby wal-fetch: exiting 126 so that recovery stops here rather than ending early; fix the cause and start the server again");
+                Ok(ExitCode::from(126))
+            } else {
+                Ok(ExitCode::from(2))
+            }
         }
     }
 }

@@ -287,6 +287,10 @@ async fn wal_fetch_serves_verified_segments_pieces_and_history_and_prefetches() 
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("invalid WAL"), "{}", text(&out));
     assert!(!dest.exists());
+    // With --partial (recovery from the archive alone) the failure is fatal for the server.
+    let out = fetch(&name(&wal, *damaged_n), &["--partial"]);
+    assert_eq!(out.status.code(), Some(126), "{}", text(&out));
+    assert!(!dest.exists());
     // A damaged compressed frame too.
     let mut frame = zstd::bulk::compress(damaged_bytes, 3).unwrap();
     let at = frame.len() / 2;
