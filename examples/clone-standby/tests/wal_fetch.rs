@@ -646,6 +646,13 @@ async fn pitr_from_a_backup_and_the_streamed_wal_archive() {
         .unwrap()
         .parse()
         .unwrap();
+    // A time between the last commit before the mark and the first after it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mark_time = primary
+        .query_value("SELECT clock_timestamp()::text")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     primary
         .execute("INSERT INTO marks SELECT g, 'after' FROM generate_series(1001, 2000) g")
         .await;
@@ -724,6 +731,41 @@ async fn pitr_from_a_backup_and_the_streamed_wal_archive() {
     assert!(
         restored.log().contains("from archive"),
         "WAL came through restore_command:\n{}",
+        restored.log()
+    );
+    drop(restored);
+
+    // The same point by time.
+    let by_time = work.path().join("pitr-time");
+    let restore = run_with(
+        &store,
+        &[
+            "restore",
+            "--repo",
+            &store.url,
+            "--pgdata",
+            by_time.to_str().unwrap(),
+            "--target-time",
+            &mark_time,
+        ],
+    )
+    .await;
+    assert!(restore.status.success(), "restore:\n{}", text(&restore));
+    let auto_conf = std::fs::read_to_string(by_time.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto_conf.contains(&format!("recovery_target_time = '{mark_time}'")),
+        "{auto_conf}"
+    );
+    let restored = Cluster::start_on_data_dir(&by_time, ClusterOptions::new());
+    wait_promoted(&restored).await;
+    let counts = restored
+        .query_value("SELECT count(*) FILTER (WHERE phase = 'before') || '/' || count(*) FILTER (WHERE phase = 'after') FROM marks")
+        .await
+        .unwrap();
+    assert_eq!(
+        counts,
+        "1000/0",
+        "rows before the time only:\n{}",
         restored.log()
     );
 }
