@@ -1119,6 +1119,131 @@ pub fn compress_segment(bytes: &[u8], level: i32) -> Result<Bytes> {
 mod tests {
     use super::*;
 
+    const MIB: u64 = 1 << 20;
+
+    fn archive(repo: &Repository, synchronous: bool) -> RepoWal {
+        let options = WalArchiveOptions {
+            take_lease: false,
+            synchronous,
+            ..WalArchiveOptions::default()
+        };
+        RepoWal::new(repo.clone(), options)
+    }
+
+    async fn opened(repo: &Repository) -> RepoWal {
+        let mut wal = archive(repo, false);
+        wal.open(WalSegmentSize::new(MIB).unwrap()).await.unwrap();
+        wal.check_system(SystemId(42)).await.unwrap();
+        wal
+    }
+
+    fn wal_bytes(from: u64, len: u64, salt: u8) -> Bytes {
+        (from..from + len)
+            .map(|i| (i % 251) as u8 ^ salt)
+            .collect::<Vec<u8>>()
+            .into()
+    }
+
+    #[tokio::test]
+    async fn segments_pieces_resume_and_divergence() {
+        let repo = Repository::open("memory://walarchive", &Default::default()).unwrap();
+        let mut wal = opened(&repo).await;
+        assert_eq!(wal.resume_point().await.unwrap(), None);
+        let mut writer = wal.writer(TimelineId(1), Lsn(MIB)).await.unwrap();
+        // 1.5 segments, of which the last 0.1 MiB is not verified yet.
+        let data = wal_bytes(MIB, 3 * MIB / 2, 0);
+        let verified = Lsn(MIB + 14 * MIB / 10);
+        for (i, chunk) in data.chunks(128 << 10).enumerate() {
+            let at = MIB + (i as u64) * (128 << 10);
+            writer
+                .write(
+                    Lsn(at),
+                    Bytes::copy_from_slice(chunk),
+                    verified.min(Lsn(at + chunk.len() as u64)),
+                )
+                .await
+                .unwrap();
+        }
+        let durable = writer.flush().await.unwrap();
+        assert_eq!(durable, verified, "durable stops at the verified end");
+        let totals = writer.close().await.unwrap();
+        assert_eq!(totals.completed_segments, 1);
+        assert_eq!(totals.durable, verified);
+        let inventory = wal_inventory(&repo, WalSegmentSize::new(MIB).unwrap())
+            .await
+            .unwrap();
+        let first = &inventory.segments[&(TimelineId(1), 1)];
+        let stored = repo
+            .get_bytes(first.complete.as_ref().unwrap(), 2 * MIB)
+            .await
+            .unwrap();
+        assert_eq!(
+            zstd::bulk::decompress(&stored, MIB as usize).unwrap(),
+            data[..MIB as usize]
+        );
+        assert!(
+            first.pieces.is_empty(),
+            "pieces of a complete segment are folded"
+        );
+        let second = &inventory.segments[&(TimelineId(1), 2)];
+        assert!(second.complete.is_none());
+        assert_eq!(second.contiguous_end(), 4 * MIB / 10);
+
+        // A new receiver resumes at the second segment, compares what it streams again
+        // with the pieces and stores only what is new.
+        let mut wal = opened(&repo).await;
+        let resume = wal.resume_point().await.unwrap().unwrap();
+        assert_eq!((resume.lsn, resume.timeline), (Lsn(2 * MIB), TimelineId(1)));
+        let mut writer = wal.writer(TimelineId(1), Lsn(2 * MIB)).await.unwrap();
+        let again = wal_bytes(2 * MIB, 7 * MIB / 10, 0);
+        writer
+            .write(
+                Lsn(2 * MIB),
+                again.clone(),
+                Lsn(2 * MIB + again.len() as u64),
+            )
+            .await
+            .unwrap();
+        let totals = writer.close().await.unwrap();
+        assert_eq!(totals.durable, Lsn(2 * MIB + 7 * MIB / 10));
+        let inventory = wal_inventory(&repo, WalSegmentSize::new(MIB).unwrap())
+            .await
+            .unwrap();
+        let second = &inventory.segments[&(TimelineId(1), 2)];
+        assert_eq!(second.contiguous_end(), 7 * MIB / 10);
+        assert_eq!(second.pieces.len(), 2, "{:?}", second.pieces);
+        assert_eq!(
+            second.pieces[1].0,
+            4 * MIB / 10,
+            "the stored part is not written twice"
+        );
+
+        // WAL that differs from what is stored is refused.
+        let mut wal = opened(&repo).await;
+        wal.resume_point().await.unwrap();
+        let mut writer = wal.writer(TimelineId(1), Lsn(2 * MIB)).await.unwrap();
+        let other = wal_bytes(2 * MIB, 64 << 10, 0x55);
+        let refused = match writer
+            .write(Lsn(2 * MIB), other, Lsn(2 * MIB + (64 << 10)))
+            .await
+        {
+            Err(e) => e,
+            Ok(()) => writer.close().await.unwrap_err(),
+        };
+        assert!(refused.to_string().contains("differs"), "{refused}");
+        assert!(!refused.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn another_cluster_is_refused() {
+        let repo = Repository::open("memory://walarchive-other", &Default::default()).unwrap();
+        opened(&repo).await;
+        let mut wal = archive(&repo, false);
+        wal.open(WalSegmentSize::new(MIB).unwrap()).await.unwrap();
+        let refused = wal.check_system(SystemId(43)).await.unwrap_err();
+        assert!(refused.to_string().contains("belongs"), "{refused}");
+    }
+
     #[test]
     fn contiguous_pieces() {
         let p = |from, to| (from, to, Path::from("x"));
