@@ -157,17 +157,24 @@ async fn check_archive_against_server(repo: &Repository, primary: &Cluster) -> u
     let size = WalSegmentSize::DEFAULT;
     let inventory = wal_inventory(repo, size).await.unwrap();
     let mut compared = 0;
-    let mut previous: Option<u64> = None;
+    let mut previous: Option<(TimelineId, u64)> = None;
     for ((timeline, segment), objects) in &inventory.segments {
-        assert_eq!(*timeline, TimelineId(1));
-        if let Some(previous) = previous {
-            assert_eq!(
-                *segment,
-                previous + 1,
-                "a hole in the archive after segment {previous:X}"
-            );
+        if let Some((previous_timeline, previous)) = previous {
+            if previous_timeline == *timeline {
+                assert_eq!(
+                    *segment,
+                    previous + 1,
+                    "a hole in the archive after segment {previous:X} of timeline {timeline}"
+                );
+            } else {
+                // A new timeline starts with the segment holding the switch point.
+                assert!(
+                    *segment <= previous + 1,
+                    "a hole before timeline {timeline}"
+                );
+            }
         }
-        previous = Some(*segment);
+        previous = Some((*timeline, *segment));
         let name = pgwire_repl::types::wal_file_name(*timeline, *segment, size);
         let on_server = std::fs::read(primary.data_dir().join("pg_wal").join(&name)).unwrap();
         match &objects.complete {
@@ -247,7 +254,11 @@ async fn stored_segments_equal_the_servers_and_restarts_after_kill_9_leave_no_ga
     sql.batch("CREATE TABLE t (id bigserial, payload text)")
         .await
         .unwrap();
-    let slot_args = ["--slot", "archive", "--create-slot"];
+    // PostgreSQL 13 and 14 cannot report a slot's position over replication: name the
+    // start, which applies while the archive is still empty (a receiver killed before
+    // it stored anything).
+    let start = current_lsn(&mut sql).await.to_string();
+    let slot_args = ["--slot", "archive", "--create-slot", "--start-lsn", &start];
     let mut receiver = Receiver::start(
         &primary,
         &garage,
@@ -298,9 +309,11 @@ async fn stored_segments_equal_the_servers_and_restarts_after_kill_9_leave_no_ga
     assert!(ok, "the receiver failed after {rounds} restarts:\n{log}");
     assert!(log.contains("stopped"), "{log}");
     let compared = check_archive_against_server(&repo, &primary).await;
+    let listed = wal_inventory(&repo, WalSegmentSize::DEFAULT).await.unwrap();
     assert!(
         compared >= 3,
-        "only {compared} complete segments to compare"
+        "only {compared} complete segments to compare: {:?}\n{log}",
+        listed.segments
     );
     // The slot never moved past what the archive holds.
     let inventory = wal_inventory(&repo, WalSegmentSize::DEFAULT).await.unwrap();
@@ -374,6 +387,12 @@ async fn a_second_receiver_on_the_same_repository_is_refused() {
         .is_none());
 }
 
+/// Piece objects in the archive now (pieces of completed segments are folded away).
+async fn piece_count(repo: &Repository) -> usize {
+    let inventory = wal_inventory(repo, WalSegmentSize::DEFAULT).await.unwrap();
+    inventory.segments.values().map(|s| s.pieces.len()).sum()
+}
+
 /// Commits one row in its own connection and returns when the COMMIT returned.
 fn spawn_commit(primary: &Cluster, value: &str) -> tokio::task::JoinHandle<Instant> {
     let config = primary.config(primary.superuser());
@@ -439,20 +458,32 @@ async fn synchronous_commits_wait_for_the_store_and_never_return_before_it_holds
     eprintln!("synchronous commit with the store answering: {per_commit:?} each (with checks)");
 
     // The store stops answering: a COMMIT blocks, and returns once the store is back.
+    let pieces_before = piece_count(&repo).await;
     garage.pause();
-    let blocked = spawn_commit(&primary, "during pause");
+    let blocked: Vec<_> = (0..12)
+        .map(|i| spawn_commit(&primary, &format!("during pause {i}")))
+        .collect();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
-        !blocked.is_finished(),
+        blocked.iter().all(|c| !c.is_finished()),
         "a COMMIT returned while the store was paused"
     );
     let resumed_at = Instant::now();
     garage.resume();
-    let returned = tokio::time::timeout(Duration::from_secs(60), blocked)
-        .await
-        .expect("the COMMIT did not return after the store came back")
-        .unwrap();
-    assert!(returned >= resumed_at);
+    for commit in blocked {
+        let returned = tokio::time::timeout(Duration::from_secs(60), commit)
+            .await
+            .expect("a COMMIT did not return after the store came back")
+            .unwrap();
+        assert!(returned >= resumed_at);
+    }
+    // Group commit: the twelve commits that waited went into very few uploads (the one
+    // in flight when the store stopped, then one for everything that arrived meanwhile).
+    let pieces_during = piece_count(&repo).await - pieces_before;
+    assert!(
+        pieces_during <= 4,
+        "{pieces_during} pieces were stored for 12 commits that waited together"
+    );
 
     // The receiver is killed: a COMMIT blocks until a new receiver has stored it.
     let log = receiver.kill9();
@@ -590,4 +621,93 @@ async fn acknowledged_commits_older_than_the_flush_interval_are_stored() {
     }
     let (ok, log) = receiver.stop();
     assert!(ok, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_is_followed_and_the_history_file_archived() {
+    let primary = primary();
+    let standby = testkit::Standby::start(
+        &primary,
+        ClusterOptions::new().setting("wal_keep_size", "2GB"),
+    )
+    .await;
+    let garage = Garage::start();
+    let logs = scratch();
+    let endpoint = garage.endpoint();
+    let repo = repository(&garage, &endpoint, "timelines");
+    let mut on_primary = primary.sql().await;
+    on_primary
+        .batch("CREATE TABLE t (id bigserial, payload text)")
+        .await
+        .unwrap();
+    // Cascading: the receiver streams from the standby.
+    let receiver = Receiver::start(&standby, &garage, &endpoint, "timelines", &[], logs.path());
+    on_primary
+        .batch("INSERT INTO t (payload) SELECT repeat(md5(g::text), 8) FROM generate_series(1, 20000) g")
+        .await
+        .unwrap();
+    on_primary.batch("SELECT pg_switch_wal()").await.unwrap();
+    on_primary
+        .batch("INSERT INTO t (payload) SELECT md5(g::text) FROM generate_series(1, 1000) g")
+        .await
+        .unwrap();
+    let target = current_lsn(&mut on_primary).await;
+    let mut on_standby = standby.sql().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let replayed: Lsn = on_standby
+            .query_value("SELECT pg_last_wal_replay_lsn()")
+            .await
+            .unwrap()
+            .unwrap()
+            .parse()
+            .unwrap();
+        if replayed >= target {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the standby did not replay {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    standby.promote();
+    drop(on_standby);
+    let mut on_new_primary = standby.sql().await;
+    on_new_primary
+        .batch("INSERT INTO t (payload) SELECT md5(g::text) FROM generate_series(1, 5000) g")
+        .await
+        .unwrap();
+    on_new_primary
+        .batch("SELECT pg_switch_wal()")
+        .await
+        .unwrap();
+    let end = current_lsn(&mut on_new_primary).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let inventory = wal_inventory(&repo, WalSegmentSize::DEFAULT).await.unwrap();
+        if stored_end(&inventory, TimelineId(2), WalSegmentSize::DEFAULT).is_some_and(|e| e >= end)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timeline 2 was not archived up to {end}:\n{}",
+            receiver.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, log) = receiver.stop();
+    assert!(ok, "{log}");
+    let history = repo
+        .get_bytes(&repo.path("wal/00000002/00000002.history"), 1 << 20)
+        .await
+        .unwrap();
+    let on_disk = std::fs::read(standby.data_dir().join("pg_wal/00000002.history")).unwrap();
+    assert_eq!(&history[..], &on_disk[..]);
+    let compared = check_archive_against_server(&repo, &standby).await;
+    assert!(compared >= 2, "only {compared} complete segments");
+    let inventory = wal_inventory(&repo, WalSegmentSize::DEFAULT).await.unwrap();
+    assert!(inventory.segments.keys().any(|(t, _)| *t == TimelineId(1)));
+    assert!(inventory.segments.keys().any(|(t, _)| *t == TimelineId(2)));
 }
