@@ -334,6 +334,10 @@ pub struct RestoreArgs {
     /// What the server does at the target: promote (default), pause or shutdown.
     #[arg(long, value_parser = ["pause", "promote", "shutdown"])]
     pub target_action: Option<String>,
+    /// Write no restore_command (and no store configuration with the store's
+    /// credentials) even though the repository holds a WAL archive.
+    #[arg(long, conflicts_with_all = ["target_lsn", "target_time"])]
+    pub no_restore_command: bool,
 }
 
 /// `wal-fetch`.
@@ -606,9 +610,10 @@ pub async fn run_restore(args: RestoreArgs) -> pgrepo::Result<ExitCode> {
     let repo = args.store.open()?;
     // Checked before anything is written.
     let target = recovery_target(&args)?;
-    let wal_archive = pgrepo::walfetch::archive_segment_size(&repo)
-        .await?
-        .is_some();
+    let wal_archive = !args.no_restore_command
+        && pgrepo::walfetch::archive_segment_size(&repo)
+            .await?
+            .is_some();
     if !target.is_empty() && !wal_archive {
         return Err(pgrepo::Error::usage(
             format!(
@@ -727,6 +732,9 @@ pub async fn run_restore(args: RestoreArgs) -> pgrepo::Result<ExitCode> {
                     format!("; recovery stops at {}", target.iter().map(|(k, v)| format!("{k} = '{v}'")).collect::<Vec<_>>().join(", "))
                 }
             ),
+            None if args.no_restore_command => {
+                println!("clone-standby: no restore_command was written (--no-restore-command)")
+            }
             None => println!(
                 "clone-standby: {} has no WAL archive, so no restore_command was written",
                 repo.url()
@@ -865,6 +873,8 @@ fn write_wal_recovery(
     Ok(path)
 }
 
+/// `wal-fetch`: exit 0 with the file written, 1 when the repository lacks it, 2 (126
+/// with --partial) on any other failure.
 pub async fn run_wal_fetch(args: WalFetchArgs) -> pgrepo::Result<ExitCode> {
     let options = pgrepo::walfetch::FetchOptions {
         partial: args.partial,
@@ -899,6 +909,7 @@ pub async fn run_wal_fetch(args: WalFetchArgs) -> pgrepo::Result<ExitCode> {
     }
 }
 
+/// `delete`: retention, or with --dry-run the list of what it would delete.
 pub async fn run_delete(args: DeleteArgs) -> pgrepo::Result<ExitCode> {
     use pgrepo::retention::{apply_retention, plan_retention, RetentionRule};
     let rule = match (args.retain, &args.before) {

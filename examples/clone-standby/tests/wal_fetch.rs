@@ -522,6 +522,26 @@ async fn restore_to_a_target_lsn_from_the_repository_alone() {
     assert_eq!(config["secret_access_key"], garage.secret_access_key());
     assert_eq!(config["allow_http"], true);
 
+    // Opting out: no store configuration, no recovery settings.
+    let plain = work.path().join("plain");
+    let restore = run_with(
+        &store,
+        &[
+            "restore",
+            "--repo",
+            &store.url,
+            "--pgdata",
+            plain.to_str().unwrap(),
+            "--no-restore-command",
+        ],
+    )
+    .await;
+    assert!(restore.status.success(), "restore:\n{}", text(&restore));
+    assert!(!plain.join("pgrepo-store.json").exists());
+    assert!(!plain.join("recovery.signal").exists());
+    let auto_conf = std::fs::read_to_string(plain.join("postgresql.auto.conf")).unwrap_or_default();
+    assert!(!auto_conf.contains("restore_command"), "{auto_conf}");
+
     // A target needs a point; a standby takes none.
     let other = work.path().join("other");
     for args in [
