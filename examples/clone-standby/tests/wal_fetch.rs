@@ -643,6 +643,12 @@ async fn pitr_from_a_backup_and_the_streamed_wal_archive() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // Some WAL below the backup's start, for retention to delete at the end.
+    for _ in 0..2 {
+        primary
+            .execute("INSERT INTO marks VALUES (0, 'filler'); DELETE FROM marks; SELECT pg_switch_wal();")
+            .await;
+    }
     let backup = run_with(
         &store,
         &[
@@ -787,5 +793,62 @@ async fn pitr_from_a_backup_and_the_streamed_wal_archive() {
         "1000/0",
         "rows before the time only:\n{}",
         restored.log()
+    );
+
+    // Retention on Garage: the WAL below the only backup's start goes (a dry run first).
+    let base_start: Lsn = {
+        let list = run_with(&store, &["list", "--repo", &store.url, "--json"]).await;
+        let listed: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+        listed[0]["start_lsn"].as_str().unwrap().parse().unwrap()
+    };
+    let bound = base_start.segment_number(size);
+    let below = |inventory: &pgrepo::walarchive::WalInventory| {
+        inventory
+            .segments
+            .keys()
+            .filter(|(_, n)| *n < bound)
+            .count()
+    };
+    let before = pgrepo::walarchive::wal_inventory(&repo, size)
+        .await
+        .unwrap();
+    assert!(
+        below(&before) >= 2,
+        "WAL below the backup's start is stored"
+    );
+    let dry = run_with(
+        &store,
+        &[
+            "delete",
+            "--repo",
+            &store.url,
+            "--retain",
+            "1",
+            "--dry-run",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(dry.status.success(), "{}", text(&dry));
+    let again = pgrepo::walarchive::wal_inventory(&repo, size)
+        .await
+        .unwrap();
+    assert_eq!(below(&again), below(&before), "a dry run deletes nothing");
+    let done = run_with(
+        &store,
+        &["delete", "--repo", &store.url, "--retain", "1", "--json"],
+    )
+    .await;
+    assert!(done.status.success(), "{}", text(&done));
+    let summary: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(summary["kept"], serde_json::json!(["base"]), "{summary}");
+    let after = pgrepo::walarchive::wal_inventory(&repo, size)
+        .await
+        .unwrap();
+    assert_eq!(below(&after), 0, "{summary}");
+    assert_eq!(
+        after.segments.len(),
+        before.segments.len() - below(&before),
+        "only WAL below the backup's start was deleted"
     );
 }
