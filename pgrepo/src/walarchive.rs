@@ -64,8 +64,10 @@ pub enum WalCompression {
 pub struct WalArchiveOptions {
     /// Complete segments' compression (default zstd level 3).
     pub compression: WalCompression,
-    /// Verified WAL waits at most this long before it is stored as a piece (default
-    /// 1 s): the loss window when the server and this host are lost together.
+    /// Verified WAL is stored within about this long (default 1 s): the loss window when
+    /// the server and this host are lost together. A piece is started early by three
+    /// times the recent time to store one (from a quarter to half of the interval), so
+    /// that it is stored, not just sent, by then.
     pub flush_interval: Duration,
     /// Store a piece as soon as this much verified WAL is waiting (default: one
     /// segment, i.e. only the interval decides).
@@ -735,6 +737,10 @@ struct Archiver {
     /// When verified WAL after `pieced_to` first waited.
     waiting_since: Option<Instant>,
     piece_in_flight: bool,
+    /// When the piece in flight was started, and how long pieces take to store (a
+    /// moving average): a piece starts early enough to be *stored* within the interval.
+    piece_started: Option<Instant>,
+    piece_latency: Duration,
     flush_requested: bool,
     completes_in_flight: usize,
     /// Piece objects of each segment, deleted once its complete object is stored.
@@ -789,6 +795,8 @@ impl Archiver {
             pieced_to: already,
             waiting_since: None,
             piece_in_flight: false,
+            piece_started: None,
+            piece_latency: Duration::from_millis(50),
             flush_requested: false,
             completes_in_flight: 0,
             pieces,
@@ -832,9 +840,9 @@ impl Archiver {
             if closing && self.tasks.is_empty() {
                 return Ok(());
             }
-            let deadline = self
-                .waiting_since
-                .map(|since| since + self.options.flush_interval);
+            let interval = self.options.flush_interval;
+            let lead = (self.piece_latency * 3).clamp(interval / 4, interval / 2);
+            let deadline = self.waiting_since.map(|since| since + (interval - lead));
             let accept = !closing && self.ready_segments() < self.options.upload_concurrency.max(1);
             tokio::select! {
                 command = rx.recv(), if accept => match command {
@@ -976,6 +984,7 @@ impl Archiver {
                 to - segment_start,
             ));
             self.piece_in_flight = true;
+            self.piece_started = Some(Instant::now());
             self.pieced_to = to;
             self.waiting_since = (self.verified > self.pieced_to).then(Instant::now);
             let repo = self.repo.clone();
@@ -1026,6 +1035,9 @@ impl Archiver {
                 path,
             } => {
                 self.piece_in_flight = false;
+                if let Some(started) = self.piece_started.take() {
+                    self.piece_latency = (self.piece_latency * 3 + started.elapsed()) / 4;
+                }
                 self.pieces.entry(segment_start).or_default().push(path);
                 self.stored(from, to);
                 if self.stored_whole.contains(&segment_start) {

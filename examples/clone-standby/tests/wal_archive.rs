@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -563,64 +562,169 @@ async fn cuts_between_the_receiver_and_the_store_lose_nothing() {
     assert!(proxy.connections() > 1, "the proxy saw no reconnection");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_commits_older_than_the_flush_interval_are_stored() {
+/// The loss bound end to end: a backup, the receiver streaming, a stream of
+/// acknowledged commits, then this host and the primary lost together (the receiver
+/// killed, the primary stopped with `-m immediate` at once), and a restore from the
+/// repository alone (restore_command = wal-fetch --partial). Returns the restored ids
+/// and, for each acknowledged commit, how long before the crash it was acknowledged.
+async fn crash_and_restore(synchronous: bool) -> (Vec<i64>, Vec<(i64, Duration)>) {
     let primary = primary();
     let garage = Garage::start();
     let logs = scratch();
     let endpoint = garage.endpoint();
-    let repo = repository(&garage, &endpoint, "bound");
+    let prefix = if synchronous {
+        "loss-sync"
+    } else {
+        "loss-async"
+    };
+    let store = common::repo::Store {
+        url: garage.url(prefix),
+        env: garage.env(),
+    };
     let mut sql = primary.sql().await;
-    sql.batch("CREATE TABLE acked (id int, at timestamptz DEFAULT clock_timestamp())")
+    sql.batch("CREATE TABLE acked (id bigint PRIMARY KEY)")
         .await
         .unwrap();
-    let receiver = Receiver::start(
-        &primary,
-        &garage,
-        &endpoint,
-        "bound",
-        &["--slot", "bound", "--create-slot", "--flush-interval", "1"],
-        logs.path(),
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    // A stream of small acknowledged commits; note when each returned and its LSN.
-    let mut acked: BTreeMap<u32, (Instant, Lsn)> = BTreeMap::new();
-    let run_until = Instant::now() + Duration::from_secs(6);
-    let mut id = 0;
-    while Instant::now() < run_until {
-        sql.batch(&format!("INSERT INTO acked (id) VALUES ({id})"))
-            .await
-            .unwrap();
-        let lsn = current_lsn(&mut sql).await;
-        acked.insert(id, (Instant::now(), lsn));
-        id += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut args = vec!["--slot", "loss", "--create-slot", "--flush-interval", "1"];
+    if synchronous {
+        args.push("--synchronous");
     }
-    // The "crash": look at what the store holds at this instant.
-    let crash = Instant::now();
-    let inventory = wal_inventory(&repo, WalSegmentSize::DEFAULT).await.unwrap();
-    let end = stored_end(&inventory, TimelineId(1), WalSegmentSize::DEFAULT).unwrap();
-    let mut oldest_missing: Option<Duration> = None;
-    for (at, lsn) in acked.values() {
-        if *lsn > end {
-            let age = crash - *at;
-            oldest_missing = Some(oldest_missing.map_or(age, |o| o.max(age)));
+    let receiver = Receiver::start(&primary, &garage, &endpoint, prefix, &args, logs.path());
+    if synchronous {
+        sql.batch(&format!(
+            "ALTER SYSTEM SET synchronous_standby_names = '{APP}'"
+        ))
+        .await
+        .unwrap();
+        sql.batch("SELECT pg_reload_conf()").await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sql
+            .query_value(&format!(
+                "SELECT sync_state FROM pg_stat_replication WHERE application_name = '{APP}'"
+            ))
+            .await
+            .unwrap()
+            .as_deref()
+            != Some("sync")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "not synchronous:\n{}",
+                receiver.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let bound = Duration::from_millis(1000 + 500);
+    let source = primary.unix_conninfo(primary.superuser());
+    let backup = common::repo::run_with(
+        &store,
+        &[
+            "backup", "--source", &source, "--repo", &store.url, "--label", "base",
+        ],
+    )
+    .await;
+    assert!(backup.status.success(), "{}", common::text(&backup));
+    // Acknowledged commits for a few seconds, from two sessions.
+    let mut acked: Vec<(i64, Instant)> = Vec::new();
+    let mut other = primary.sql().await;
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut id = 0i64;
+    while Instant::now() < until {
+        let session = if id % 2 == 0 { &mut sql } else { &mut other };
+        session
+            .batch(&format!("INSERT INTO acked VALUES ({id})"))
+            .await
+            .unwrap();
+        acked.push((id, Instant::now()));
+        id += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The host and the primary are lost together.
+    let crash = Instant::now();
+    let log = receiver.kill9();
+    common::stop_immediately(&primary);
+    assert!(!log.contains("panicked"), "{log}");
+    drop((sql, other));
+
+    let pgdata = logs.path().join("restored");
+    let restore = common::repo::run_with(
+        &store,
+        &[
+            "restore",
+            "--repo",
+            &store.url,
+            "--pgdata",
+            pgdata.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(restore.status.success(), "{}", common::text(&restore));
+    let restored = Cluster::start_on_data_dir(&pgdata, ClusterOptions::new());
+    common::wait_promoted(&restored).await;
+    let ids = restored
+        .query_value("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM acked")
+        .await
+        .unwrap();
+    let ids: Vec<i64> = ids
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let ages = acked
+        .into_iter()
+        .map(|(id, at)| (id, crash.duration_since(at)))
+        .collect();
+    (ids, ages)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loses_at_most_the_flush_interval_of_acknowledged_commits() {
+    let (restored, acked) = crash_and_restore(false).await;
+    let restored: std::collections::BTreeSet<i64> = restored.into_iter().collect();
+    let lost: Vec<&(i64, Duration)> = acked
+        .iter()
+        .filter(|(id, _)| !restored.contains(id))
+        .collect();
+    let oldest_lost = lost.iter().map(|(_, age)| *age).max();
     eprintln!(
-        "loss window: {} commits acknowledged, the store held up to {end}; the oldest commit not stored was acknowledged {:?} before the crash",
+        "loss window (--flush-interval 1): {} of {} acknowledged commits lost; the oldest lost was acknowledged {:?} before the crash",
+        lost.len(),
         acked.len(),
-        oldest_missing
+        oldest_lost
     );
-    if let Some(age) = oldest_missing {
+    for (id, age) in &lost {
         assert!(
-            age <= bound,
-            "a commit acknowledged {age:?} before the crash is not in the store (flush interval 1 s)"
+            *age <= Duration::from_secs(1),
+            "commit {id}, acknowledged {age:?} before the crash, is missing after the restore"
         );
     }
-    let (ok, log) = receiver.stop();
-    assert!(ok, "{log}");
+    // Commits ran one after the other: what survived is a prefix of them.
+    let highest = restored.iter().max().copied().unwrap_or(-1);
+    assert_eq!(
+        restored.len() as i64,
+        highest + 1,
+        "the restored commits have a hole"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_synchronous_mode_a_crash_loses_no_acknowledged_commit() {
+    let (restored, acked) = crash_and_restore(true).await;
+    let restored: std::collections::BTreeSet<i64> = restored.into_iter().collect();
+    let lost: Vec<i64> = acked
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !restored.contains(id))
+        .collect();
+    eprintln!(
+        "synchronous mode: {} acknowledged commits, {} restored, lost: {lost:?}",
+        acked.len(),
+        restored.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "acknowledged commits lost in synchronous mode: {lost:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -339,39 +339,6 @@ async fn archive_segments(repo: &Repository, wal: &Wal, from: u64) {
     }
 }
 
-/// Stops a server at once (`pg_ctl stop -m immediate`: SIGQUIT to the postmaster).
-fn stop_immediately(cluster: &Cluster) {
-    let pid = cluster.pid().expect("running") as i32;
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(pid, libc::SIGQUIT) };
-    let started = Instant::now();
-    // SAFETY: as above; signal 0 only checks that the process exists.
-    while unsafe { libc::kill(pid, 0) } == 0 && started.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Waits until a restored server has finished recovery (promoted).
-async fn wait_promoted(cluster: &Cluster) {
-    let started = Instant::now();
-    loop {
-        if cluster
-            .query_value("SELECT pg_is_in_recovery()::text")
-            .await
-            .as_deref()
-            == Some("false")
-        {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "recovery did not end:\n{}",
-            cluster.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// Point-in-time recovery from the repository alone, the WAL archive filled from the
 /// primary's pg_wal: restore --target-lsn writes restore_command (this binary's
 /// wal-fetch with a 0600 store configuration) and the target, and the restored server
@@ -418,7 +385,7 @@ async fn restore_to_a_target_lsn_from_the_repository_alone() {
         .execute("INSERT INTO bulk SELECT g, 'later' FROM generate_series(1, 50000) g; SELECT pg_switch_wal();")
         .await;
     let wal = wal_of(&primary).await;
-    stop_immediately(&primary);
+    common::stop_immediately(&primary);
 
     let repo = garage_repo(&garage, "pitr");
     put_archive_record(&repo, &wal).await;
@@ -463,7 +430,7 @@ async fn restore_to_a_target_lsn_from_the_repository_alone() {
     assert_eq!(mode, 0o600);
 
     let restored = Cluster::start_on_data_dir(&pgdata, ClusterOptions::new());
-    wait_promoted(&restored).await;
+    common::wait_promoted(&restored).await;
     let counts = restored
         .query_value("SELECT count(*) FILTER (WHERE phase = 'before') || '/' || count(*) FILTER (WHERE phase = 'after') FROM marks")
         .await
@@ -701,7 +668,7 @@ async fn pitr_from_a_backup_and_the_streamed_wal_archive() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop_immediately(&primary);
+    common::stop_immediately(&primary);
     let _ = receiver.kill();
     let _ = receiver.wait();
     assert!(mark < after);
@@ -736,7 +703,7 @@ async fn pitr_from_a_backup_and_the_streamed_wal_archive() {
     .await;
     assert!(restore.status.success(), "restore:\n{}", text(&restore));
     let restored = Cluster::start_on_data_dir(&pgdata, ClusterOptions::new());
-    wait_promoted(&restored).await;
+    common::wait_promoted(&restored).await;
     let counts = restored
         .query_value("SELECT count(*) FILTER (WHERE phase = 'before') || '/' || count(*) FILTER (WHERE phase = 'after') FROM marks")
         .await
@@ -783,7 +750,7 @@ async fn pitr_from_a_backup_and_the_streamed_wal_archive() {
         "{auto_conf}"
     );
     let restored = Cluster::start_on_data_dir(&by_time, ClusterOptions::new());
-    wait_promoted(&restored).await;
+    common::wait_promoted(&restored).await;
     let counts = restored
         .query_value("SELECT count(*) FILTER (WHERE phase = 'before') || '/' || count(*) FILTER (WHERE phase = 'after') FROM marks")
         .await

@@ -6,7 +6,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use std::time::{Duration, Instant};
+
 use pgwire_repl::{Config, SqlClient};
+use testkit::Cluster;
 
 pub mod repo;
 
@@ -133,4 +136,52 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 pub fn give_like(path: &Path, like: &Path) {
     let meta = std::fs::metadata(like).unwrap();
     std::os::unix::fs::chown(path, Some(meta.uid()), Some(meta.gid())).unwrap();
+}
+
+/// Stops a server at once (`pg_ctl stop -m immediate`: SIGQUIT to the postmaster) and
+/// waits until it has exited. The postmaster is the test's child, so once it exits it is
+/// a zombie until the cluster reaps it: "gone" means no such process or state `Z`.
+pub fn stop_immediately(cluster: &Cluster) {
+    let pid = cluster.pid().expect("running") as i32;
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, libc::SIGQUIT) };
+    let started = Instant::now();
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // The state follows the parenthesised command name.
+                let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+                Some(state != 'Z')
+            })
+            .unwrap_or(false)
+    };
+    while running() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the postmaster ignored SIGQUIT for 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until a restored server has finished recovery (promoted).
+pub async fn wait_promoted(cluster: &Cluster) {
+    let started = Instant::now();
+    loop {
+        if cluster
+            .query_value("SELECT pg_is_in_recovery()::text")
+            .await
+            .as_deref()
+            == Some("false")
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "recovery did not end:\n{}",
+            cluster.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
