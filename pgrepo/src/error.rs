@@ -188,6 +188,18 @@ impl Error {
         }
     }
 
+    pub(crate) fn set_retryable(&mut self) {
+        self.0.retryable = true;
+    }
+
+    /// Converts into the error a [`walstream::WalDestination`] returns, keeping the
+    /// message, the advice and whether retrying may help.
+    pub fn into_wal_error(self) -> walstream::Error {
+        let retryable = self.is_retryable();
+        let advice = self.advice().unwrap_or("see the message").to_string();
+        walstream::Error::destination(self.message().to_string(), advice, retryable)
+    }
+
     /// True when trying again later may succeed (a lost connection, an object store
     /// that was unreachable), false for what will fail again the same way.
     pub fn is_retryable(&self) -> bool {

@@ -32,11 +32,13 @@ mod backup;
 mod delta;
 mod error;
 pub mod layout;
+pub mod lease;
 mod repository;
 mod restore;
 mod store;
 pub mod tarindex;
 mod upload;
+pub mod walarchive;
 pub mod walcheck;
 pub mod walnames;
 
@@ -49,3 +51,4 @@ pub use repository::Repository;
 pub use restore::{restore_backup, verify_backup, DownloadOptions, ReadSummary, RestoreOptions};
 pub use store::{RepoUrl, Scheme, Secret, StoreOptions};
 pub use upload::{UploadOptions, MIN_PART_SIZE};
+pub use walarchive::{RepoWal, RepoWalWriter, WalArchiveOptions, WalCompression};

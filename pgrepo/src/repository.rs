@@ -133,6 +133,19 @@ impl Repository {
         Ok(())
     }
 
+    /// The name of `path` relative to the repository's prefix (`wal/00000001/…`), or
+    /// `None` for a path outside it.
+    pub fn relative(&self, path: &Path) -> Option<String> {
+        let full = path.as_ref();
+        let prefix = self.prefix.as_ref();
+        if prefix.is_empty() {
+            return Some(full.to_string());
+        }
+        full.strip_prefix(prefix)?
+            .strip_prefix('/')
+            .map(str::to_string)
+    }
+
     /// `url/relative` for messages.
     pub fn describe(&self, path: &Path) -> String {
         let full = path.as_ref();
@@ -187,18 +200,35 @@ impl Repository {
             }
             return Ok(record);
         }
-        // A prefix holding other things is not taken over.
-        let mut listing = self.store.list(Some(&self.prefix));
-        if let Some(object) = listing
-            .try_next()
+        // A prefix holding other things is not taken over; a WAL archive or a receiver
+        // lease (a receiver started before the first backup) are ours.
+        let top = self
+            .store
+            .list_with_delimiter(Some(&self.prefix))
             .await
-            .map_err(|e| Error::store(format!("listing {}", self.url), e))?
-        {
+            .map_err(|e| Error::store(format!("listing {}", self.url), e))?;
+        let foreign = top
+            .objects
+            .iter()
+            .map(|o| o.location.clone())
+            .chain(
+                top.common_prefixes
+                    .iter()
+                    .filter(|p| {
+                        !matches!(
+                            p.filename(),
+                            Some(crate::walnames::WAL_DIR) | Some(crate::walnames::LOCKS_DIR)
+                        )
+                    })
+                    .cloned(),
+            )
+            .next();
+        if let Some(object) = foreign {
             return Err(Error::unsafe_op(
                 format!(
                     "{} is not empty (it holds {}) and is not a repository",
                     self.url,
-                    self.describe(&object.location)
+                    self.describe(&object)
                 ),
                 "choose an empty prefix for a new repository",
             ));

@@ -22,6 +22,8 @@ use pgwire_repl::{TimelineId, WalSegmentSize};
 pub const WAL_DIR: &str = "wal";
 /// The WAL archive's record: cluster and segment size.
 pub const ARCHIVE_RECORD: &str = "wal/archive.json";
+/// The directory of leases.
+pub const LOCKS_DIR: &str = "locks";
 /// The receiver's lease.
 pub const RECEIVER_LEASE: &str = "locks/receiver.json";
 
@@ -150,8 +152,7 @@ pub fn parse_wal_object(relative: &str, segment_size: WalSegmentSize) -> Option<
         let timeline = parse_timeline(history)?;
         return (timeline == dir_timeline).then_some(WalObject::History { timeline });
     }
-    let (segment_name, kind) = if let Some((segment_name, range)) = name.split_once(PARTIAL_INFIX)
-    {
+    let (segment_name, kind) = if let Some((segment_name, range)) = name.split_once(PARTIAL_INFIX) {
         let (from, to) = range.split_once('-')?;
         (segment_name, Some((parse_hex8(from)?, parse_hex8(to)?)))
     } else if let Some(segment_name) = name.strip_suffix(ZSTD_SUFFIX) {
@@ -167,12 +168,14 @@ pub fn parse_wal_object(relative: &str, segment_size: WalSegmentSize) -> Option<
         return None;
     }
     match kind {
-        Some((from, to)) => (from < to && to <= segment_size.bytes()).then_some(WalObject::Partial {
-            timeline,
-            segment,
-            from,
-            to,
-        }),
+        Some((from, to)) => {
+            (from < to && to <= segment_size.bytes()).then_some(WalObject::Partial {
+                timeline,
+                segment,
+                from,
+                to,
+            })
+        }
         None => Some(WalObject::Complete {
             timeline,
             segment,
@@ -196,7 +199,7 @@ pub fn history_name_timeline(name: &str) -> Option<TimelineId> {
 
 fn parse_timeline(text: &str) -> Option<TimelineId> {
     let value = parse_hex8(text)?;
-    (value != 0).then(|| TimelineId(value as u32))
+    (value != 0).then_some(TimelineId(value as u32))
 }
 
 fn parse_hex8(text: &str) -> Option<u64> {

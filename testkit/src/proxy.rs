@@ -86,6 +86,7 @@ impl FaultPlan {
 pub struct Proxy {
     port: u16,
     server_to_client_bytes: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -98,9 +99,12 @@ impl Proxy {
         let port = listener.local_addr().expect("local address").port();
         let counter = Arc::new(AtomicU64::new(0));
         let total = counter.clone();
+        let connections = Arc::new(AtomicU64::new(0));
+        let accepted = connections.clone();
         let task = tokio::spawn(async move {
             let mut plans = plans.into_iter();
             while let Ok((client, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::Relaxed);
                 let plan = plans.next().unwrap_or_else(FaultPlan::pass);
                 let total = total.clone();
                 tokio::spawn(async move {
@@ -130,6 +134,7 @@ impl Proxy {
         Proxy {
             port,
             server_to_client_bytes: counter,
+            connections,
             task,
         }
     }
@@ -137,6 +142,11 @@ impl Proxy {
     /// The port clients connect to.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
     }
 
     /// Bytes forwarded from servers to clients so far, over all connections.

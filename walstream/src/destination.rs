@@ -78,6 +78,14 @@ pub trait WalDestination: Send {
     /// connection, before anything else).
     fn open(&mut self, segment_size: WalSegmentSize) -> impl Future<Output = Result<()>> + Send;
 
+    /// Called after [`open`](Self::open) with the server's system identifier, so that a
+    /// destination that records it (or refuses another cluster's WAL) can check it
+    /// before anything is written. The default accepts every system.
+    fn check_system(&mut self, system_id: SystemId) -> impl Future<Output = Result<()>> + Send {
+        let _ = system_id;
+        async { Ok(()) }
+    }
+
     /// Where to resume, from what the destination already holds; `None` when it holds
     /// no segment. Follows pg_receivewal's rule: the newest segment by number, then
     /// timeline, complete preferred over partial.
@@ -126,6 +134,22 @@ pub trait WalWriter: Send {
 
     /// Flushes and finishes; segments not complete stay partial, to be resumed.
     fn close(self) -> impl Future<Output = Result<WriterTotals>> + Send;
+
+    /// Whether this writer makes what it is given durable on its own, promptly, and
+    /// signals it through [`durable_advanced`](Self::durable_advanced) (an object store
+    /// writer uploading in the background). In synchronous mode the receiver then does
+    /// not wait for a [`flush`](Self::flush) after every message: it keeps reading, and
+    /// WAL that arrives during one upload goes into the next (group commit). The default
+    /// is `false`: flush after every message, as pg_receivewal does.
+    fn flushes_in_background(&self) -> bool {
+        false
+    }
+
+    /// Resolves when [`durable`](Self::durable) may have moved. It must be cancel safe.
+    /// The default never resolves (durability moves only in `write` and `flush`).
+    fn durable_advanced(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 /// Messages queued for the writer thread at most: with XLogData of at most 128 KiB,

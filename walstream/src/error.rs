@@ -52,6 +52,10 @@ pub enum ErrorKind {
     /// The WAL directory or the server is not in a state we can continue from (a
     /// different system, a timeline that goes backwards, a file of the wrong size).
     State,
+    /// A [`WalDestination`](crate::WalDestination) other than a local directory failed
+    /// (an object store refused or did not answer); [`Error::is_retryable`] says
+    /// whether reconnecting may help.
+    Destination,
 }
 
 impl fmt::Display for ErrorKind {
@@ -68,6 +72,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Usage => "usage error",
             ErrorKind::Verify => "WAL verification failed",
             ErrorKind::State => "inconsistent state",
+            ErrorKind::Destination => "WAL destination error",
         })
     }
 }
@@ -111,6 +116,7 @@ struct Inner {
     connection: Option<pgwire_repl::Error>,
     verify: Option<WalVerifyError>,
     source: Option<std::io::Error>,
+    retryable: bool,
 }
 
 impl Error {
@@ -123,7 +129,28 @@ impl Error {
             connection: None,
             verify: None,
             source: None,
+            retryable: false,
         }))
+    }
+
+    /// A destination's failure (an object store, say): `retryable` when streaming again
+    /// later may succeed (the store did not answer), so that
+    /// [`receive_wal_into`](crate::receive_wal_into) reconnects and resumes from what the
+    /// destination holds.
+    ///
+    /// ```
+    /// let err = walstream::Error::destination("storing wal/00000001/… failed: timed out", "check the store", true);
+    /// assert_eq!(err.kind(), walstream::ErrorKind::Destination);
+    /// assert!(err.is_retryable());
+    /// ```
+    pub fn destination(
+        message: impl Into<String>,
+        advice: impl Into<String>,
+        retryable: bool,
+    ) -> Error {
+        let mut error = Error::new(ErrorKind::Destination, message, Some(advice.into()));
+        error.0.retryable = retryable;
+        error
     }
 
     /// Wraps a connection-layer error, keeping its kind, SQLSTATE, detail, hint,
@@ -268,7 +295,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match &self.0.connection {
             Some(conn) => conn.is_retryable(),
-            None => self.0.kind == ErrorKind::Timeout,
+            None => self.0.kind == ErrorKind::Timeout || self.0.retryable,
         }
     }
 }

@@ -369,6 +369,7 @@ impl<F: Future<Output = ()>, D: WalDestination> Receiver<'_, F, D> {
         }
         self.slot_checked = true;
         self.destination.open(segment_size).await?;
+        self.destination.check_system(id.system_id).await?;
 
         let (mut start, mut timeline) = match self.destination.resume_point().await? {
             Some(resume) => {
@@ -608,6 +609,15 @@ impl<F: Future<Output = ()>, D: WalDestination> Receiver<'_, F, D> {
                     stream.stop().await?;
                     return Ok(TimelineOutcome::Ended(EndReason::Shutdown));
                 }
+                () = writer.durable_advanced(), if report_flush => {
+                    // A background upload finished: report it, at once when a synchronous
+                    // primary is waiting for it.
+                    feedback.set_flush(writer.durable());
+                    if options.synchronous {
+                        stream.send_status(false).await?;
+                    }
+                    continue;
+                }
                 event = stream.next_event() => event?,
             };
             feedback.set_write(writer.written());
@@ -631,7 +641,12 @@ impl<F: Future<Output = ()>, D: WalDestination> Receiver<'_, F, D> {
                         .write(x.wal_start, x.data, verifier.verified_up_to())
                         .await?;
                     let at_end = options.current_endpos().is_some_and(|endpos| end >= endpos);
-                    if options.synchronous || at_end {
+                    if options.synchronous && !at_end && writer.flushes_in_background() {
+                        // The writer stores it on its own; tell the primary what was
+                        // received now and what is durable when the upload is done.
+                        feedback.set_write(writer.written());
+                        stream.send_status(false).await?;
+                    } else if options.synchronous || at_end {
                         let flushed = writer.flush().await?;
                         feedback.set_write(writer.written());
                         if report_flush {

@@ -214,8 +214,21 @@ struct ReceiveWalArgs {
     #[arg(long, default_value = "")]
     source: String,
     /// The WAL directory (created if missing).
-    #[arg(long)]
-    directory: PathBuf,
+    #[arg(long, required_unless_present = "repo", conflicts_with = "repo")]
+    directory: Option<PathBuf>,
+    /// Stream into an object-storage repository's WAL archive instead (s3://BUCKET/PREFIX);
+    /// the flush position reported to the server is what the store has acknowledged.
+    #[command(flatten)]
+    store: Option<repo::StoreArgs>,
+    /// With --repo: store the verified WAL that arrived since the last upload at least
+    /// this often, in seconds (the loss window if this host and the server are lost
+    /// together).
+    #[arg(long, default_value_t = 1.0, requires = "repo")]
+    flush_interval: f64,
+    /// With --repo: store it as soon as this many bytes wait (default: only the interval
+    /// decides).
+    #[arg(long, requires = "repo")]
+    flush_bytes: Option<u64>,
     /// Stream through this replication slot.
     #[arg(long)]
     slot: Option<String>,
@@ -232,8 +245,9 @@ struct ReceiveWalArgs {
     /// fsync after every write and report the flush position at once.
     #[arg(long)]
     synchronous: bool,
-    /// Compress completed segments: zstd (files end in .zst).
-    #[arg(long, value_parser = ["zstd"])]
+    /// Compress completed segments: zstd (files and objects end in .zst), zstd:LEVEL, or
+    /// none. With --repo the default is zstd.
+    #[arg(long)]
     compress: Option<String>,
     /// Exit when the connection is lost instead of reconnecting.
     #[arg(long)]
@@ -287,7 +301,8 @@ fn main() -> ExitCode {
     let repository_command = matches!(
         cli.command,
         Command::Backup(_) | Command::List(_) | Command::Restore(_)
-    ) || matches!(&cli.command, Command::Verify { store: Some(_), .. });
+    ) || matches!(&cli.command, Command::Verify { store: Some(_), .. })
+        || matches!(&cli.command, Command::ReceiveWal(args) if args.store.is_some());
     show_warnings();
     if repository_command {
         return run_repository_command(cli.command);
@@ -358,6 +373,16 @@ fn run_repository_command(command: Command) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::ReceiveWal(args) = command {
+        // Its own shutdown: Ctrl-C or SIGTERM stop streaming after a final upload.
+        return match runtime.block_on(repo::run_receive_wal_repo(args.into_repo_args())) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("clone-standby: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = runtime.block_on(async {
         let work = async {
             match command {
@@ -763,12 +788,39 @@ async fn run_clone(args: CloneArgs) -> pgwire_repl::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+impl ReceiveWalArgs {
+    fn into_repo_args(self) -> repo::ReceiveWalRepoArgs {
+        repo::ReceiveWalRepoArgs {
+            source: self.source,
+            store: self.store.expect("a repository command has --repo"),
+            slot: self.slot,
+            create_slot: self.create_slot,
+            endpos: self.endpos,
+            start_lsn: self.start_lsn,
+            synchronous: self.synchronous,
+            compress: self.compress,
+            no_loop: self.no_loop,
+            no_verify: self.no_verify,
+            flush_interval: self.flush_interval,
+            flush_bytes: self.flush_bytes,
+        }
+    }
+}
+
 async fn run_receive_wal(args: ReceiveWalArgs) -> pgwire_repl::Result<ExitCode> {
     let source = source_config(&args.source)?;
+    let Some(directory) = args.directory.clone() else {
+        return fail("receive-wal needs --directory or --repo".to_string());
+    };
+    let args = ReceiveWalArgs {
+        directory: Some(directory.clone()),
+        ..args
+    };
+    let directory = &directory;
     // A WAL directory may hold earlier segments (it is resumed), but it must never be a
     // server's own pg_wal or lie inside any data directory or tablespace on this host.
     if let Err(e) = basebackup::plain_target_dirs(
-        &args.directory,
+        directory,
         &[],
         &basebackup::TablespaceMapping::default(),
         &[],
@@ -776,19 +828,26 @@ async fn run_receive_wal(args: ReceiveWalArgs) -> pgwire_repl::Result<ExitCode> 
     ) {
         return fail(format!(
             "refusing --directory {}: {}\n  what to do: give a directory outside every data directory and tablespace (a server's pg_wal belongs to that server)",
-            args.directory.display(),
+            directory.display(),
             e.message()
         ));
     }
-    let mut options = walstream::ReceiveOptions::new(&args.directory);
+    let mut options = walstream::ReceiveOptions::new(directory);
     options.slot = args.slot.clone();
     options.create_slot = args.create_slot;
     options.synchronous = args.synchronous;
     options.no_loop = args.no_loop;
     options.verify_records = !args.no_verify;
     options.dir_options.sync = !args.no_sync;
-    if args.compress.is_some() {
-        options.dir_options.compression = walstream::Compression::Zstd { level: 3 };
+    match args.compress.as_deref() {
+        None | Some("none") => {}
+        Some(method) => match repo::parse_wal_compression(method) {
+            Ok(pgrepo::WalCompression::Zstd { level }) => {
+                options.dir_options.compression = walstream::Compression::Zstd { level };
+            }
+            Ok(pgrepo::WalCompression::None) => {}
+            Err(e) => return fail(e.to_string()),
+        },
     }
     if let Some(endpos) = &args.endpos {
         options.endpos = Some(endpos.parse()?);

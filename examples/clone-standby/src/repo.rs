@@ -527,3 +527,131 @@ pub async fn run_restore(args: RestoreArgs) -> pgrepo::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `receive-wal --repo`: the options that apply to a repository.
+#[derive(Debug)]
+pub struct ReceiveWalRepoArgs {
+    pub source: String,
+    pub store: StoreArgs,
+    pub slot: Option<String>,
+    pub create_slot: bool,
+    pub endpos: Option<String>,
+    pub start_lsn: Option<String>,
+    pub synchronous: bool,
+    pub compress: Option<String>,
+    pub no_loop: bool,
+    pub no_verify: bool,
+    pub flush_interval: f64,
+    pub flush_bytes: Option<u64>,
+}
+
+/// `none`, `zstd` or `zstd:LEVEL`.
+pub fn parse_wal_compression(value: &str) -> pgrepo::Result<pgrepo::WalCompression> {
+    let bad = || {
+        pgrepo::Error::usage(
+            format!("--compress {value:?} is not a WAL compression"),
+            "use none, zstd or zstd:LEVEL (1 to 22)",
+        )
+    };
+    match value.split_once(':') {
+        None if value == "none" => Ok(pgrepo::WalCompression::None),
+        None if value == "zstd" => Ok(pgrepo::WalCompression::Zstd { level: 3 }),
+        Some(("zstd", level)) => match level.parse::<i32>() {
+            Ok(level @ 1..=22) => Ok(pgrepo::WalCompression::Zstd { level }),
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
+}
+
+/// Streams WAL into the repository until Ctrl-C, SIGTERM, `--endpos` or (with
+/// `--no-loop`) the end of the connection.
+pub async fn run_receive_wal_repo(args: ReceiveWalRepoArgs) -> pgrepo::Result<ExitCode> {
+    let repo = args.store.open()?;
+    let config = crate::source_config(&args.source)?;
+    if !args.flush_interval.is_finite() || args.flush_interval <= 0.0 {
+        return Err(pgrepo::Error::usage(
+            format!(
+                "--flush-interval {} is not a positive number of seconds",
+                args.flush_interval
+            ),
+            "give the longest time verified WAL may wait before it is stored, e.g. 1 or 0.2",
+        ));
+    }
+    let mut archive_options = pgrepo::WalArchiveOptions::default();
+    archive_options.compression =
+        parse_wal_compression(args.compress.as_deref().unwrap_or("zstd"))?;
+    archive_options.flush_interval = Duration::from_secs_f64(args.flush_interval);
+    if let Some(bytes) = args.flush_bytes {
+        if bytes == 0 {
+            return Err(pgrepo::Error::usage(
+                "--flush-bytes 0 would store an empty piece",
+                "give a number of bytes above 0",
+            ));
+        }
+        archive_options.flush_bytes = bytes;
+    }
+    archive_options.synchronous = args.synchronous;
+    let archive = pgrepo::RepoWal::new(repo.clone(), archive_options);
+
+    let mut options = walstream::ReceiveOptions::new("");
+    options.slot = args.slot.clone();
+    options.create_slot = args.create_slot;
+    options.synchronous = args.synchronous;
+    options.no_loop = args.no_loop;
+    options.verify_records = !args.no_verify;
+    let parse_lsn = |text: &str, option: &str| {
+        text.parse::<pgwire_repl::Lsn>().map_err(|e| {
+            pgrepo::Error::usage(
+                format!("{option} {text:?} is not an LSN: {e}"),
+                "write it as PostgreSQL does, e.g. 0/3000000",
+            )
+        })
+    };
+    if let Some(endpos) = &args.endpos {
+        options.endpos = Some(parse_lsn(endpos, "--endpos")?);
+    }
+    if let Some(start) = &args.start_lsn {
+        options.start_position = Some(parse_lsn(start, "--start-lsn")?);
+    }
+    let shutdown = async {
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => None } } => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let result = walstream::receive_wal_into(&config, &options, archive.clone(), shutdown).await;
+    if let Err(e) = archive.release().await {
+        eprintln!("clone-standby: could not release the receiver lease (it expires on its own in 30 s): {e}");
+    }
+    match result {
+        Ok(summary) => {
+            eprintln!(
+                "clone-standby: stopped ({}) at {} on timeline {}: stored up to {} in {}, {} bytes received, {} segments completed, {} reconnects",
+                summary.end_reason,
+                summary.written,
+                summary.timeline,
+                summary.flushed,
+                repo.url(),
+                summary.bytes_received,
+                archive.segments_completed(),
+                summary.reconnects
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!(
+                "clone-standby: receive-wal failed: {e}\n  the archive in {} holds every WAL byte acknowledged to the server; starting the receiver again resumes from it",
+                repo.url()
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
