@@ -354,6 +354,9 @@ pub struct Garage {
     pub version: String,
     /// True when the TCP_NODELAY shim is preloaded.
     pub nodelay: bool,
+    /// True when Garage fsyncs data blocks and metadata before it acknowledges a write
+    /// (`data_fsync`, `metadata_fsync`; both off by default in Garage).
+    pub fsync: bool,
     dir: PathBuf,
 }
 
@@ -365,6 +368,19 @@ impl Garage {
         dir: &Path,
         base_port: u16,
         nodelay: Option<&Path>,
+        log: &dyn Fn(&str),
+    ) -> Result<Garage> {
+        Garage::start_with(binary, dir, base_port, nodelay, false, log)
+    }
+
+    /// [`Garage::start`], and with `fsync` Garage syncs data blocks and metadata to disk
+    /// before it acknowledges a write.
+    pub fn start_with(
+        binary: &Path,
+        dir: &Path,
+        base_port: u16,
+        nodelay: Option<&Path>,
+        fsync: bool,
         log: &dyn Fn(&str),
     ) -> Result<Garage> {
         if dir.exists() {
@@ -379,6 +395,8 @@ impl Garage {
              db_engine = \"sqlite\"\n\
              replication_factor = 1\n\
              compression_level = \"none\"\n\
+             data_fsync = {fsync}\n\
+             metadata_fsync = {fsync}\n\
              rpc_bind_addr = \"127.0.0.1:{rpc_port}\"\n\
              rpc_public_addr = \"127.0.0.1:{rpc_port}\"\n\
              rpc_secret = \"{secret}\"\n\n\
@@ -459,8 +477,9 @@ impl Garage {
         ])?;
         let version = first_line_of(binary, &["--version"]).unwrap_or_default();
         log(&format!(
-            "garage started: {version}, S3 on 127.0.0.1:{s3_port}, TCP_NODELAY shim {}",
-            if nodelay.is_some() { "on" } else { "off" }
+            "garage started: {version}, S3 on 127.0.0.1:{s3_port}, TCP_NODELAY shim {}, fsync {}",
+            if nodelay.is_some() { "on" } else { "off" },
+            if fsync { "on" } else { "off" }
         ));
         Ok(Garage {
             process,
@@ -470,6 +489,7 @@ impl Garage {
             secret,
             version,
             nodelay: nodelay.is_some(),
+            fsync,
             dir: dir.to_path_buf(),
         })
     }

@@ -442,6 +442,8 @@ pub struct WalBenchReport {
     pub versions: Vec<String>,
     /// TCP_NODELAY shim in Garage.
     pub nodelay: bool,
+    /// Garage fsyncs before acknowledging a write.
+    pub garage_fsync: bool,
     /// Rounds.
     pub rounds: u32,
     /// wal-archive, when it ran.
@@ -497,6 +499,8 @@ pub struct WalBench<'a> {
     pub base_port: u16,
     /// Preload the TCP_NODELAY shim.
     pub nodelay: bool,
+    /// Garage fsyncs data and metadata before acknowledging a write.
+    pub garage_fsync: bool,
     /// Per-run time limit, s.
     pub timeout_s: u64,
     /// Progress.
@@ -622,11 +626,12 @@ impl WalBench<'_> {
         } else {
             None
         };
-        let garage = Garage::start(
+        let garage = Garage::start_with(
             &self.peers.garage,
             &root.join("garage"),
             self.base_port,
             shim.as_deref(),
+            self.garage_fsync,
             log,
         )?;
         let archive_tools = self.archive_tools();
@@ -652,6 +657,7 @@ impl WalBench<'_> {
         let mut report = WalBenchReport {
             versions: self.peers.versions.clone(),
             nodelay: store.garage.nodelay,
+            garage_fsync: store.garage.fsync,
             rounds: self.rounds,
             archive: None,
             archive_error: None,
@@ -1452,12 +1458,17 @@ pub fn markdown(report: &WalBenchReport) -> String {
     let _ = writeln!(
         out,
         "### WAL archive in object storage (Garage)\n\nStore: {}; single node on loopback, \
-         TCP_NODELAY shim {}; {} round(s), order rotated per round.\n",
+         TCP_NODELAY shim {}, {}; {} round(s), order rotated per round.\n",
         report.versions.join("; "),
         if report.nodelay {
             "on"
         } else {
             "off (stock Garage)"
+        },
+        if report.garage_fsync {
+            "data_fsync and metadata_fsync on (a write is acknowledged once on disk)"
+        } else {
+            "Garage's default data_fsync = metadata_fsync = false (a write is acknowledged before it is on disk)"
         },
         report.rounds
     );

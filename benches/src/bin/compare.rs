@@ -92,6 +92,10 @@ struct Args {
     /// then adds about 44 ms to each small GET on loopback)
     #[arg(long)]
     stock_garage: bool,
+    /// WAL archive: run Garage with data_fsync and metadata_fsync on, so the store
+    /// acknowledges a write only once it is on disk (Garage's default is off)
+    #[arg(long)]
+    garage_fsync: bool,
     /// Object storage: first of the ports on 127.0.0.1 (Garage S3, +1 RPC, +3 admin,
     /// +4 the TLS proxy for pgBackRest)
     #[arg(long, default_value_t = 39100)]
@@ -429,6 +433,7 @@ fn main() -> ExitCode {
             work_dir: settings.work_dir.clone(),
             base_port: args.repo_port,
             nodelay: !args.stock_garage,
+            garage_fsync: args.garage_fsync,
             timeout_s: settings.timeout_s,
             log: &log,
         })
