@@ -176,6 +176,10 @@ pub struct BackupOptions {
     pub manifest_checksums: ChecksumAlgorithm,
     /// Server-side compression (15+).
     pub compression: Option<ServerCompression>,
+    /// Send only what changed since the backup whose manifest was uploaded on the same
+    /// connection (`INCREMENTAL`, 17+; see
+    /// [`ReplicationClient::upload_manifest`](pgwire_repl::ReplicationClient::upload_manifest)).
+    pub incremental: bool,
     /// Fail with a `Timeout` error when the server sends nothing for this long during the
     /// copy (each read of the archive and manifest stream). A healthy server never pauses
     /// that long mid-copy, even with `max_rate`; without a limit a stalled server or link
@@ -203,6 +207,7 @@ impl Default for BackupOptions {
             manifest: ManifestMode::Yes,
             manifest_checksums: ChecksumAlgorithm::Crc32c,
             compression: None,
+            incremental: false,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
     }
@@ -265,6 +270,9 @@ pub fn build_command(opts: &BackupOptions, server_major: u32) -> Result<String> 
         ManifestMode::ForceEncode => "force-encode",
         ManifestMode::No => "no",
     };
+    if opts.incremental && server_major < 17 {
+        return Err(Error::unsupported("incremental backups", 17, server_major));
+    }
     if server_major < 15 {
         if opts.compression.is_some() {
             return Err(Error::unsupported(
@@ -333,6 +341,9 @@ pub fn build_command(opts: &BackupOptions, server_major: u32) -> Result<String> 
         ));
     }
     parts.push("TARGET 'client'".into());
+    if opts.incremental {
+        parts.push("INCREMENTAL".into());
+    }
     if let Some(c) = &opts.compression {
         parts.push(format!("COMPRESSION '{}'", c.method.name()));
         let mut detail = Vec::new();
@@ -389,11 +400,27 @@ mod tests {
             manifest: ManifestMode::ForceEncode,
             manifest_checksums: ChecksumAlgorithm::Sha512,
             compression: None,
+            incremental: false,
             idle_timeout: None,
         };
         assert_eq!(
             build_command(&opts, 13).unwrap(),
             "BASE_BACKUP LABEL 'it''s' WAL MAX_RATE 32 TABLESPACE_MAP NOVERIFY_CHECKSUMS MANIFEST 'force-encode' MANIFEST_CHECKSUMS 'SHA512'"
+        );
+    }
+
+    #[test]
+    fn incremental_needs_17() {
+        let opts = BackupOptions {
+            incremental: true,
+            ..BackupOptions::default()
+        };
+        assert!(build_command(&opts, 17)
+            .unwrap()
+            .ends_with("TARGET 'client', INCREMENTAL )"));
+        assert_eq!(
+            build_command(&opts, 16).unwrap_err().kind(),
+            crate::ErrorKind::Unsupported
         );
     }
 

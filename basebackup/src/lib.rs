@@ -40,6 +40,7 @@ pub mod command;
 pub mod demux;
 mod direct;
 mod error;
+pub mod incremental;
 pub mod manifest;
 mod pipeline;
 pub mod protocol;

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::layout::{check_label, default_label, CommitRecord, StoredCompression};
 use crate::repository::Repository;
 use crate::upload::{RepoSink, UploadOptions};
+use sha2::Digest;
 
 /// Where the archives are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +103,9 @@ pub struct RepoBackupOptions {
     pub max_rate: Option<u32>,
     /// Multipart upload settings.
     pub upload: UploadOptions,
+    /// Take an incremental backup (PostgreSQL 17+, `summarize_wal = on`) on top of this
+    /// committed backup (a label, or `latest`): only what changed since it is sent.
+    pub incremental_from: Option<String>,
 }
 
 impl Default for RepoBackupOptions {
@@ -112,6 +116,7 @@ impl Default for RepoBackupOptions {
             checkpoint: basebackup::Checkpoint::Fast,
             max_rate: None,
             upload: UploadOptions::default(),
+            incremental_from: None,
         }
     }
 }
@@ -176,6 +181,10 @@ pub async fn backup_with_counter(
             "choose another --label (labels are never reused)",
         ));
     }
+    let parent = match &options.incremental_from {
+        Some(from) => Some(upload_parent_manifest(&mut client, repo, from, major).await?),
+        None => None,
+    };
     // Keeps the WAL from the backup's start on the server until the backup ends; it
     // goes away with the connection.
     let slot = format!("pgrepo_{}", std::process::id());
@@ -223,9 +232,14 @@ pub async fn backup_with_counter(
         max_rate: options.max_rate,
         manifest: ManifestMode::Yes,
         compression: server_compression,
+        incremental: parent.is_some(),
         ..BackupOptions::default()
     };
-    let backup = BaseBackup::start(client, backup_options).await?;
+    let backup = match BaseBackup::start(client, backup_options).await {
+        Ok(backup) => backup,
+        Err(e) if parent.is_some() => return Err(explain_incremental_failure(e.into())),
+        Err(e) => return Err(e.into()),
+    };
     let sink = RepoSink::new(
         repo.clone(),
         label,
@@ -233,7 +247,8 @@ pub async fn backup_with_counter(
         client_compression,
         options.upload,
         uploaded,
-    );
+    )
+    .parent(parent);
     let (_, sink) = backup.receive_async(sink, progress).await?;
     let record = sink.committed.ok_or_else(|| {
         Error::usage(
@@ -242,4 +257,65 @@ pub async fn backup_with_counter(
         )
     })?;
     Ok(RepoBackupSummary { record })
+}
+
+/// Checks the parent backup and sends its manifest with UPLOAD_MANIFEST; returns its
+/// label.
+async fn upload_parent_manifest(
+    client: &mut ReplicationClient,
+    repo: &Repository,
+    from: &str,
+    major: u32,
+) -> Result<String> {
+    if major < 17 {
+        return Err(Error::usage(
+            format!("incremental backups need PostgreSQL 17 or later; this server is {major}"),
+            "take a full backup (leave out --incremental)",
+        ));
+    }
+    let summarize = client.show("summarize_wal").await?;
+    if summarize != "on" {
+        return Err(Error::usage(
+            format!("the server has summarize_wal = {summarize}, and incremental backups need WAL summaries"),
+            "set summarize_wal = on (ALTER SYSTEM SET summarize_wal = on; SELECT pg_reload_conf()), \
+             then take a full backup: an incremental one needs summaries from its parent's start onwards",
+        ));
+    }
+    let parent = repo.backup(from).await?;
+    let manifest_path = repo.backup_path(&parent.label, crate::layout::MANIFEST);
+    let manifest = repo
+        .get_bytes(&manifest_path, parent.manifest_bytes)
+        .await?;
+    let digest = sha2::Sha256::digest(&manifest);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    if manifest.len() as u64 != parent.manifest_bytes || hex != parent.manifest_sha256 {
+        return Err(Error::verify(
+            repo.describe(&manifest_path),
+            "does not match the size and SHA-256 its commit record names",
+        ));
+    }
+    client
+        .upload_manifest(&manifest)
+        .await
+        .map_err(|e| explain_incremental_failure(e.into()))?;
+    Ok(parent.label)
+}
+
+/// Adds what to do to the server's refusals of an incremental backup.
+fn explain_incremental_failure(error: Error) -> Error {
+    let text = error.to_string();
+    if text.contains("summar") {
+        return Error::usage(
+            format!("the server cannot take an incremental backup on top of this parent: {}", error.message()),
+            "the WAL summaries since the parent's start are missing (expired after wal_summary_keep_time, \
+             or summarize_wal was off for a while): take a full backup, then incremental ones on top of it",
+        );
+    }
+    if text.contains("manifest") {
+        return Error::usage(
+            format!("the server refused the parent's manifest: {}", error.message()),
+            "the parent must be a backup of this very cluster and timeline history; take a full backup",
+        );
+    }
+    error
 }

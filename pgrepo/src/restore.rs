@@ -362,6 +362,15 @@ pub async fn restore_backup(
     downloaded: Option<Arc<AtomicU64>>,
 ) -> Result<ReadSummary> {
     let record = repo.backup(label).await?;
+    if let Some(parent) = &record.parent {
+        return Err(Error::usage(
+            format!(
+                "backup {} is incremental (on top of {parent}); restoring a chain is not supported yet",
+                record.label
+            ),
+            "restore a full backup (see `clone-standby list`: the parent column is \"-\"), then replay WAL",
+        ));
+    }
     if options.delta {
         return crate::delta::restore_delta(
             repo,

@@ -359,6 +359,7 @@ pub(crate) struct RepoSink {
     wal: WalCheck,
     /// The commit record, once committed.
     pub committed: Option<CommitRecord>,
+    parent: Option<String>,
 }
 
 impl RepoSink {
@@ -383,7 +384,14 @@ impl RepoSink {
             archives: Vec::new(),
             wal: WalCheck::default(),
             committed: None,
+            parent: None,
         }
+    }
+
+    /// Names the parent of an incremental backup in its commit record.
+    pub fn parent(mut self, parent: Option<String>) -> RepoSink {
+        self.parent = parent;
+        self
     }
 
     async fn write(&mut self, data: Bytes) -> basebackup::Result<()> {
@@ -437,7 +445,7 @@ impl RepoSink {
                 segments: self.wal.segments(),
                 records_verified: self.wal.records_verified(),
             },
-            parent: None,
+            parent: self.parent.clone(),
         })
     }
 }

@@ -210,6 +210,48 @@ pub async fn wal_inventory(
     Ok(inventory)
 }
 
+/// How far back a hole is looked for: more segments than are ever uploaded at once.
+const HOLE_WINDOW: u64 = 64;
+
+/// Where a receiver resumes: `(timeline, segment, after)`, streaming from the start of
+/// `segment` (or of the next one when `after`). Normally that is after the newest
+/// complete segment or at the newest segment with pieces (highest number, then
+/// timeline). Complete segments are stored several at a time, so a crash can leave a
+/// hole just below the newest one: the lowest such hole wins, so that it is filled.
+pub fn resume_segment(inventory: &WalInventory) -> Option<(TimelineId, u64, bool)> {
+    let stored = |o: &SegmentObjects| o.complete.is_some() || o.contiguous_end() > 0;
+    let (&(newest_timeline, newest), objects) = inventory
+        .segments
+        .iter()
+        .filter(|(_, o)| stored(o))
+        .max_by_key(|((timeline, segment), _)| (*segment, *timeline))?;
+    let complete_on = |segment: u64| {
+        inventory
+            .segments
+            .range((TimelineId(0), segment)..=(newest_timeline, segment))
+            .filter(|((_, s), o)| *s == segment && o.complete.is_some())
+            .map(|((t, _), _)| *t)
+            .max()
+    };
+    let first = inventory
+        .segments
+        .iter()
+        .filter(|((t, _), o)| *t <= newest_timeline && stored(o))
+        .map(|((_, s), _)| *s)
+        .min()?;
+    let lowest = first.max(newest.saturating_sub(HOLE_WINDOW));
+    for segment in lowest..newest {
+        if complete_on(segment).is_none() {
+            let timeline = segment
+                .checked_sub(1)
+                .and_then(complete_on)
+                .unwrap_or(newest_timeline);
+            return Some((timeline, segment, false));
+        }
+    }
+    Some((newest_timeline, newest, objects.complete.is_some()))
+}
+
 /// A repository's WAL archive as a [`WalDestination`] for
 /// [`walstream::receive_wal_into`]. Clones share the receiver lease, so keep one to
 /// [`release`](RepoWal::release) it after streaming.
@@ -241,8 +283,8 @@ struct Shared {
     segment_size: Option<WalSegmentSize>,
     system_id: Option<SystemId>,
     lease: Option<Arc<Lease>>,
-    /// The pieces of the segment streaming resumes at, left by an earlier receiver.
-    resume_pieces: Option<(TimelineId, u64, SegmentObjects)>,
+    /// Pieces left by an earlier receiver of segments with no complete object.
+    resume_pieces: BTreeMap<(TimelineId, u64), SegmentObjects>,
     segments_completed: u64,
 }
 
@@ -367,43 +409,41 @@ impl RepoWal {
                 }
             });
         }
-        let newest = inventory
-            .segments
-            .iter()
-            .filter(|(_, s)| s.complete.is_some() || s.contiguous_end() > 0)
-            .max_by_key(|((timeline, segment), _)| (*segment, *timeline));
         let system_id = self.lock().system_id;
-        let Some(((timeline, segment), objects)) = newest else {
-            self.lock().resume_pieces = None;
+        let Some((timeline, segment, resume_after)) = resume_segment(&inventory) else {
+            self.lock().resume_pieces.clear();
             return Ok(None);
         };
-        let (lsn, from) = match &objects.complete {
-            Some(path) => (
-                Lsn((segment + 1) * segment_size.bytes()),
-                self.repo.describe(path),
+        let from = match inventory.segments.get(&(timeline, segment)) {
+            Some(objects) if resume_after => objects
+                .complete
+                .as_ref()
+                .map(|p| self.repo.describe(p))
+                .unwrap_or_default(),
+            Some(objects) => format!(
+                "{} ({} bytes in pieces)",
+                self.repo.describe(&self.repo.path(&segment_object(
+                    timeline,
+                    &wal_file_name(timeline, segment, segment_size),
+                    false
+                ))),
+                objects.contiguous_end()
             ),
-            None => {
-                self.lock().resume_pieces = Some((*timeline, *segment, objects.clone()));
-                (
-                    Lsn(segment * segment_size.bytes()),
-                    format!(
-                        "{} pieces",
-                        self.repo.describe(&self.repo.path(&partial_object(
-                            *timeline,
-                            &wal_file_name(*timeline, *segment, segment_size),
-                            0,
-                            objects.contiguous_end()
-                        )))
-                    ),
-                )
-            }
+            None => format!(
+                "the hole at {} in {}",
+                wal_file_name(timeline, segment, segment_size),
+                self.repo.url()
+            ),
         };
-        if objects.complete.is_some() {
-            self.lock().resume_pieces = None;
-        }
+        let lsn = Lsn((segment + u64::from(resume_after)) * segment_size.bytes());
+        self.lock().resume_pieces = inventory
+            .segments
+            .into_iter()
+            .filter(|(_, o)| o.complete.is_none() && o.contiguous_end() > 0)
+            .collect();
         Ok(Some(Resume {
             lsn,
-            timeline: *timeline,
+            timeline,
             system_id,
             from,
         }))
@@ -492,9 +532,9 @@ impl WalDestination for RepoWal {
     ) -> walstream::Result<RepoWalWriter> {
         let segment_size = self.segment_size()?;
         let segno = start.0 / segment_size.bytes();
-        let resume = self.lock().resume_pieces.take();
-        let (prefix, old_pieces) = match resume {
-            Some((t, s, objects)) if t == timeline && s == segno => {
+        let stored = self.lock().resume_pieces.remove(&(timeline, segno));
+        let (prefix, old_pieces) = match stored {
+            Some(objects) => {
                 let prefix = self
                     .read_pieces(&objects)
                     .await
@@ -502,7 +542,7 @@ impl WalDestination for RepoWal {
                 let keys = objects.pieces.into_iter().map(|(_, _, p)| p).collect();
                 (prefix, keys)
             }
-            _ => (Bytes::new(), Vec::new()),
+            None => (Bytes::new(), Vec::new()),
         };
         let lease = self.lock().lease.clone();
         Ok(RepoWalWriter::spawn(Archiver::new(
@@ -1242,6 +1282,58 @@ mod tests {
         wal.open(WalSegmentSize::new(MIB).unwrap()).await.unwrap();
         let refused = wal.check_system(SystemId(43)).await.unwrap_err();
         assert!(refused.to_string().contains("belongs"), "{refused}");
+    }
+
+    fn inventory(entries: &[(u32, u64, bool, u64)]) -> WalInventory {
+        let mut inventory = WalInventory::default();
+        for &(timeline, segment, complete, pieces_to) in entries {
+            let objects = inventory
+                .segments
+                .entry((TimelineId(timeline), segment))
+                .or_default();
+            if complete {
+                objects.complete = Some(Path::from("c"));
+            }
+            if pieces_to > 0 {
+                objects.pieces.push((0, pieces_to, Path::from("p")));
+            }
+        }
+        inventory
+    }
+
+    #[test]
+    fn where_a_receiver_resumes() {
+        assert_eq!(resume_segment(&WalInventory::default()), None);
+        // After the newest complete segment.
+        let run = inventory(&[(1, 3, true, 0), (1, 4, true, 0)]);
+        assert_eq!(resume_segment(&run), Some((TimelineId(1), 4, true)));
+        // At the newest segment with pieces.
+        let pieces = inventory(&[(1, 3, true, 0), (1, 4, false, 100)]);
+        assert_eq!(resume_segment(&pieces), Some((TimelineId(1), 4, false)));
+        // A hole left by a crash below newer objects is filled first.
+        let hole = inventory(&[
+            (1, 3, true, 0),
+            (1, 4, false, 0),
+            (1, 5, true, 0),
+            (1, 6, false, 10),
+        ]);
+        assert_eq!(resume_segment(&hole), Some((TimelineId(1), 4, false)));
+        let hole_with_pieces = inventory(&[(1, 3, true, 0), (1, 4, false, 50), (1, 5, true, 0)]);
+        assert_eq!(
+            resume_segment(&hole_with_pieces),
+            Some((TimelineId(1), 4, false))
+        );
+        // A timeline switch is not a hole: segment 5 is complete on timeline 2.
+        let switched = inventory(&[
+            (1, 4, true, 0),
+            (1, 5, false, 70),
+            (2, 5, true, 0),
+            (2, 6, false, 5),
+        ]);
+        assert_eq!(resume_segment(&switched), Some((TimelineId(2), 6, false)));
+        // Segments before the first stored one (removed by retention) are not holes.
+        let trimmed = inventory(&[(1, 100, true, 0), (1, 101, true, 0)]);
+        assert_eq!(resume_segment(&trimmed), Some((TimelineId(1), 101, true)));
     }
 
     #[test]

@@ -473,6 +473,85 @@ impl ReplicationClient {
         }
     }
 
+    /// `UPLOAD_MANIFEST` (PostgreSQL 17+): sends a parent backup's `backup_manifest`,
+    /// so that the next `BASE_BACKUP (INCREMENTAL)` on this connection sends only what
+    /// changed since that backup. The server checks the manifest (its system
+    /// identifier, its WAL ranges) and answers with an error it explains.
+    ///
+    /// ```no_run
+    /// # async fn demo(parent_manifest: Vec<u8>) -> pgwire_repl::Result<()> {
+    /// let config = pgwire_repl::Config::parse_with_env("host=primary user=repl")?;
+    /// let mut repl = pgwire_repl::ReplicationClient::connect(&config).await?;
+    /// repl.upload_manifest(&parent_manifest).await?;
+    /// // … then BASE_BACKUP ( INCREMENTAL, … ) on the same connection.
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: a call dropped while the manifest is being sent leaves the
+    /// connection in COPY mode; drop the connection then.
+    pub async fn upload_manifest(&mut self, manifest: &[u8]) -> Result<()> {
+        if self.server_major() < 17 {
+            return Err(Error::usage(
+                format!(
+                    "UPLOAD_MANIFEST needs PostgreSQL 17 or later; this server is {}",
+                    self.server_major()
+                ),
+                "take a full backup, or upgrade the server for incremental backups",
+            ));
+        }
+        settle(&mut self.conn, &mut self.unanswered).await?;
+        frontend::query("UPLOAD_MANIFEST", self.conn.write_buf())?;
+        self.unanswered = true;
+        self.conn.flush().await?;
+        let mut error = None;
+        let mut sent = false;
+        loop {
+            match self.conn.read_message().await? {
+                BackendMessage::CopyInResponse(_) if !sent => {
+                    for chunk in manifest.chunks(64 * 1024) {
+                        frontend::copy_data(chunk, self.conn.write_buf());
+                        if self.conn.write_buf().len() >= 256 * 1024 {
+                            self.conn.flush().await?;
+                        }
+                    }
+                    frontend::copy_done(self.conn.write_buf());
+                    self.conn.flush().await?;
+                    sent = true;
+                }
+                BackendMessage::ErrorResponse(db) => {
+                    let fatal = db.severity == "FATAL" || db.severity == "PANIC";
+                    let server_error = Error::server("uploading the parent backup's manifest", db);
+                    if fatal {
+                        return Err(server_error);
+                    }
+                    error = Some(server_error);
+                }
+                BackendMessage::ReadyForQuery { .. } => {
+                    self.unanswered = false;
+                    break;
+                }
+                BackendMessage::CommandComplete { .. }
+                | BackendMessage::RowDescription(_)
+                | BackendMessage::DataRow(_) => {}
+                other => {
+                    return Err(Error::protocol(format!(
+                        "unexpected {} in reply to UPLOAD_MANIFEST",
+                        other.name()
+                    )))
+                }
+            }
+        }
+        match (error, sent) {
+            (Some(error), _) => Err(error),
+            (None, true) => Ok(()),
+            (None, false) => Err(Error::protocol(
+                "the server accepted UPLOAD_MANIFEST without asking for the manifest",
+            )),
+        }
+    }
+
     /// `IDENTIFY_SYSTEM`.
     pub async fn identify_system(&mut self) -> Result<IdentifySystem> {
         let row = self.single_row("IDENTIFY_SYSTEM").await?;

@@ -104,6 +104,13 @@ pub struct BackupArgs {
     /// End with a JSON summary on standard output.
     #[arg(long)]
     pub json: bool,
+    /// An incremental backup (PostgreSQL 17+, summarize_wal = on): only what changed
+    /// since the backup named by --from is sent and stored.
+    #[arg(long)]
+    pub incremental: bool,
+    /// The parent of an incremental backup: a label, or latest.
+    #[arg(long, default_value = "latest", requires = "incremental")]
+    pub from: String,
 }
 
 /// `list`.
@@ -252,6 +259,7 @@ pub async fn run_backup(args: BackupArgs) -> pgrepo::Result<ExitCode> {
             part_size: args.part_size_mib.max(5) << 20,
             concurrency: args.upload_concurrency.max(1),
         },
+        incremental_from: args.incremental.then(|| args.from.clone()),
     };
     // Only objects this run stored may be removed after an interruption: a label that is
     // taken already (the backup then refuses it) is never cleaned up here.
@@ -338,8 +346,16 @@ pub async fn run_list(args: ListArgs) -> pgrepo::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<22} {:<20} {:>12} {:>12} {:>3} {:>10} {:>10} {:<12} WAL",
-        "label", "finished (UTC)", "start", "end", "tli", "database", "stored", "compression"
+        "{:<22} {:<20} {:>12} {:>12} {:>3} {:>10} {:>10} {:<12} {:<22} WAL",
+        "label",
+        "finished (UTC)",
+        "start",
+        "end",
+        "tli",
+        "database",
+        "stored",
+        "compression",
+        "parent"
     );
     for b in &backups {
         let compression = b
@@ -348,7 +364,7 @@ pub async fn run_list(args: ListArgs) -> pgrepo::Result<ExitCode> {
             .map(|a| format!("{}/{}", a.compression.name(), a.compressed_by))
             .unwrap_or_default();
         println!(
-            "{:<22} {:<20} {:>12} {:>12} {:>3} {:>10} {:>10} {:<12} complete (in backup, {} segments)",
+            "{:<22} {:<20} {:>12} {:>12} {:>3} {:>10} {:>10} {:<12} {:<22} complete (in backup, {} segments)",
             b.label,
             b.finished_at.trim_end_matches('Z').replace('T', " "),
             b.start_lsn,
@@ -357,6 +373,7 @@ pub async fn run_list(args: ListArgs) -> pgrepo::Result<ExitCode> {
             mib(b.database_bytes),
             mib(b.stored_bytes),
             compression,
+            b.parent.as_deref().unwrap_or("-"),
             b.wal.segments
         );
     }
