@@ -222,9 +222,13 @@ port = $restored_port
 synchronous_standby_names = ''
 CONF
 if [[ $(id -u) -eq 0 ]]; then chown -R postgres: "$work/restored"; fi
-say "restore_command written by restore:"
-grep -h "restore_command" "$work/restored/postgresql.auto.conf" "$work/restored/postgresql.conf" 2>/dev/null \
-    | sed 's/^/     /' || say "(none found)"
+if grep -hs "^restore_command" "$work/restored/postgresql.auto.conf" "$work/restored/postgresql.conf" >"$work/restore_command.txt"; then
+    say "restore wrote a restore_command, so the server fetches the archived WAL from the repository:"
+    sed 's/^/     /' "$work/restore_command.txt"
+else
+    say "this build's restore wrote no restore_command (clone-standby wal-fetch is not there yet):"
+    say "the restored server can replay only the WAL inside the backup, so the check below will fail"
+fi
 
 step "starting the restored server on port $restored_port: it replays the archived WAL, then opens"
 as_server "$bin/pg_ctl" -D "$work/restored" -l "$work/restored.log" -w -t 600 start >/dev/null

@@ -229,6 +229,7 @@ pub enum ArchiveTool {
     /// `clone-standby receive-wal --repo`.
     Ours,
     /// `pgbackrest archive-push`, asynchronous, two processes.
+    #[serde(rename = "pgbackrest")]
     PgBackRest,
     /// `barman-cloud-wal-archive`.
     Barman,
@@ -334,6 +335,7 @@ pub enum SyncMode {
     /// No synchronous standby.
     Baseline,
     /// `pg_receivewal --synchronous` into a local directory.
+    #[serde(rename = "pg_receivewal")]
     PgReceivewal,
     /// `clone-standby receive-wal --repo … --synchronous` into Garage.
     Ours,
