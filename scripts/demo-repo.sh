@@ -55,6 +55,8 @@ install -m 755 "${CARGO_TARGET_DIR:-$repo_root/target}/release/clone-standby" "$
 tool=$work/bin/clone-standby
 
 as_server() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+# As root, the servers run as the postgres OS user, which creates their directories here.
+if [[ $(id -u) -eq 0 ]]; then chown postgres "$work"; fi
 garage_pid= receiver_pid= load_pid= acker_pid=
 cleanup() {
     local status=$?
@@ -71,7 +73,7 @@ cleanup() {
         rm -rf "$work"
     fi
     if [[ $status -ne 0 ]]; then
-        echo "demo-repo.sh FAILED (exit status $status); logs were in $work" >&2
+        echo "demo-repo.sh FAILED (exit status $status); run it with DEMO_KEEP=1 to keep the logs" >&2
     fi
 }
 trap cleanup EXIT
@@ -241,7 +243,10 @@ say "in recovery: $(psql_restored -c "SELECT pg_is_in_recovery()")"
 
 step "every acknowledged commit must be in the restored server"
 psql_restored -c "SELECT id FROM acked ORDER BY id" > "$work/restored-ids.txt"
-missing=$(sort -n "$work/acked.txt" | comm -23 - <(sort -n "$work/restored-ids.txt") | wc -l)
+# comm wants both lists in the same (textual) order.
+sort "$work/acked.txt" > "$work/acked.sorted"
+sort "$work/restored-ids.txt" > "$work/restored.sorted"
+missing=$(comm -23 "$work/acked.sorted" "$work/restored.sorted" | wc -l)
 present=$(wc -l < "$work/restored-ids.txt")
 say "acknowledged to the client: $acked (1 … $last)"
 say "rows in the restored table: $present"
