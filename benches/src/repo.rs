@@ -500,6 +500,13 @@ impl Garage {
         drop(self.process);
         let _ = std::fs::remove_dir_all(dir);
     }
+
+    /// Copies the server's log (`garage.log`) to `to`, so it outlives [`Garage::stop`].
+    pub fn keep_log(&self, to: &Path) -> Result<()> {
+        std::fs::copy(self.dir.join("garage.log"), to)
+            .map(drop)
+            .map_err(|e| format!("copying the Garage log to {}: {e}", to.display()))
+    }
 }
 
 /// haproxy in TCP mode terminating TLS in front of Garage, for pgBackRest (stopped on

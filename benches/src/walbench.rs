@@ -690,6 +690,12 @@ impl WalBench<'_> {
                     .push(format!("resetting synchronous_standby_names: {e}"));
             }
         }
+        // The store's log outlives the store: a slow or failed upload is explained there.
+        let kept = self.work_dir.join("logs").join("walrepo-garage.log");
+        match store.garage.keep_log(&kept) {
+            Ok(()) => log(&format!("Garage's log kept in {}", kept.display())),
+            Err(e) => report.checks.push(e),
+        }
         drop(store.tls);
         store.garage.stop();
         Ok(report)
