@@ -149,6 +149,12 @@ impl Error {
         e
     }
 
+    /// Replaces the advice (what to do).
+    pub fn with_advice(mut self, advice: impl Into<String>) -> Error {
+        self.0.advice = Some(advice.into());
+        self
+    }
+
     /// Adds what this layer was doing in front of the message.
     pub fn context(mut self, context: impl fmt::Display) -> Error {
         self.0.message = format!("{context}: {}", self.0.message);

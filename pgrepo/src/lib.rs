@@ -35,11 +35,13 @@ pub mod layout;
 pub mod lease;
 mod repository;
 mod restore;
+pub mod retention;
 mod store;
 pub mod tarindex;
 mod upload;
 pub mod walarchive;
 pub mod walcheck;
+pub mod walfetch;
 pub mod walnames;
 
 pub use backup::{

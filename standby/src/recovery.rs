@@ -99,19 +99,48 @@ pub fn write_standby_config(
     slot: Option<&str>,
 ) -> std::io::Result<()> {
     fs::write(data_dir.join("standby.signal"), b"")?;
+    append_auto_conf(data_dir, &auto_conf_lines(conninfo, slot))
+}
+
+/// The lines of recovery settings (`restore_command`, `recovery_target_lsn`, …) for
+/// `postgresql.auto.conf`, each value quoted with [`quote_guc`].
+///
+/// ```
+/// let lines = standby::recovery::settings_lines(&[("recovery_target_action", "promote")]);
+/// assert_eq!(lines, "# Written by clone-standby\nrecovery_target_action = 'promote'\n");
+/// ```
+pub fn settings_lines(settings: &[(&str, &str)]) -> String {
+    let mut lines = String::from("# Written by clone-standby\n");
+    for (name, value) in settings {
+        lines.push_str(&format!("{name} = {}\n", quote_guc(value)));
+    }
+    lines
+}
+
+/// Appends `lines` to `postgresql.auto.conf` (the last setting of a name wins), synced,
+/// and leaves the file with mode 0600.
+pub fn append_auto_conf(data_dir: &Path, lines: &str) -> std::io::Result<()> {
     let auto_conf = data_dir.join("postgresql.auto.conf");
     let mut file = OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
         .open(&auto_conf)?;
-    file.write_all(auto_conf_lines(conninfo, slot).as_bytes())?;
+    file.write_all(lines.as_bytes())?;
     file.sync_all()?;
     fs::set_permissions(
         &auto_conf,
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )?;
     Ok(())
+}
+
+/// Writes `recovery.signal` (targeted recovery, ending in the action of
+/// `recovery_target_action`, or at the end of the archive) and appends `settings` to
+/// `postgresql.auto.conf`. PostgreSQL 12 and later read both.
+pub fn write_recovery_config(data_dir: &Path, settings: &[(&str, &str)]) -> std::io::Result<()> {
+    fs::write(data_dir.join("recovery.signal"), b"")?;
+    append_auto_conf(data_dir, &settings_lines(settings))
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! protocol alone.
 //!
 //! Commands: `clone`, `receive-wal`, `verify`, `status`, `check` and `identify`, and for
-//! object storage `backup`, `list`, `verify --repo` and `restore`.
+//! object storage `backup`, `list`, `verify --repo`, `restore`, `wal-fetch` and `delete`.
 
 mod repo;
 
@@ -72,12 +72,26 @@ enum Command {
     List(repo::ListArgs),
     /// Restore a backup from a repository into a new data directory, verifying every
     /// file; with --standby --source, a streaming standby (and --start to start it).
+    /// When the repository holds a WAL archive, restore_command fetches from it
+    /// (wal-fetch); --target-lsn/--target-time recover to a point in time.
     Restore(repo::RestoreArgs),
+    /// Fetch one WAL file from a repository's WAL archive, verified, for
+    /// restore_command = '… wal-fetch --store-config FILE %f %p'. Exits 1 when the
+    /// repository does not have it, 2 on any other failure (126 with --partial, which
+    /// stops recovery); nothing is written then.
+    WalFetch(repo::WalFetchArgs),
+    /// Delete old backups (--retain N, --before TIME), then the WAL that no remaining
+    /// backup needs.
+    Delete(repo::DeleteArgs),
     /// Check a plain backup (--pgdata) or a backup in a repository (--repo) against its
     /// backup_manifest, as pg_verifybackup does, including the WAL range it names.
     Verify {
         /// The data directory to check.
-        #[arg(long, required_unless_present = "repo", conflicts_with = "repo")]
+        #[arg(
+            long,
+            required_unless_present_any = ["repo", "store_config"],
+            conflicts_with_all = ["repo", "store_config"]
+        )]
         pgdata: Option<PathBuf>,
         /// The repository holding the backup (s3://BUCKET/PREFIX), instead of --pgdata.
         #[command(flatten)]
@@ -214,7 +228,11 @@ struct ReceiveWalArgs {
     #[arg(long, default_value = "")]
     source: String,
     /// The WAL directory (created if missing).
-    #[arg(long, required_unless_present = "repo", conflicts_with = "repo")]
+    #[arg(
+        long,
+        required_unless_present_any = ["repo", "store_config"],
+        conflicts_with_all = ["repo", "store_config"]
+    )]
     directory: Option<PathBuf>,
     /// Stream into an object-storage repository's WAL archive instead (s3://BUCKET/PREFIX);
     /// the flush position reported to the server is what the store has acknowledged.
@@ -300,7 +318,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let repository_command = matches!(
         cli.command,
-        Command::Backup(_) | Command::List(_) | Command::Restore(_)
+        Command::Backup(_)
+            | Command::List(_)
+            | Command::Restore(_)
+            | Command::WalFetch(_)
+            | Command::Delete(_)
     ) || matches!(&cli.command, Command::Verify { store: Some(_), .. })
         || matches!(&cli.command, Command::ReceiveWal(args) if args.store.is_some());
     show_warnings();
@@ -333,7 +355,9 @@ fn main() -> ExitCode {
             Command::Verify { .. }
             | Command::Backup(_)
             | Command::List(_)
-            | Command::Restore(_) => {
+            | Command::Restore(_)
+            | Command::WalFetch(_)
+            | Command::Delete(_) => {
                 unreachable!("repository commands run on their own runtime")
             }
             Command::Identify { source, json } => {
@@ -383,12 +407,31 @@ fn run_repository_command(command: Command) -> ExitCode {
             }
         };
     }
+    let (interrupted, advice) = match &command {
+        Command::WalFetch(_) => (
+            "interrupted: nothing was written to the destination",
+            "run the command again",
+        ),
+        Command::Delete(_) => (
+            "interrupted: the deletion stopped part way (each deleted backup lost its commit \
+             record first, so none is half-listed)",
+            "run the same delete again to finish",
+        ),
+        _ => (
+            "interrupted: no backup was committed and no restore completed",
+            "run the command again; objects an interrupted backup left behind have no \
+             commit record, so they are not a backup, and a partial restore directory \
+             must be removed before restoring into it",
+        ),
+    };
     let result = runtime.block_on(async {
         let work = async {
             match command {
                 Command::Backup(args) => repo::run_backup(args).await,
                 Command::List(args) => repo::run_list(args).await,
                 Command::Restore(args) => repo::run_restore(args).await,
+                Command::WalFetch(args) => repo::run_wal_fetch(args).await,
+                Command::Delete(args) => repo::run_delete(args).await,
                 Command::Verify {
                     store: Some(store),
                     repo_args,
@@ -399,12 +442,7 @@ fn run_repository_command(command: Command) -> ExitCode {
         };
         tokio::select! {
             result = work => result,
-            _ = tokio::signal::ctrl_c() => Err(pgrepo::Error::usage(
-                "interrupted: no backup was committed and no restore completed",
-                "run the command again; objects an interrupted backup left behind have no \
-                 commit record, so they are not a backup, and a partial restore directory \
-                 must be removed before restoring into it",
-            )),
+            _ = tokio::signal::ctrl_c() => Err(pgrepo::Error::usage(interrupted, advice)),
         }
     });
     match result {

@@ -1,7 +1,9 @@
-//! The object-storage commands: `backup`, `list`, `verify --repo` and `restore`.
+//! The object-storage commands: `backup`, `list`, `verify --repo`, `restore`, `wal-fetch`
+//! and `delete`.
 
-use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,14 +15,20 @@ use pgrepo::{
 };
 use standby::start::{StartOptions, DEFAULT_START_WAIT};
 
-/// How to reach the object store. Unset options come from AWS_ACCESS_KEY_ID,
-/// AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL and
-/// AWS_ALLOW_HTTP, as the AWS CLI reads them.
+/// How to reach the object store. Unset options come from --store-config, then from
+/// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
+/// AWS_ENDPOINT_URL and AWS_ALLOW_HTTP, as the AWS CLI reads them.
 #[derive(clap::Args, Debug)]
 pub struct StoreArgs {
-    /// The repository: s3://BUCKET/PREFIX (or file:///PATH).
+    /// The repository: s3://BUCKET/PREFIX (or file:///PATH); or "repo" in --store-config.
     #[arg(long)]
-    pub repo: String,
+    pub repo: Option<String>,
+    /// A JSON file (mode 0600, refused when group or others can read it) holding the
+    /// repository and how to reach it: {"repo", "endpoint", "region", "access_key_id",
+    /// "secret_access_key", "session_token", "allow_http"}. `restore` writes one for its
+    /// restore_command, whose environment has no AWS_* variables.
+    #[arg(long)]
+    pub store_config: Option<PathBuf>,
     /// S3-compatible endpoint, e.g. http://127.0.0.1:3900 (overrides AWS_ENDPOINT_URL).
     #[arg(long)]
     pub endpoint: Option<String>,
@@ -42,31 +50,154 @@ pub struct StoreArgs {
     pub allow_http: bool,
 }
 
+/// The name of the store configuration `restore` writes into the data directory.
+pub const STORE_CONFIG_NAME: &str = "pgrepo-store.json";
+
+/// The contents of a --store-config file.
+#[derive(Debug, Default)]
+struct StoreConfigFile {
+    repo: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<Secret>,
+    session_token: Option<Secret>,
+    allow_http: Option<bool>,
+}
+
+impl StoreConfigFile {
+    /// Reads `path`, refusing a file that group or others may read (as libpq refuses
+    /// such a ~/.pgpass): it holds a secret.
+    fn read(path: &Path) -> pgrepo::Result<StoreConfigFile> {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| pgrepo::Error::io("reading the store configuration", path, e))?;
+        if !meta.is_file() {
+            return Err(pgrepo::Error::usage(
+                format!("the store configuration {} is not a file", path.display()),
+                "name the JSON file --store-config should read",
+            ));
+        }
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(pgrepo::Error::unsafe_op(
+                format!(
+                    "the store configuration {} has mode {mode:04o}: group or others can read the secret in it",
+                    path.display()
+                ),
+                format!("make it readable by its owner only: chmod 0600 {}", path.display()),
+            ));
+        }
+        let text = std::fs::read(path)
+            .map_err(|e| pgrepo::Error::io("reading the store configuration", path, e))?;
+        let bad = |why: String| {
+            pgrepo::Error::usage(
+                format!("the store configuration {} {why}", path.display()),
+                "write it as {\"repo\": \"s3://BUCKET/PREFIX\", \"endpoint\": …, \"region\": …, \"access_key_id\": …, \"secret_access_key\": …, \"session_token\": …, \"allow_http\": false}",
+            )
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| bad(format!("is not JSON: {e}")))?;
+        let object = value
+            .as_object()
+            .ok_or_else(|| bad("is not a JSON object".into()))?;
+        let mut config = StoreConfigFile::default();
+        for (key, value) in object {
+            let text = || -> pgrepo::Result<Option<String>> {
+                match value {
+                    serde_json::Value::Null => Ok(None),
+                    serde_json::Value::String(s) => Ok(Some(s.clone())),
+                    _ => Err(bad(format!("has a non-string {key:?}"))),
+                }
+            };
+            match key.as_str() {
+                "repo" => config.repo = text()?,
+                "endpoint" => config.endpoint = text()?,
+                "region" => config.region = text()?,
+                "access_key_id" => config.access_key_id = text()?,
+                "secret_access_key" => config.secret_access_key = text()?.map(Secret::new),
+                "session_token" => config.session_token = text()?.map(Secret::new),
+                "allow_http" => {
+                    config.allow_http = match value {
+                        serde_json::Value::Null => None,
+                        serde_json::Value::Bool(b) => Some(*b),
+                        _ => return Err(bad("has a non-boolean \"allow_http\"".into())),
+                    }
+                }
+                "format" => {}
+                other => return Err(bad(format!("has an unknown key {other:?}"))),
+            }
+        }
+        Ok(config)
+    }
+}
+
+fn env_value(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
 impl StoreArgs {
-    fn open(&self) -> pgrepo::Result<Repository> {
+    /// The repository URL and the store options: the command line first, then the
+    /// --store-config file (the standard variables fill the rest when the store opens).
+    fn resolve(&self) -> pgrepo::Result<(String, StoreOptions)> {
         let read_secret = |path: &PathBuf| -> pgrepo::Result<Secret> {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| pgrepo::Error::io("reading the secret in", path, e))?;
             Ok(Secret::new(text.trim_end_matches(['\n', '\r'])))
         };
+        let file = match &self.store_config {
+            Some(path) => StoreConfigFile::read(path)?,
+            None => StoreConfigFile::default(),
+        };
+        let repo = self.repo.clone().or(file.repo).ok_or_else(|| {
+            pgrepo::Error::usage(
+                "no repository: neither --repo nor a \"repo\" in --store-config",
+                "name the repository with --repo s3://BUCKET/PREFIX",
+            )
+        })?;
         let options = StoreOptions {
-            access_key_id: self.access_key_id.clone(),
+            access_key_id: self.access_key_id.clone().or(file.access_key_id),
             secret_access_key: self
                 .secret_access_key_file
                 .as_ref()
                 .map(read_secret)
-                .transpose()?,
+                .transpose()?
+                .or(file.secret_access_key),
             session_token: self
                 .session_token_file
                 .as_ref()
                 .map(read_secret)
-                .transpose()?,
-            region: self.region.clone(),
-            endpoint: self.endpoint.clone(),
-            allow_http: self.allow_http.then_some(true),
+                .transpose()?
+                .or(file.session_token),
+            region: self.region.clone().or(file.region),
+            endpoint: self.endpoint.clone().or(file.endpoint),
+            allow_http: self.allow_http.then_some(true).or(file.allow_http),
             ..StoreOptions::default()
         };
-        Repository::open(&self.repo, &options)
+        Ok((repo, options))
+    }
+
+    fn open(&self) -> pgrepo::Result<Repository> {
+        let (repo, options) = self.resolve()?;
+        Repository::open(&repo, &options)
+    }
+
+    /// Everything needed to reach the store without this process's environment, as the
+    /// JSON of a --store-config file: the options, else the AWS_* variables.
+    fn config_json(&self) -> pgrepo::Result<serde_json::Value> {
+        let (repo, options) = self.resolve()?;
+        let allow_http = options.allow_http.or_else(|| {
+            env_value("AWS_ALLOW_HTTP")
+                .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        });
+        Ok(serde_json::json!({
+            "repo": repo,
+            "endpoint": options.endpoint.or_else(|| env_value("AWS_ENDPOINT_URL")),
+            "region": options.region.or_else(|| env_value("AWS_REGION")).or_else(|| env_value("AWS_DEFAULT_REGION")),
+            "access_key_id": options.access_key_id.or_else(|| env_value("AWS_ACCESS_KEY_ID")),
+            "secret_access_key": options.secret_access_key.map(|s| s.expose().to_string()).or_else(|| env_value("AWS_SECRET_ACCESS_KEY")),
+            "session_token": options.session_token.map(|s| s.expose().to_string()).or_else(|| env_value("AWS_SESSION_TOKEN")),
+            "allow_http": allow_http,
+        }))
     }
 }
 
@@ -192,6 +323,64 @@ pub struct RestoreArgs {
     /// are kept). On failure the directory is left inconsistent: restore it again.
     #[arg(long)]
     pub delta: bool,
+    /// Recover up to this LSN from the repository's WAL archive, then act as
+    /// --target-action says (recovery_target_lsn).
+    #[arg(long, conflicts_with_all = ["target_time", "standby"])]
+    pub target_lsn: Option<String>,
+    /// Recover up to this time (recovery_target_time, as PostgreSQL reads it, e.g.
+    /// "2026-11-30 10:15:00+00").
+    #[arg(long, conflicts_with = "standby")]
+    pub target_time: Option<String>,
+    /// What the server does at the target: promote (default), pause or shutdown.
+    #[arg(long, value_parser = ["pause", "promote", "shutdown"])]
+    pub target_action: Option<String>,
+    /// Write no restore_command (and no store configuration with the store's
+    /// credentials) even though the repository holds a WAL archive.
+    #[arg(long, conflicts_with_all = ["target_lsn", "target_time"])]
+    pub no_restore_command: bool,
+}
+
+/// `wal-fetch`.
+#[derive(clap::Args, Debug)]
+pub struct WalFetchArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Serve a segment that has only partial pieces, as far as they go, zero-padded (for
+    /// recovery to the very end of the archive; not for a standby, which streams). Any
+    /// failure other than a missing file then exits 126, which makes PostgreSQL stop
+    /// recovery instead of ending it early at a damaged or unreachable segment.
+    #[arg(long)]
+    pub partial: bool,
+    /// Complete segments fetched ahead into the cache.
+    #[arg(long, default_value_t = pgrepo::walfetch::DEFAULT_PREFETCH)]
+    pub prefetch: usize,
+    /// The prefetch cache (default: pgrepo-prefetch in DEST's directory, inside pg_wal).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// The file to fetch (%f): a WAL segment name or TTTTTTTT.history.
+    pub file: String,
+    /// Where to write it (%p).
+    pub dest: PathBuf,
+}
+
+/// `delete`.
+#[derive(clap::Args, Debug)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Keep the newest N backups (and their parents).
+    #[arg(long, required_unless_present = "before", conflicts_with = "before")]
+    pub retain: Option<usize>,
+    /// Keep the backups started at or after TIME (RFC 3339, e.g. 2026-11-30T10:15:00Z,
+    /// or a label-style 20261130T101500Z), and their parents.
+    #[arg(long)]
+    pub before: Option<String>,
+    /// Say what would be deleted, delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn chrono_now() -> pgrepo::layout::Timestamp {
@@ -419,6 +608,26 @@ pub async fn run_verify_repo(store: StoreArgs, args: VerifyRepoArgs) -> pgrepo::
 
 pub async fn run_restore(args: RestoreArgs) -> pgrepo::Result<ExitCode> {
     let repo = args.store.open()?;
+    // Checked before anything is written.
+    let target = recovery_target(&args)?;
+    let wal_archive = !args.no_restore_command
+        && pgrepo::walfetch::archive_segment_size(&repo)
+            .await?
+            .is_some();
+    if !target.is_empty() && !wal_archive {
+        return Err(pgrepo::Error::usage(
+            format!(
+                "repository {} has no WAL archive (wal/archive.json), so there is no WAL to recover to a target with",
+                repo.url()
+            ),
+            "stream WAL into the repository with `clone-standby receive-wal --repo`, or restore without a target",
+        ));
+    }
+    let store_config = if wal_archive {
+        Some(args.store.config_json()?)
+    } else {
+        None
+    };
     let source = args
         .source
         .as_deref()
@@ -468,13 +677,21 @@ pub async fn run_restore(args: RestoreArgs) -> pgrepo::Result<ExitCode> {
         e.context(format!("restore failed ({left})"))
     })?;
     let record = &restored.record;
-    if let (true, Some(source)) = (args.standby, source.as_ref()) {
-        let conninfo = standby::recovery::primary_conninfo(source, record.server_major);
-        if let Err(e) =
-            standby::recovery::write_standby_config(&args.pgdata, &conninfo, args.slot.as_deref())
-        {
+    let configured = (|| -> std::io::Result<Option<PathBuf>> {
+        if let (true, Some(source)) = (args.standby, source.as_ref()) {
+            let conninfo = standby::recovery::primary_conninfo(source, record.server_major);
+            standby::recovery::write_standby_config(&args.pgdata, &conninfo, args.slot.as_deref())?;
+        }
+        match &store_config {
+            Some(config) => write_wal_recovery(&args, config, &target).map(Some),
+            None => Ok(None),
+        }
+    })();
+    let store_config_path = match configured {
+        Ok(path) => path,
+        Err(e) => {
             let left = if args.delta {
-                "the data directory was left as restored, without a standby configuration"
+                "the data directory was left as restored, without a complete recovery configuration"
                     .to_string()
             } else {
                 match std::fs::remove_dir_all(&args.pgdata) {
@@ -483,13 +700,13 @@ pub async fn run_restore(args: RestoreArgs) -> pgrepo::Result<ExitCode> {
                 }
             };
             return Err(pgrepo::Error::io(
-                "writing the standby configuration into",
+                "writing the recovery configuration into",
                 &args.pgdata,
                 e,
             )
             .context(left));
         }
-    }
+    };
     if !args.json {
         println!(
             "clone-standby: backup {} restored into {} in {:.1} s: {} files verified ({} reused, {} written), {} WAL records verified, {} downloaded{}",
@@ -503,6 +720,26 @@ pub async fn run_restore(args: RestoreArgs) -> pgrepo::Result<ExitCode> {
             mib(restored.downloaded),
             if args.standby { "; configured as a standby" } else { "" }
         );
+        match &store_config_path {
+            Some(path) => println!(
+                "clone-standby: restore_command fetches WAL from {} (wal-fetch{}), reaching the store with {} (mode 0600: it holds the store's credentials, as pg_basebackup -R writes a password into primary_conninfo; it is copied with the data directory){}",
+                repo.url(),
+                if args.standby { "" } else { " --partial, to the very end of the archive" },
+                path.display(),
+                if target.is_empty() {
+                    String::new()
+                } else {
+                    format!("; recovery stops at {}", target.iter().map(|(k, v)| format!("{k} = '{v}'")).collect::<Vec<_>>().join(", "))
+                }
+            ),
+            None if args.no_restore_command => {
+                println!("clone-standby: no restore_command was written (--no-restore-command)")
+            }
+            None => println!(
+                "clone-standby: {} has no WAL archive, so no restore_command was written",
+                repo.url()
+            ),
+        }
     }
     let mut started_standby = false;
     if args.start {
@@ -539,9 +776,203 @@ pub async fn run_restore(args: RestoreArgs) -> pgrepo::Result<ExitCode> {
                 "seconds": started.elapsed().as_secs_f64(),
                 "standby": args.standby,
                 "started": started_standby,
+                "store_config": store_config_path,
+                "recovery_target": target.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(v.clone()))).collect::<serde_json::Map<_, _>>(),
             })
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `recovery_target_*` settings of --target-lsn / --target-time / --target-action.
+fn recovery_target(args: &RestoreArgs) -> pgrepo::Result<Vec<(&'static str, String)>> {
+    let mut settings = Vec::new();
+    if let Some(lsn) = &args.target_lsn {
+        let parsed: pgwire_repl::Lsn = lsn.parse()?;
+        settings.push(("recovery_target_lsn", parsed.to_string()));
+    }
+    if let Some(time) = &args.target_time {
+        if time.trim().is_empty() {
+            return Err(pgrepo::Error::usage(
+                "--target-time is empty",
+                "give a time as PostgreSQL reads it, e.g. \"2026-11-30 10:15:00+00\"",
+            ));
+        }
+        settings.push(("recovery_target_time", time.clone()));
+    }
+    match (&args.target_action, settings.is_empty()) {
+        (Some(_), true) => {
+            return Err(pgrepo::Error::usage(
+                "--target-action needs --target-lsn or --target-time",
+                "name the point to recover to",
+            ))
+        }
+        (action, false) => settings.push((
+            "recovery_target_action",
+            action.clone().unwrap_or_else(|| "promote".into()),
+        )),
+        (None, true) => {}
+    }
+    Ok(settings)
+}
+
+/// Quotes a word for the shell that runs restore_command (`sh -c`).
+fn shell_quote(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@".contains(&b))
+    {
+        return word.to_string();
+    }
+    format!("'{}'", word.replace('\'', "'\\''"))
+}
+
+/// The restore_command value: this binary's `wal-fetch`, quoted for the shell, with `%`
+/// doubled where PostgreSQL would take it for a placeholder.
+fn restore_command_value(bin: &Path, store_config: &Path, partial: bool) -> String {
+    let escape = |p: &Path| shell_quote(&p.to_string_lossy()).replace('%', "%%");
+    format!(
+        "{} wal-fetch --store-config {}{} %f %p",
+        escape(bin),
+        escape(store_config),
+        if partial { " --partial" } else { "" }
+    )
+}
+
+/// Writes the store configuration (0600) into the data directory and the recovery
+/// settings that use it; returns the configuration's path.
+fn write_wal_recovery(
+    args: &RestoreArgs,
+    config: &serde_json::Value,
+    target: &[(&'static str, String)],
+) -> std::io::Result<PathBuf> {
+    let pgdata = std::fs::canonicalize(&args.pgdata)?;
+    let path = pgdata.join(STORE_CONFIG_NAME);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(format!("{config:#}\n").as_bytes())?;
+    file.sync_all()?;
+    let bin = std::env::current_exe()?;
+    let command = restore_command_value(&bin, &path, !args.standby);
+    let mut settings: Vec<(&str, &str)> = vec![("restore_command", command.as_str())];
+    settings.extend(target.iter().map(|(k, v)| (*k, v.as_str())));
+    if args.standby {
+        standby::recovery::append_auto_conf(
+            &args.pgdata,
+            &standby::recovery::settings_lines(&settings),
+        )?;
+    } else {
+        standby::recovery::write_recovery_config(&args.pgdata, &settings)?;
+    }
+    Ok(path)
+}
+
+/// `wal-fetch`: exit 0 with the file written, 1 when the repository lacks it, 2 (126
+/// with --partial) on any other failure.
+pub async fn run_wal_fetch(args: WalFetchArgs) -> pgrepo::Result<ExitCode> {
+    let options = pgrepo::walfetch::FetchOptions {
+        partial: args.partial,
+        prefetch: args.prefetch,
+        cache_dir: args.cache.clone(),
+        ..Default::default()
+    };
+    let result = async {
+        let repo = args.store.open()?;
+        pgrepo::walfetch::fetch_wal_file(&repo, &args.file, &args.dest, &options).await
+    }
+    .await;
+    match result {
+        // Quiet on success and for a missing file: PostgreSQL asks for files that do not
+        // exist yet all the time, and logs this command's output.
+        Ok(pgrepo::walfetch::FetchOutcome::Missing) => Ok(ExitCode::from(1)),
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            // Not 1: the file may exist but could not be fetched or did not verify. A
+            // standby (no --partial) then streams and asks again later: 2. Recovery
+            // from the archive alone (--partial) must not end early and promote at the
+            // failure: above 125, which PostgreSQL treats as fatal, so it stops and
+            // resumes from there when started again.
+            eprintln!("clone-standby wal-fetch {}: {e}", args.file);
+            if args.partial {
+                eprintln!("clone-standby wal-fetch: exiting 126 so that recovery stops here rather than ending early; fix the cause and start the server again");
+                Ok(ExitCode::from(126))
+            } else {
+                Ok(ExitCode::from(2))
+            }
+        }
+    }
+}
+
+/// `delete`: retention, or with --dry-run the list of what it would delete.
+pub async fn run_delete(args: DeleteArgs) -> pgrepo::Result<ExitCode> {
+    use pgrepo::retention::{apply_retention, plan_retention, RetentionRule};
+    let rule = match (args.retain, &args.before) {
+        (Some(n), _) => RetentionRule::Retain(n),
+        (None, Some(time)) => RetentionRule::Before(pgrepo::retention::parse_time(time)?),
+        (None, None) => {
+            return Err(pgrepo::Error::usage(
+                "delete needs --retain N or --before TIME",
+                "say which backups to keep",
+            ))
+        }
+    };
+    let repo = args.store.open()?;
+    let plan = plan_retention(&repo, rule).await?;
+    let summary = if args.dry_run {
+        None
+    } else {
+        Some(apply_retention(&repo, &plan).await?)
+    };
+    if args.json {
+        println!(
+            "{:#}",
+            serde_json::json!({
+                "repository": repo.url().to_string(),
+                "dry_run": args.dry_run,
+                "kept": plan.keep,
+                "deleted_backups": plan.delete,
+                "wal_below_segment": plan.wal_below_name,
+                "wal_objects": plan.wal_objects,
+                "backup_objects_deleted": summary.as_ref().map(|s| s.backup_objects_deleted),
+                "wal_objects_deleted": summary.as_ref().map(|s| s.wal_objects_deleted),
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let verb = if args.dry_run {
+        "would delete"
+    } else {
+        "deleted"
+    };
+    for label in &plan.delete {
+        println!("clone-standby: {verb} backup {label}");
+    }
+    for object in &plan.wal_objects {
+        println!("clone-standby: {verb} {object}");
+    }
+    println!(
+        "clone-standby: {} {} backups and {} WAL objects{}; kept {} backups ({}){}",
+        verb,
+        plan.delete.len(),
+        plan.wal_objects.len(),
+        match &plan.wal_below_name {
+            Some(name) => format!(" (every segment below {name}, on every timeline)"),
+            None => " (no WAL: no committed backup is kept, or there is no WAL archive)".into(),
+        },
+        plan.keep.len(),
+        plan.keep.join(", "),
+        if args.dry_run {
+            "; nothing was deleted (--dry-run)"
+        } else {
+            ""
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -670,5 +1101,32 @@ pub async fn run_receive_wal_repo(args: ReceiveWalRepoArgs) -> pgrepo::Result<Ex
             );
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_command_is_quoted_for_the_shell_and_for_placeholders() {
+        assert_eq!(
+            shell_quote("/usr/bin/clone-standby"),
+            "/usr/bin/clone-standby"
+        );
+        assert_eq!(shell_quote("/srv/my data/x"), "'/srv/my data/x'");
+        assert_eq!(shell_quote("/srv/it's"), r"'/srv/it'\''s'");
+        let value = restore_command_value(
+            Path::new("/opt/bin/clone-standby"),
+            Path::new("/srv/100% pg/pgrepo-store.json"),
+            true,
+        );
+        assert_eq!(
+            value,
+            "/opt/bin/clone-standby wal-fetch --store-config '/srv/100%% pg/pgrepo-store.json' --partial %f %p"
+        );
+        // And quoted once more for postgresql.auto.conf.
+        let line = standby::recovery::settings_lines(&[("restore_command", "a 'b' %f")]);
+        assert!(line.ends_with("restore_command = 'a ''b'' %f'\n"), "{line}");
     }
 }
