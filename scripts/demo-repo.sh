@@ -132,7 +132,8 @@ retry garage bucket create demo >/dev/null
 retry garage bucket allow --read --write --owner demo --key demo-key >/dev/null
 say "bucket 'demo', access key $key_id"
 # The repository commands read the store's address and key from the standard AWS_*
-# variables, as the AWS CLI does (the server inherits them, for restore_command).
+# variables, as the AWS CLI does. restore writes them into a private file in the new data
+# directory for the server's restore_command.
 export AWS_ACCESS_KEY_ID=$key_id AWS_SECRET_ACCESS_KEY=$secret AWS_REGION=garage \
     AWS_ENDPOINT_URL=http://127.0.0.1:$s3_port AWS_ALLOW_HTTP=true
 repo=s3://demo/db1
@@ -240,6 +241,9 @@ for i in $(seq 600); do
     sleep 0.5
 done
 say "in recovery: $(psql_restored -c "SELECT pg_is_in_recovery()")"
+say "what the restored server's log says about it:"
+grep -E "restored log file|redo done|archive recovery complete|selected new timeline|ready to accept" \
+    "$work/restored.log" | sed 's/^/     /' | tail -6 || true
 
 step "every acknowledged commit must be in the restored server"
 psql_restored -c "SELECT id FROM acked ORDER BY id" > "$work/restored-ids.txt"
