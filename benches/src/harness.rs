@@ -33,6 +33,12 @@ pub enum Case {
     RepoBackup,
     /// Object storage: restore from that store into a fresh directory.
     RepoRestore,
+    /// WAL archive: at least 1 GB of WAL caught up into Garage, ours streaming against
+    /// pgBackRest and barman-cloud driven as archive_command (see `crate::walbench`).
+    WalArchive,
+    /// Commit latency with a synchronous standby: ours into Garage against
+    /// pg_receivewal --synchronous and no synchronous standby.
+    SyncCommit,
 }
 
 impl Case {
@@ -45,6 +51,11 @@ impl Case {
         matches!(self, Case::RepoBackup | Case::RepoRestore)
     }
 
+    /// True for the WAL-archive cases (`crate::walbench`).
+    pub fn is_wal_store(self) -> bool {
+        matches!(self, Case::WalArchive | Case::SyncCommit)
+    }
+
     /// A short identifier (file names, JSON).
     pub fn id(self) -> &'static str {
         match self {
@@ -55,6 +66,8 @@ impl Case {
             Case::Wal => "wal",
             Case::RepoBackup => "repo-backup",
             Case::RepoRestore => "repo-restore",
+            Case::WalArchive => "wal-archive",
+            Case::SyncCommit => "sync-commit",
         }
     }
 
@@ -68,12 +81,14 @@ impl Case {
             Case::Wal => "WAL catch-up to an end LSN, durable",
             Case::RepoBackup => "backup into S3 object storage",
             Case::RepoRestore => "restore from S3 object storage",
+            Case::WalArchive => "WAL catch-up into S3 object storage",
+            Case::SyncCommit => "commit latency with a synchronous WAL receiver",
         }
     }
 
     fn ours_subcommand(self) -> &'static str {
         match self {
-            Case::Wal => "receive-wal",
+            Case::Wal | Case::WalArchive | Case::SyncCommit => "receive-wal",
             Case::RepoBackup => "backup",
             Case::RepoRestore => "restore",
             _ => "clone",
@@ -338,6 +353,10 @@ pub struct Report {
     pub repo: Option<crate::repo::RepoReport>,
     /// Why the object-storage cases could not run at all.
     pub repo_error: Option<String>,
+    /// The WAL-archive cases, when they ran.
+    pub wal_store: Option<crate::walbench::WalBenchReport>,
+    /// Why the WAL-archive cases could not run at all.
+    pub wal_store_error: Option<String>,
     /// Number of failed runs.
     pub failed_runs: usize,
     /// /proc/loadavg after the rounds.
@@ -950,7 +969,9 @@ impl Harness<'_> {
                     (None, None) => (None, "not measured".into()),
                 }
             }
-            Case::RepoBackup | Case::RepoRestore => (None, "not measured".into()),
+            Case::RepoBackup | Case::RepoRestore | Case::WalArchive | Case::SyncCommit => {
+                (None, "not measured".into())
+            }
         };
         if case == Case::Wal {
             checks = compare_wal_checks(checks);

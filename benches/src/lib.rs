@@ -8,6 +8,8 @@
 //!
 //! The object-storage cases ([`repo`], `--cases repo-backup,repo-restore`) back up into
 //! and restore from a local Garage S3 store, ours against pgBackRest and barman-cloud.
+//! The WAL-archive cases ([`walbench`], `--cases wal-archive,sync-commit`) catch WAL up
+//! into that store and measure commit latency with a synchronous receiver.
 
 pub mod cluster;
 pub mod harness;
@@ -17,3 +19,4 @@ pub mod measure;
 pub mod repo;
 pub mod report;
 pub mod stats;
+pub mod walbench;

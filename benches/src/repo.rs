@@ -69,7 +69,7 @@ pub struct Peers {
     pub versions: Vec<String>,
 }
 
-fn first_line_of(program: &Path, args: &[&str]) -> Option<String> {
+pub(crate) fn first_line_of(program: &Path, args: &[&str]) -> Option<String> {
     let output = Command::new(program).args(args).output().ok()?;
     let text = format!(
         "{}{}",
@@ -91,6 +91,29 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 }
 
 impl Peers {
+    /// Finds the Garage binary alone (what the synchronous-commit case needs: its
+    /// reference is pg_receivewal, and it lists nothing in the store).
+    pub fn locate_store_only() -> Result<Peers> {
+        let cache = cache_dir();
+        let garage = std::env::var_os("PGREPL_GARAGE_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| cache.join("garage/bin/garage"));
+        match first_line_of(&garage, &["--version"]) {
+            Some(v) => Ok(Peers {
+                garage,
+                pgbackrest: "pgbackrest".into(),
+                haproxy: "haproxy".into(),
+                barman_venv: cache.join("bench-peers/barman-venv"),
+                versions: vec![v],
+            }),
+            None => Err(format!(
+                "the Garage binary {} is missing (build it with scripts/install-garage.sh, \
+                 or set PGREPL_GARAGE_BIN)",
+                garage.display()
+            )),
+        }
+    }
+
     /// Finds the store and, when `need_peers`, pgBackRest, haproxy, openssl and the
     /// barman-cloud venv. The venv's python is needed on every side (it lists the bytes
     /// stored). The error names what is missing and the script that installs it.
@@ -152,7 +175,7 @@ impl Peers {
     }
 }
 
-fn random_hex(bytes: usize) -> Result<String> {
+pub(crate) fn random_hex(bytes: usize) -> Result<String> {
     use std::io::Read;
     let mut buf = vec![0u8; bytes];
     std::fs::File::open("/dev/urandom")
@@ -161,7 +184,7 @@ fn random_hex(bytes: usize) -> Result<String> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn run_ok(cmd: &mut Command, what: &str) -> Result<String> {
+pub(crate) fn run_ok(cmd: &mut Command, what: &str) -> Result<String> {
     let output = cmd
         .output()
         .map_err(|e| format!("{what}: could not start: {e}"))?;
@@ -181,7 +204,7 @@ fn run_ok(cmd: &mut Command, what: &str) -> Result<String> {
     }
 }
 
-fn write_private(path: &Path, text: &str, owner: Option<OsUser>) -> Result<()> {
+pub(crate) fn write_private(path: &Path, text: &str, owner: Option<OsUser>) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::remove_file(path);
@@ -195,7 +218,7 @@ fn write_private(path: &Path, text: &str, owner: Option<OsUser>) -> Result<()> {
     chown(path, owner)
 }
 
-fn chown(path: &Path, owner: Option<OsUser>) -> Result<()> {
+pub(crate) fn chown(path: &Path, owner: Option<OsUser>) -> Result<()> {
     if let Some(user) = owner {
         std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid))
             .map_err(|e| format!("chown {}: {e}", path.display()))?;
@@ -204,13 +227,13 @@ fn chown(path: &Path, owner: Option<OsUser>) -> Result<()> {
 }
 
 /// A process this run started; killed (by its own pid) and reaped on drop.
-struct Owned {
-    child: Child,
+pub(crate) struct Owned {
+    pub(crate) child: Child,
     what: &'static str,
 }
 
 impl Owned {
-    fn spawn(cmd: &mut Command, log: &Path, what: &'static str) -> Result<Owned> {
+    pub(crate) fn spawn(cmd: &mut Command, log: &Path, what: &'static str) -> Result<Owned> {
         let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
         let child = cmd
@@ -222,7 +245,7 @@ impl Owned {
         Ok(Owned { child, what })
     }
 
-    fn check_alive(&mut self, log: &Path) -> Result<()> {
+    pub(crate) fn check_alive(&mut self, log: &Path) -> Result<()> {
         match self.child.try_wait() {
             Ok(Some(status)) => Err(format!(
                 "{} exited ({status}): {}",
@@ -331,6 +354,9 @@ pub struct Garage {
     pub version: String,
     /// True when the TCP_NODELAY shim is preloaded.
     pub nodelay: bool,
+    /// True when Garage fsyncs data blocks and metadata before it acknowledges a write
+    /// (`data_fsync`, `metadata_fsync`; both off by default in Garage).
+    pub fsync: bool,
     dir: PathBuf,
 }
 
@@ -342,6 +368,19 @@ impl Garage {
         dir: &Path,
         base_port: u16,
         nodelay: Option<&Path>,
+        log: &dyn Fn(&str),
+    ) -> Result<Garage> {
+        Garage::start_with(binary, dir, base_port, nodelay, false, log)
+    }
+
+    /// [`Garage::start`], and with `fsync` Garage syncs data blocks and metadata to disk
+    /// before it acknowledges a write.
+    pub fn start_with(
+        binary: &Path,
+        dir: &Path,
+        base_port: u16,
+        nodelay: Option<&Path>,
+        fsync: bool,
         log: &dyn Fn(&str),
     ) -> Result<Garage> {
         if dir.exists() {
@@ -356,6 +395,8 @@ impl Garage {
              db_engine = \"sqlite\"\n\
              replication_factor = 1\n\
              compression_level = \"none\"\n\
+             data_fsync = {fsync}\n\
+             metadata_fsync = {fsync}\n\
              rpc_bind_addr = \"127.0.0.1:{rpc_port}\"\n\
              rpc_public_addr = \"127.0.0.1:{rpc_port}\"\n\
              rpc_secret = \"{secret}\"\n\n\
@@ -436,8 +477,9 @@ impl Garage {
         ])?;
         let version = first_line_of(binary, &["--version"]).unwrap_or_default();
         log(&format!(
-            "garage started: {version}, S3 on 127.0.0.1:{s3_port}, TCP_NODELAY shim {}",
-            if nodelay.is_some() { "on" } else { "off" }
+            "garage started: {version}, S3 on 127.0.0.1:{s3_port}, TCP_NODELAY shim {}, fsync {}",
+            if nodelay.is_some() { "on" } else { "off" },
+            if fsync { "on" } else { "off" }
         ));
         Ok(Garage {
             process,
@@ -447,6 +489,7 @@ impl Garage {
             secret,
             version,
             nodelay: nodelay.is_some(),
+            fsync,
             dir: dir.to_path_buf(),
         })
     }
@@ -456,6 +499,13 @@ impl Garage {
         let dir = self.dir.clone();
         drop(self.process);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Copies the server's log (`garage.log`) to `to`, so it outlives [`Garage::stop`].
+    pub fn keep_log(&self, to: &Path) -> Result<()> {
+        std::fs::copy(self.dir.join("garage.log"), to)
+            .map(drop)
+            .map_err(|e| format!("copying the Garage log to {}: {e}", to.display()))
     }
 }
 
@@ -816,7 +866,7 @@ struct Store {
 
 /// Lists (and optionally deletes) a prefix with boto3; our own helper, written at run
 /// time next to the store. Prints `{"bytes": N, "objects": M}`.
-const S3TOOL_PY: &str = r#"import json, os, sys
+pub(crate) const S3TOOL_PY: &str = r#"import json, os, sys
 import boto3
 from botocore.config import Config
 

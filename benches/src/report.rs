@@ -264,4 +264,14 @@ fn repo_section(out: &mut String, report: &Report) {
             "\n### Object storage\n\nThe object-storage cases could not run: {e}"
         );
     }
+    if let Some(wal) = &report.wal_store {
+        let _ = writeln!(out);
+        out.push_str(&crate::walbench::markdown(wal));
+    }
+    if let Some(e) = &report.wal_store_error {
+        let _ = writeln!(
+            out,
+            "\n### WAL archive in object storage\n\nThe WAL-archive cases could not run: {e}"
+        );
+    }
 }

@@ -6,6 +6,8 @@
 //! cargo run --release -p benches --bin compare -- --smoke          # CI: tiny, one round
 //! cargo run --release -p benches --bin compare -- --cases repo-backup,repo-restore \
 //!     --scale 10 --rounds 3                                          # object storage
+//! cargo run --release -p benches --bin compare -- --cases wal-archive,sync-commit \
+//!     --scale 10 --rounds 3                                          # WAL archive
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use std::time::Instant;
 use benches::cluster::{ClusterOptions, SourceCluster};
 use benches::harness::{self, Case, Harness, OursTool, Report, Settings, Sides};
 use benches::repo::{Peers, Phase, RepoBench};
+use benches::walbench::{self, WalBench};
 use benches::{machine, report};
 use clap::Parser;
 
@@ -46,6 +49,17 @@ use clap::Parser;
 /// a separate source cluster (`pgN-scale-S-text30-objstore`: 30 % random text,
 /// archive_mode on, autovacuum and wal_recycle off).
 ///
+/// WAL archive (not in the default set): --cases wal-archive catches the same range of
+/// --archive-wal-mb MB of random-text WAL up into Garage: ours (`clone-standby
+/// receive-wal --repo s3://B/P --start-lsn X --endpos Y --no-loop`) against pgBackRest
+/// `archive-push` (archive-async, process-max=2) and `barman-cloud-wal-archive`, both
+/// driven as PostgreSQL's archiver drives archive_command, one segment at a time, on
+/// copies of the same segment files. --cases sync-commit measures commit latency
+/// (pgbench, single-row INSERTs, 1 and 4 clients, --sync-seconds each) with our
+/// `receive-wal --repo --synchronous` as the synchronous standby, against
+/// `pg_receivewal --synchronous` and no synchronous standby. --smoke adds sync-commit
+/// (1 s runs) when the Garage binary is installed and clone-standby has receive-wal --repo.
+///
 /// Exit status: 0 when every run succeeded (or --allow-failures), 1 when a run failed,
 /// 2 when setup failed.
 #[derive(Debug, Parser)]
@@ -61,7 +75,8 @@ struct Args {
     #[arg(long)]
     smoke: bool,
     /// Cases to run, comma-separated [default: plain,no-sync,tar,zstd,wal; the
-    /// object-storage cases repo-backup and repo-restore run only when named]
+    /// object-storage cases repo-backup, repo-restore, wal-archive and sync-commit run
+    /// only when named]
     #[arg(long, value_enum, value_delimiter = ',')]
     cases: Vec<Case>,
     /// Which tools run (reference: pg_basebackup / pg_receivewal, and for the
@@ -77,6 +92,10 @@ struct Args {
     /// then adds about 44 ms to each small GET on loopback)
     #[arg(long)]
     stock_garage: bool,
+    /// WAL archive: run Garage with data_fsync and metadata_fsync on, so the store
+    /// acknowledges a write only once it is on disk (Garage's default is off)
+    #[arg(long)]
+    garage_fsync: bool,
     /// Object storage: first of the ports on 127.0.0.1 (Garage S3, +1 RPC, +3 admin,
     /// +4 the TLS proxy for pgBackRest)
     #[arg(long, default_value_t = 39100)]
@@ -84,6 +103,12 @@ struct Args {
     /// MB of WAL for the catch-up case [default: 1024 × scale / 100, at least 16; smoke: 8]
     #[arg(long)]
     wal_mb: Option<u64>,
+    /// MB of random-text WAL for the wal-archive case [default: 1024, smoke: 32]
+    #[arg(long)]
+    archive_wal_mb: Option<u64>,
+    /// Seconds per pgbench run of the sync-commit case [default: 10, smoke: 1]
+    #[arg(long)]
+    sync_seconds: Option<u32>,
     /// MB written by the disk bandwidth test [default: 1024, smoke: 64]
     #[arg(long)]
     disk_test_mb: Option<u64>,
@@ -316,10 +341,44 @@ fn main() -> ExitCode {
     } else {
         None
     };
+    // The WAL-archive cases: asked for, or (smoke, default case set) sync-commit when
+    // the store is installed and our receiver can write into it.
+    let mut wal_cases: Vec<Case> = settings
+        .cases
+        .iter()
+        .copied()
+        .filter(|c| c.is_wal_store())
+        .collect();
+    let mut wal_peers = None;
+    if wal_cases.is_empty() && args.smoke && args.cases.is_empty() {
+        match (
+            Peers::locate_store_only(),
+            walbench::ours_missing_repo_receiver(&ours),
+        ) {
+            (Ok(p), None) => {
+                wal_cases.push(Case::SyncCommit);
+                wal_peers = Some(p);
+            }
+            (Err(e), _) | (_, Some(e)) => log(&format!("smoke: sync-commit skipped: {e}")),
+        }
+    } else if !wal_cases.is_empty() {
+        let located = if wal_cases.contains(&Case::WalArchive) {
+            Peers::locate(settings.sides != Sides::Ours)
+        } else {
+            Peers::locate_store_only()
+        };
+        match located {
+            Ok(p) => wal_peers = Some(p),
+            Err(e) => {
+                eprintln!("compare: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let setup_s = started.elapsed().as_secs_f64();
     let machine = machine::describe(&settings.work_dir, &cluster.bin_dir, &workspace_root());
     let mut local = settings.clone();
-    local.cases.retain(|c| !c.is_repo());
+    local.cases.retain(|c| !c.is_repo() && !c.is_wal_store());
     let (limits, cases) = if local.cases.is_empty() {
         Default::default()
     } else {
@@ -356,13 +415,46 @@ fn main() -> ExitCode {
             }
         },
     };
+    let (wal_store, wal_store_error) = match &wal_peers {
+        None => (None, None),
+        Some(peers) => match (WalBench {
+            cluster: &cluster,
+            ours: &ours,
+            peers,
+            sides: settings.sides,
+            rounds: settings.rounds,
+            archive_mb: wal_cases.contains(&Case::WalArchive).then(|| {
+                args.archive_wal_mb
+                    .unwrap_or(if args.smoke { 32 } else { 1024 })
+            }),
+            sync_seconds: wal_cases
+                .contains(&Case::SyncCommit)
+                .then(|| args.sync_seconds.unwrap_or(if args.smoke { 1 } else { 10 })),
+            work_dir: settings.work_dir.clone(),
+            base_port: args.repo_port,
+            nodelay: !args.stock_garage,
+            garage_fsync: args.garage_fsync,
+            timeout_s: settings.timeout_s,
+            log: &log,
+        })
+        .run()
+        {
+            Ok(r) => (Some(r), None),
+            Err(e) => {
+                log(&format!("WAL archive: {e}"));
+                (None, Some(e))
+            }
+        },
+    };
     let failed_runs = cases.iter().flat_map(|c| &c.runs).filter(|r| !r.ok).count()
         + repo
             .iter()
             .flat_map(|r| &r.runs)
             .filter(|r| !r.ok && repo_phases.contains(&r.phase))
             .count()
-        + usize::from(repo_error.is_some());
+        + usize::from(repo_error.is_some())
+        + wal_store.as_ref().map(|w| w.failures()).unwrap_or(0)
+        + usize::from(wal_store_error.is_some());
     let result = Report {
         command_line,
         started_utc,
@@ -376,6 +468,8 @@ fn main() -> ExitCode {
         cases,
         repo,
         repo_error,
+        wal_store,
+        wal_store_error,
         failed_runs,
         load_after: machine::load_average(),
     };
