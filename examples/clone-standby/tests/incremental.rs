@@ -376,6 +376,43 @@ async fn incremental_backups_store_only_changes_or_explain_why_not() {
     assert_eq!(dropped, "0", "the dropped database came back");
     eprintln!("PostgreSQL {major}: the chain full <- inc <- inc2 restored and started with the primary's data");
 
+    // A damaged byte in the middle of the full backup's base archive (a frame the chain
+    // reads): found while reading, nothing left behind.
+    let full_object = library.backup("full").await.unwrap().archives[0]
+        .object
+        .clone();
+    let full_path = library.backup_path("full", &full_object);
+    let original = library.get_bytes(&full_path, 1 << 34).await.unwrap();
+    let mut damaged = original.to_vec();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x55;
+    library.put_bytes(&full_path, damaged.into()).await.unwrap();
+    let pgdata = target.path().join("damaged");
+    let restore = run_with(
+        &repo,
+        &[
+            "restore",
+            "--repo",
+            &repo.url,
+            "--backup",
+            "inc2",
+            "--pgdata",
+            pgdata.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(!restore.status.success(), "{}", text(&restore));
+    // Named as the damaged file's checksum, or as the frame that cannot be decompressed.
+    assert!(
+        text(&restore).contains("of backup full:")
+            || text(&restore).contains(&format!("full/{full_object}")),
+        "{}",
+        text(&restore)
+    );
+    eprintln!("damage: {}", text(&restore).lines().next().unwrap_or(""));
+    assert!(!pgdata.exists() || std::fs::read_dir(&pgdata).unwrap().next().is_none());
+    library.put_bytes(&full_path, original).await.unwrap();
+
     // A missing parent: a clear error, and nothing written.
     assert!(library.delete_backup_objects("inc").await.unwrap() > 0);
     let pgdata = target.path().join("orphan");
