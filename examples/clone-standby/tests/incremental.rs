@@ -19,7 +19,7 @@ use pgrepo::{Repository, StoreOptions};
 use testkit::{Cluster, ClusterOptions, Garage};
 
 /// The tables compared between the primary and the restored chain.
-const TABLES: [&str; 5] = ["big", "small", "trunc", "shrink", "later"];
+const TABLES: [&str; 6] = ["big", "small", "trunc", "shrink", "later", "spaced"];
 
 /// The repository through the library, with the store's credentials.
 fn repository(garage: &Garage, prefix: &str) -> Repository {
@@ -56,15 +56,22 @@ fn files_below(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 }
 
 /// Extracts stored backup `label` into `dir` as pg_basebackup's plain format would hold
-/// it: its archives untarred and its backup_manifest.
-async fn extract(repo: &Repository, label: &str, dir: &Path) {
+/// it: its archives untarred (each tablespace beside `dir`, linked from `pg_tblspc/`)
+/// and its backup_manifest. Returns the tablespace directories.
+async fn extract(repo: &Repository, label: &str, dir: &Path) -> Vec<(u32, PathBuf)> {
     let record = repo.backup(label).await.unwrap();
     std::fs::create_dir_all(dir).unwrap();
+    let mut tablespaces = Vec::new();
     for archive in &record.archives {
-        assert!(
-            archive.tablespace_oid.is_none(),
-            "the test's chain has no tablespace"
-        );
+        let into = match archive.tablespace_oid {
+            Some(oid) => {
+                let ts = dir.with_extension(format!("ts{oid}"));
+                std::fs::create_dir_all(&ts).unwrap();
+                tablespaces.push((oid, ts.clone()));
+                ts
+            }
+            None => dir.to_path_buf(),
+        };
         let bytes = repo
             .get_bytes(&repo.backup_path(label, &archive.object), 1 << 34)
             .await
@@ -75,17 +82,24 @@ async fn extract(repo: &Repository, label: &str, dir: &Path) {
             .arg("-xf")
             .arg(&file)
             .arg("-C")
-            .arg(dir)
+            .arg(&into)
             .output()
             .unwrap();
         assert!(untar.status.success(), "{}", text(&untar));
         std::fs::remove_file(&file).unwrap();
+    }
+    // The base archive links to the source's tablespace: relinked to the copy.
+    for (oid, ts) in &tablespaces {
+        let link = dir.join(format!("pg_tblspc/{oid}"));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(ts, &link).unwrap();
     }
     let manifest = repo
         .get_bytes(&repo.backup_path(label, "backup_manifest"), 1 << 30)
         .await
         .unwrap();
     std::fs::write(dir.join("backup_manifest"), &manifest).unwrap();
+    tablespaces
 }
 
 fn store(garage: &Garage, prefix: &str) -> Store {
@@ -114,6 +128,27 @@ async fn incremental_backups_store_only_changes_or_explain_why_not() {
         )
         .await;
     primary.execute("CREATE DATABASE dropped").await;
+    // A tablespace, with a table that changes and shrinks between the backups.
+    let work = scratch();
+    let location = work.path().join("ts");
+    std::fs::create_dir(&location).unwrap();
+    common::give_like(&location, primary.data_dir());
+    primary
+        .execute(&format!(
+            "CREATE TABLESPACE ts2 LOCATION '{}'",
+            location.display()
+        ))
+        .await;
+    primary
+        .execute("CREATE TABLE spaced TABLESPACE ts2 AS SELECT g, md5(g::text) AS m FROM generate_series(1, 30000) g")
+        .await;
+    let mapping = |name: &str| {
+        format!(
+            "{}={}",
+            location.display(),
+            work.path().join(name).display()
+        )
+    };
     primary.execute("VACUUM (FREEZE, ANALYZE)").await;
     primary.execute("CHECKPOINT").await;
     let garage = Garage::start();
@@ -165,6 +200,9 @@ async fn incremental_backups_store_only_changes_or_explain_why_not() {
         .await
         .unwrap();
     sql.batch("INSERT INTO small SELECT generate_series(1, 1000)")
+        .await
+        .unwrap();
+    sql.batch("UPDATE spaced SET m = 'changed' WHERE g <= 100")
         .await
         .unwrap();
     let inc = backup("inc", vec!["--incremental", "--from", "full"]).await;
@@ -219,6 +257,10 @@ async fn incremental_backups_store_only_changes_or_explain_why_not() {
         .unwrap();
     sql.batch("DELETE FROM shrink WHERE g > 500").await.unwrap();
     sql.batch("VACUUM shrink").await.unwrap();
+    sql.batch("DELETE FROM spaced WHERE g > 20000")
+        .await
+        .unwrap();
+    sql.batch("VACUUM spaced").await.unwrap();
     sql.batch("UPDATE big SET pad = 'again' WHERE g BETWEEN 30000 AND 30100")
         .await
         .unwrap();
@@ -264,6 +306,8 @@ async fn incremental_backups_store_only_changes_or_explain_why_not() {
             "--pgdata",
             combined.to_str().unwrap(),
             "--no-sync",
+            "--tablespace-mapping",
+            &mapping("combined_ts"),
         ],
     )
     .await;
@@ -281,12 +325,24 @@ async fn incremental_backups_store_only_changes_or_explain_why_not() {
     if major >= 18 {
         let oracle = testkit::oracle::pg_combinebackup18();
         let inputs = target.path().join("inputs");
+        let mut newest_tablespaces = Vec::new();
         for label in ["full", "inc", "inc2"] {
-            extract(&library, label, &inputs.join(label)).await;
+            newest_tablespaces = extract(&library, label, &inputs.join(label)).await;
         }
+        assert_eq!(
+            newest_tablespaces.len(),
+            1,
+            "the tablespace is in the backups"
+        );
         let theirs_dir = target.path().join("pg_combinebackup");
+        let theirs_ts = target.path().join("pg_combinebackup_ts");
         let run = std::process::Command::new(&oracle)
             .arg("--no-sync")
+            .arg(format!(
+                "--tablespace-mapping={}={}",
+                newest_tablespaces[0].1.display(),
+                theirs_ts.display()
+            ))
             .arg("-o")
             .arg(&theirs_dir)
             .args(["full", "inc", "inc2"].map(|l| inputs.join(l)))
@@ -348,6 +404,8 @@ async fn incremental_backups_store_only_changes_or_explain_why_not() {
             &port,
             "--pg-ctl",
             primary.bin("pg_ctl").to_str().unwrap(),
+            "--tablespace-mapping",
+            &mapping("restored_ts"),
             "--json",
         ],
     )
@@ -398,6 +456,8 @@ async fn incremental_backups_store_only_changes_or_explain_why_not() {
             "inc2",
             "--pgdata",
             pgdata.to_str().unwrap(),
+            "--tablespace-mapping",
+            &mapping("damaged_ts"),
         ],
     )
     .await;
@@ -426,6 +486,8 @@ async fn incremental_backups_store_only_changes_or_explain_why_not() {
             "inc2",
             "--pgdata",
             pgdata.to_str().unwrap(),
+            "--tablespace-mapping",
+            &mapping("orphan_ts"),
         ],
     )
     .await;
