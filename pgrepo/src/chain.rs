@@ -460,7 +460,10 @@ impl Source<'_> {
                 "report this as a bug",
             ));
         }
-        let mut scratch = vec![0u8; 64 << 10];
+        if self.pos == offset {
+            return Ok(());
+        }
+        let mut scratch = vec![0u8; (offset - self.pos).min(64 << 10) as usize];
         while self.pos < offset {
             let n = (offset - self.pos).min(scratch.len() as u64) as usize;
             self.read_exact(&mut scratch[..n])?;
