@@ -1224,6 +1224,117 @@ mod tests {
         assert_eq!(tar_number(&out[148..155]), Some(u64::from(sum)));
     }
 
+    fn header(name: &str, size: u64, typeflag: u8) -> [u8; 512] {
+        let mut raw = [0u8; 512];
+        raw[..name.len()].copy_from_slice(name.as_bytes());
+        raw[156] = typeflag;
+        raw[257..263].copy_from_slice(b"ustar\0");
+        sized_header(&mut raw, size);
+        raw
+    }
+
+    #[test]
+    fn the_tar_reader_walks_entries_and_their_data() {
+        let mut stream = Vec::new();
+        stream.extend_from_slice(&header("./base/1/", 0, b'5'));
+        stream.extend_from_slice(&header("base/1/123", 5, b'0'));
+        stream.extend_from_slice(b"hello");
+        stream.extend_from_slice(&[0u8; 507]);
+        stream.extend_from_slice(&header("pg_tblspc/16400", 0, b'2'));
+        stream.extend_from_slice(&[0u8; 1024]);
+        let mut tar = TarReader::new(stream.as_slice());
+        let first = tar.next().unwrap().unwrap();
+        assert_eq!(
+            (first.name.as_slice(), first.size),
+            (b"base/1".as_slice(), 0)
+        );
+        let second = tar.next().unwrap().unwrap();
+        assert_eq!(second.name, b"base/1/123");
+        let mut data = String::new();
+        tar.read_to_string(&mut data).unwrap();
+        assert_eq!(data, "hello");
+        assert_eq!(tar.next().unwrap().unwrap().typeflag, b'2');
+        assert!(tar.next().unwrap().is_none());
+        assert!(tar.next().unwrap().is_none());
+        // Cut inside an entry: an error, not a panic or a silent end.
+        let mut cut = TarReader::new(&stream[..512 + 512 + 3]);
+        cut.next().unwrap();
+        cut.next().unwrap();
+        assert!(cut.next().is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hostile_tar_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000)) {
+            let mut tar = TarReader::new(bytes.as_slice());
+            for _ in 0..8 {
+                match tar.next() {
+                    Ok(Some(_)) => {
+                        let mut sink = Vec::new();
+                        let _ = (&mut tar).take(4096).read_to_end(&mut sink);
+                    }
+                    _ => break,
+                }
+            }
+            let _ = tar_number(&bytes[..bytes.len().min(12)]);
+        }
+    }
+
+    fn record(label: &str, parent: Option<&str>, start: &str, end: &str, tli: u32) -> CommitRecord {
+        CommitRecord {
+            format: 1,
+            label: label.into(),
+            system_identifier: "7712258631147479762".into(),
+            server_major: 17,
+            started_at: "2026-11-30T10:00:00Z".into(),
+            finished_at: "2026-11-30T10:01:00Z".into(),
+            start_lsn: start.into(),
+            start_timeline: tli,
+            end_lsn: end.into(),
+            end_timeline: tli,
+            archives: vec![],
+            manifest_bytes: 10,
+            manifest_sha256: "ab".into(),
+            checksum_algorithm: "CRC32C".into(),
+            files: 3,
+            database_bytes: 100,
+            stored_bytes: 50,
+            wal: crate::layout::WalRecord {
+                mode: "included".into(),
+                segments: 1,
+                records_verified: 5,
+            },
+            parent: parent.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn chains_must_link() {
+        let full = record("full", None, "0/2000028", "0/2000100", 1);
+        let inc = record("inc", Some("full"), "0/3000028", "0/3000100", 1);
+        check_links(&[inc.clone(), full.clone()]).unwrap();
+        // A later timeline is accepted (a promotion between the backups).
+        let promoted = record("inc", Some("full"), "0/3000028", "0/3000100", 2);
+        check_links(&[promoted, full.clone()]).unwrap();
+        let early = record("inc", Some("full"), "0/2000050", "0/3000100", 1);
+        let e = check_links(&[early, full.clone()]).unwrap_err();
+        assert!(e.message().contains("before its parent full ends"), "{e}");
+        let mut older_timeline = inc.clone();
+        older_timeline.start_timeline = 1;
+        let mut parent2 = full.clone();
+        parent2.end_timeline = 2;
+        let e = check_links(&[older_timeline, parent2]).unwrap_err();
+        assert!(e.message().contains("older than its parent"), "{e}");
+        let mut foreign = full.clone();
+        foreign.system_identifier = "1".into();
+        let e = check_links(&[inc.clone(), foreign]).unwrap_err();
+        assert!(e.message().contains("another cluster"), "{e}");
+        let mut other_major = full;
+        other_major.server_major = 18;
+        let e = check_links(&[inc, other_major]).unwrap_err();
+        assert!(e.message().contains("PostgreSQL 18"), "{e}");
+    }
+
     #[test]
     fn backup_label_loses_only_the_incremental_lines() {
         let label = b"START WAL LOCATION: 0/2000028\nINCREMENTAL FROM LSN: 0/1000028\nINCREMENTAL FROM TLI: 1\nSTART TIMELINE: 1\n";
