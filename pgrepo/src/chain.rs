@@ -560,6 +560,8 @@ struct Combine {
     failure: StoreFailure,
     downloaded: Arc<AtomicU64>,
     newest_label: String,
+    /// The newest backup's parent.
+    parent: CommitRecord,
     newest_files: HashMap<Vec<u8>, ManifestFile>,
     algorithm: ChecksumAlgorithm,
     /// The newest backup's archives: object, name, size, compression, tablespace.
@@ -703,6 +705,38 @@ impl CombineCtx {
     }
 }
 
+/// Checks that an incremental backup's backup_label names `parent` (its start LSN and
+/// timeline) as the backup it is incremental to, as pg_combinebackup does: the
+/// repository's parent must be the one the server compared against.
+fn check_incremental_from(label: &[u8], newest: &str, parent: &CommitRecord) -> Result<()> {
+    let text = String::from_utf8_lossy(label);
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().to_string())
+    };
+    let bad = |what: String| Error::verify(format!("backup_label of backup {newest}"), what);
+    let (Some(lsn), Some(tli)) = (
+        value("INCREMENTAL FROM LSN:"),
+        value("INCREMENTAL FROM TLI:"),
+    ) else {
+        return Err(bad(format!(
+            "has no INCREMENTAL FROM lines, but the commit record names parent {}",
+            parent.label
+        )));
+    };
+    let lsn_ok = lsn.parse::<pgwire_repl::Lsn>().ok() == Some(parent.start()?);
+    let tli_ok = tli.parse::<u32>().ok() == Some(parent.start_timeline);
+    if !lsn_ok || !tli_ok {
+        return Err(bad(format!(
+            "says it is incremental from {lsn} on timeline {tli}, but its parent {} starts \
+             at {} on timeline {}",
+            parent.label, parent.start_lsn, parent.start_timeline
+        )));
+    }
+    Ok(())
+}
+
 /// backup_label without the lines only an incremental backup has.
 fn strip_incremental_lines(label: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(label.len());
@@ -723,6 +757,7 @@ impl Combine {
             failure,
             downloaded,
             newest_label,
+            parent,
             newest_files,
             algorithm,
             archives,
@@ -801,6 +836,7 @@ impl Combine {
                             "backup_label differs from the manifest",
                         ));
                     }
+                    check_incremental_from(&label, &newest_label, &parent)?;
                     let label = strip_incremental_lines(&label);
                     let mut raw = header.raw;
                     sized_header(&mut raw, label.len() as u64);
@@ -1097,7 +1133,12 @@ pub(crate) async fn replay_chain<S: BackupSink + 'static>(
     download: DownloadOptions,
     downloaded: Arc<AtomicU64>,
 ) -> Result<ReadSummary> {
-    let newest = chain[0].clone();
+    let (Some(newest), Some(parent)) = (chain.first().cloned(), chain.get(1).cloned()) else {
+        return Err(Error::usage(
+            "a chain restore needs an incremental backup and its parent",
+            "report this as a bug",
+        ));
+    };
     let (newest_bytes, newest_manifest) = read_manifest(repo, &newest).await?;
     let mut older = Vec::new();
     for record in &chain[1..] {
@@ -1135,6 +1176,7 @@ pub(crate) async fn replay_chain<S: BackupSink + 'static>(
         failure: StoreFailure::default(),
         downloaded: downloaded.clone(),
         newest_label: newest.label.clone(),
+        parent,
         newest_files: newest_manifest
             .files
             .iter()
@@ -1333,6 +1375,21 @@ mod tests {
         other_major.server_major = 18;
         let e = check_links(&[inc, other_major]).unwrap_err();
         assert!(e.message().contains("PostgreSQL 18"), "{e}");
+    }
+
+    #[test]
+    fn backup_labels_must_name_the_parent() {
+        let full = record("full", None, "0/2000028", "0/2000100", 1);
+        let label = b"START WAL LOCATION: 0/3000028\nINCREMENTAL FROM LSN: 0/2000028\nINCREMENTAL FROM TLI: 1\n";
+        check_incremental_from(label, "inc", &full).unwrap();
+        let other = b"INCREMENTAL FROM LSN: 0/1000028\nINCREMENTAL FROM TLI: 1\n";
+        let e = check_incremental_from(other, "inc", &full).unwrap_err();
+        assert!(
+            e.message().contains("its parent full starts at 0/2000028"),
+            "{e}"
+        );
+        let e = check_incremental_from(b"START TIMELINE: 1\n", "inc", &full).unwrap_err();
+        assert!(e.message().contains("no INCREMENTAL FROM"), "{e}");
     }
 
     #[test]
