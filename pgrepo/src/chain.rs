@@ -63,7 +63,119 @@ pub async fn load_chain(repo: &Repository, newest: CommitRecord) -> Result<Vec<C
         chain.push(record);
     }
     check_links(&chain)?;
+    // Each incremental backup's backup_label must name its parent's start: the parent
+    // in the repository is the one the server compared against.
+    for pair in chain.windows(2) {
+        let label = read_backup_label(repo, &pair[0]).await?;
+        check_incremental_from(&label, &pair[0].label, &pair[1])?;
+    }
     Ok(chain)
+}
+
+/// Reads `record`'s backup_label from its base archive (only the frame holding it when
+/// the archive has an index, else the archive up to it: it comes first) and checks it
+/// against the manifest.
+async fn read_backup_label(repo: &Repository, record: &CommitRecord) -> Result<Vec<u8>> {
+    let (_, manifest) = read_manifest(repo, record).await?;
+    let expected = manifest
+        .files
+        .iter()
+        .find(|f| f.path == b"backup_label")
+        .cloned();
+    let describe_backup = format!("backup {}", record.label);
+    let Some(expected) = expected else {
+        return Err(Error::verify(
+            describe_backup,
+            "its manifest lists no backup_label",
+        ));
+    };
+    let Some(base) = record.archives.iter().find(|a| a.tablespace_oid.is_none()) else {
+        return Err(Error::verify(describe_backup, "it has no base archive"));
+    };
+    let (path, describe, size) = stored_archive(repo, record, base).await?;
+    let (range, compression) = match &base.index {
+        Some(name) => {
+            let index_path = repo.backup_path(&record.label, name);
+            let bytes = repo
+                .get_bytes(&index_path, crate::repository::INDEX_LIMIT)
+                .await?;
+            let index = ArchiveIndex::from_json(
+                &bytes,
+                &repo.describe(&index_path),
+                base.stored_bytes,
+                base.tar_bytes,
+            )?;
+            let frame = index.frames.iter().find(|f| {
+                f.entries.iter().any(|e| {
+                    basebackup::tar::normalize(e.path.as_bytes())
+                        .ok()
+                        .as_deref()
+                        == Some(b"backup_label".as_slice())
+                })
+            });
+            let Some(frame) = frame else {
+                return Err(Error::verify(describe, "its index lists no backup_label"));
+            };
+            (
+                frame.stored_offset..frame.stored_offset + frame.stored_len,
+                index.compression,
+            )
+        }
+        None => (0..size, base.compression),
+    };
+    let ctx = CombineCtx {
+        handle: tokio::runtime::Handle::current(),
+        repo: repo.clone(),
+        download: DownloadOptions::default(),
+        failure: StoreFailure::default(),
+        downloaded: Arc::default(),
+    };
+    let label = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+        let reader = RangeReader::open(
+            &ctx.handle,
+            &ctx.repo,
+            path,
+            describe.clone(),
+            range,
+            DownloadOptions {
+                chunk_size: ctx.download.chunk_size,
+                concurrency: 1,
+            },
+            ctx.failure.clone(),
+            ctx.downloaded.clone(),
+        );
+        let stream = decompressed(compression, reader).map_err(|e| ctx.io_error(&describe, e))?;
+        let mut tar = TarReader::new(stream);
+        while let Some(header) = tar.next().map_err(|e| ctx.io_error(&describe, e))? {
+            if header.name == b"backup_label" {
+                let mut label = Vec::new();
+                (&mut tar)
+                    .take(1 << 20)
+                    .read_to_end(&mut label)
+                    .map_err(|e| ctx.io_error(&describe, e))?;
+                return Ok(label);
+            }
+        }
+        Err(Error::verify(describe, "holds no backup_label"))
+    })
+    .await
+    .map_err(|e| {
+        Error::usage(
+            format!("reading a backup_label failed: {e}"),
+            "report this as a bug",
+        )
+    })??;
+    let mut sum = FileChecksum::new(expected.algorithm);
+    sum.update(&label);
+    if label.len() as u64 != expected.size
+        || (expected.checksum.is_some() && sum.finish() != expected.checksum)
+    {
+        return Err(Error::verify(
+            format!("backup_label of backup {}", record.label),
+            "differs from the manifest",
+        ));
+    }
+    Ok(label)
 }
 
 /// Checks that each backup of `chain` (newest first) follows its parent: the same

@@ -434,6 +434,30 @@ async fn incremental_backups_store_only_changes_or_explain_why_not() {
     assert_eq!(dropped, "0", "the dropped database came back");
     eprintln!("PostgreSQL {major}: the chain full <- inc <- inc2 restored and started with the primary's data");
 
+    // A commit record naming the wrong parent: its backup_label says otherwise.
+    let record_path = library.backup_path("inc2", "backup.json");
+    let record_bytes = library.get_bytes(&record_path, 1 << 20).await.unwrap();
+    let wrong = String::from_utf8(record_bytes.to_vec())
+        .unwrap()
+        .replace("\"parent\": \"inc\"", "\"parent\": \"full\"");
+    assert!(wrong.contains("\"parent\": \"full\""), "{wrong}");
+    library
+        .put_bytes(&record_path, wrong.into_bytes().into())
+        .await
+        .unwrap();
+    let verify = run_with(
+        &repo,
+        &["verify", "--repo", &repo.url, "--backup", "inc2", "--chain"],
+    )
+    .await;
+    assert!(!verify.status.success());
+    assert!(
+        text(&verify).contains("says it is incremental from"),
+        "{}",
+        text(&verify)
+    );
+    library.put_bytes(&record_path, record_bytes).await.unwrap();
+
     // A damaged byte in the middle of the full backup's base archive (a frame the chain
     // reads): found while reading, nothing left behind.
     let full_object = library.backup("full").await.unwrap().archives[0]
