@@ -63,6 +63,18 @@ pub async fn load_chain(repo: &Repository, newest: CommitRecord) -> Result<Vec<C
         chain.push(record);
     }
     check_links(&chain)?;
+    for pair in chain.windows(2) {
+        let (child, parent) = (&pair[0], &pair[1]);
+        if child.start_timeline != parent.end_timeline {
+            // Without an archived history file the server's own check when it took
+            // the backup (its WAL summaries follow the timeline history) stands.
+            let object =
+                crate::walnames::history_object(pgwire_repl::TimelineId(child.start_timeline));
+            if let Some(history) = repo.get_optional(&repo.path(&object), 1 << 20).await? {
+                check_descends(child, parent, &history)?;
+            }
+        }
+    }
     // Each incremental backup's backup_label must name its parent's start: the parent
     // in the repository is the one the server compared against.
     for pair in chain.windows(2) {
@@ -211,6 +223,46 @@ pub fn check_links(chain: &[CommitRecord]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Checks with the child's timeline history file that the parent's timeline is an
+/// ancestor which the child's branched off after the parent's end.
+pub fn check_descends(child: &CommitRecord, parent: &CommitRecord, history: &[u8]) -> Result<()> {
+    let parent_end = parent.end()?;
+    let text = String::from_utf8_lossy(history);
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let (Some(tli), Some(switch)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let (Ok(tli), Ok(switch)) = (tli.parse::<u32>(), switch.parse::<pgwire_repl::Lsn>()) else {
+            continue;
+        };
+        if tli == parent.end_timeline {
+            if switch >= parent_end {
+                return Ok(());
+            }
+            return Err(Error::verify(
+                format!("backup {}", child.label),
+                format!(
+                    "its timeline {} left timeline {tli} at {switch}, before its parent {} \
+                     ends at {}: the parent is not in its history",
+                    child.start_timeline, parent.label, parent.end_lsn
+                ),
+            ));
+        }
+    }
+    Err(Error::verify(
+        format!("backup {}", child.label),
+        format!(
+            "its timeline {}'s history does not descend from its parent {}'s timeline {}",
+            child.start_timeline, parent.label, parent.end_timeline
+        ),
+    ))
 }
 
 /// A tar stream piece for the pipeline.
@@ -1487,6 +1539,22 @@ mod tests {
         other_major.server_major = 18;
         let e = check_links(&[inc, other_major]).unwrap_err();
         assert!(e.message().contains("PostgreSQL 18"), "{e}");
+    }
+
+    #[test]
+    fn timelines_must_descend() {
+        let full = record("full", None, "0/2000028", "0/2000100", 1);
+        let inc = record("inc", Some("full"), "0/5000028", "0/5000100", 3);
+        let history = b"1\t0/3000000\tno recovery target specified\n\n2\t0/4000000\tafter\n";
+        check_descends(&inc, &full, history).unwrap();
+        let early = b"1\t0/2000050\tbefore the parent ends\n";
+        let e = check_descends(&inc, &full, early).unwrap_err();
+        assert!(
+            e.message().contains("the parent is not in its history"),
+            "{e}"
+        );
+        let e = check_descends(&inc, &full, b"# nothing\n7\t0/1\tx\n").unwrap_err();
+        assert!(e.message().contains("does not descend"), "{e}");
     }
 
     #[test]

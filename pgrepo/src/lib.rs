@@ -46,7 +46,7 @@ pub mod walnames;
 pub use backup::{
     backup_to_repository, backup_with_counter, Compression, RepoBackupOptions, RepoBackupSummary,
 };
-pub use chain::{check_links, load_chain};
+pub use chain::{check_descends, check_links, load_chain};
 pub use error::{Error, ErrorKind, Result};
 pub use layout::{ArchiveRecord, CommitRecord, RepositoryRecord, StoredCompression};
 pub use repository::Repository;
