@@ -593,6 +593,7 @@ struct Source<'a> {
     sum: FileChecksum,
     expected: ManifestFile,
     describe: String,
+    failure: StoreFailure,
 }
 
 impl Source<'_> {
@@ -608,10 +609,16 @@ impl Source<'_> {
                 self.len
             )));
         }
-        let describe = &self.describe;
-        self.reader
-            .read_exact(buf)
-            .map_err(|e| Error::verify(describe, format!("cannot be read: {e}")))?;
+        if let Err(e) = self.reader.read_exact(buf) {
+            // A failed GET is reported as itself, not as damage.
+            let store = self
+                .failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            return Err(store
+                .unwrap_or_else(|| Error::verify(&self.describe, format!("cannot be read: {e}"))));
+        }
         self.sum.update(buf);
         self.pos += buf.len() as u64;
         Ok(())
@@ -945,8 +952,13 @@ impl Combine {
                 Some(oid) => format!("pg_tblspc/{oid}/").into_bytes(),
                 None => Vec::new(),
             };
+            // The stream handed on is plain tar, whatever the object's compression.
+            let object = describe.rsplit('/').next().unwrap_or("");
             out.archive(ArchiveInfo {
-                name: describe.rsplit('/').next().unwrap_or("").to_string(),
+                name: object
+                    .strip_suffix(compression.suffix())
+                    .unwrap_or(object)
+                    .to_string(),
                 tablespace,
                 compression: None,
             })?;
@@ -1064,6 +1076,7 @@ fn combine_file(
         sum: FileChecksum::new(expected.algorithm),
         expected,
         describe: format!("{shown} of backup {newest_label}"),
+        failure: ctx.failure.clone(),
     }];
     let mut versions = vec![FileVersion::Incremental(sources[0].header()?)];
     let mut whole = false;
@@ -1092,6 +1105,7 @@ fn combine_file(
             sum: FileChecksum::new(file.algorithm),
             expected: file,
             describe,
+            failure: ctx.failure.clone(),
         };
         if incremental {
             versions.push(FileVersion::Incremental(source.header()?));
