@@ -434,6 +434,65 @@ async fn incremental_backups_store_only_changes_or_explain_why_not() {
     assert_eq!(dropped, "0", "the dropped database came back");
     eprintln!("PostgreSQL {major}: the chain full <- inc <- inc2 restored and started with the primary's data");
 
+    // A newest backup compressed by the server (no frame index) is read whole; as a
+    // parent it cannot be entered by frames: refused, saying what to do.
+    let inc3 = backup(
+        "inc3",
+        vec![
+            "--incremental",
+            "--from",
+            "inc2",
+            "--compress",
+            "server-gzip",
+        ],
+    )
+    .await;
+    assert!(inc3.status.success(), "{}", text(&inc3));
+    let server_compressed = target.path().join("server_compressed");
+    let restore = run_with(
+        &repo,
+        &[
+            "restore",
+            "--repo",
+            &repo.url,
+            "--backup",
+            "inc3",
+            "--pgdata",
+            server_compressed.to_str().unwrap(),
+            "--no-sync",
+            "--tablespace-mapping",
+            &mapping("server_compressed_ts"),
+        ],
+    )
+    .await;
+    assert!(restore.status.success(), "{}", text(&restore));
+    let inc4 = backup("inc4", vec!["--incremental", "--from", "inc3"]).await;
+    assert!(inc4.status.success(), "{}", text(&inc4));
+    let refused_dir = target.path().join("refused");
+    let restore = run_with(
+        &repo,
+        &[
+            "restore",
+            "--repo",
+            &repo.url,
+            "--backup",
+            "inc4",
+            "--pgdata",
+            refused_dir.to_str().unwrap(),
+            "--tablespace-mapping",
+            &mapping("refused_ts"),
+        ],
+    )
+    .await;
+    assert!(!restore.status.success());
+    assert!(
+        text(&restore).contains("no frame index")
+            && text(&restore).contains("client-side compression"),
+        "{}",
+        text(&restore)
+    );
+    assert!(!refused_dir.exists() || std::fs::read_dir(&refused_dir).unwrap().next().is_none());
+
     // A commit record naming the wrong parent: its backup_label says otherwise.
     let record_path = library.backup_path("inc2", "backup.json");
     let record_bytes = library.get_bytes(&record_path, 1 << 20).await.unwrap();
@@ -536,7 +595,7 @@ async fn incremental_backups_store_only_changes_or_explain_why_not() {
         .unwrap();
     sql.batch("SELECT pg_reload_conf()").await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let refused = backup("inc3", vec!["--incremental"]).await;
+    let refused = backup("inc5", vec!["--incremental"]).await;
     assert!(!refused.status.success());
     assert!(
         text(&refused).contains("summarize_wal"),
