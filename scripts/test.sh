@@ -21,7 +21,7 @@ fi
 step "installing PostgreSQL servers (scripts/install-postgres.sh)"
 scripts/install-postgres.sh
 
-step "installing the libpq 18 oracle for differential tests (scripts/install-test-tools.sh)"
+step "installing the libpq 18 and pg_combinebackup 18 oracles for differential tests (scripts/install-test-tools.sh)"
 scripts/install-test-tools.sh
 
 step "installing the Garage S3 store for object-storage tests (scripts/install-garage.sh)"

@@ -99,6 +99,37 @@ impl<S: BackupSink + 'static> Replay<S> {
             None => ChecksumAlgorithm::None,
         };
         let manifest_expected = manifest.is_some();
+        let mut first = vec![Msg::Begin(info)];
+        if let Some(bytes) = manifest {
+            first.push(Msg::Manifest(bytes));
+        }
+        Replay::spawn(first, algorithm, manifest_expected, sink)
+    }
+
+    /// Like [`start`](Replay::start), for a stream whose manifest is only known at its
+    /// end (one synthesized while it is fed): files are checksummed with `algorithm`,
+    /// and the manifest must come through [`manifest`](Replay::manifest) before
+    /// [`finish`](Replay::finish), which verifies every file against it.
+    pub fn start_manifest_later(
+        info: BackupInfo,
+        algorithm: ChecksumAlgorithm,
+        sink: S,
+    ) -> Result<Replay<S>> {
+        Replay::spawn(vec![Msg::Begin(info)], algorithm, true, sink)
+    }
+
+    /// The manifest of a replay begun with
+    /// [`start_manifest_later`](Replay::start_manifest_later), once every archive was fed.
+    pub async fn manifest(&mut self, bytes: Bytes) -> Result<()> {
+        self.send(Msg::Manifest(bytes)).await
+    }
+
+    fn spawn(
+        first: Vec<Msg>,
+        algorithm: ChecksumAlgorithm,
+        manifest_expected: bool,
+        sink: S,
+    ) -> Result<Replay<S>> {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let stopped = StopReason::default();
         let writer_stopped = stopped.clone();
@@ -109,10 +140,6 @@ impl<S: BackupSink + 'static> Replay<S> {
             (outcome, sink)
         });
         // The channel is empty: these two fit without waiting.
-        let mut first = vec![Msg::Begin(info)];
-        if let Some(bytes) = manifest {
-            first.push(Msg::Manifest(bytes));
-        }
         for msg in first {
             tx.try_send(msg).map_err(|_| {
                 Error::writer_panicked("the writer stopped before the backup began")

@@ -383,7 +383,7 @@ impl Read for FrameReader<'_> {
 
 /// Concatenated LZ4 frames as one stream (lz4_flex's decoder ends a read at each frame's
 /// end; the next is read when more input follows).
-struct Lz4Frames<R: std::io::BufRead>(lz4_flex::frame::FrameDecoder<R>);
+pub(crate) struct Lz4Frames<R: std::io::BufRead>(pub(crate) lz4_flex::frame::FrameDecoder<R>);
 
 impl<R: std::io::BufRead> Read for Lz4Frames<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {

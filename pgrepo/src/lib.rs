@@ -29,6 +29,7 @@
 //! ```
 
 mod backup;
+mod chain;
 mod delta;
 mod error;
 pub mod layout;
@@ -47,10 +48,13 @@ pub mod walnames;
 pub use backup::{
     backup_to_repository, backup_with_counter, Compression, RepoBackupOptions, RepoBackupSummary,
 };
+pub use chain::{check_descends, check_links, load_chain};
 pub use error::{Error, ErrorKind, Result};
 pub use layout::{ArchiveRecord, CommitRecord, RepositoryRecord, StoredCompression};
 pub use repository::Repository;
-pub use restore::{restore_backup, verify_backup, DownloadOptions, ReadSummary, RestoreOptions};
+pub use restore::{
+    restore_backup, verify_backup, verify_chain, DownloadOptions, ReadSummary, RestoreOptions,
+};
 pub use store::{RepoUrl, Scheme, Secret, StoreOptions};
 pub use upload::{UploadOptions, MIN_PART_SIZE};
 pub use walarchive::{RepoWal, RepoWalWriter, WalArchiveOptions, WalCompression};

