@@ -263,8 +263,8 @@ struct ReceiveWalArgs {
     /// fsync after every write and report the flush position at once.
     #[arg(long)]
     synchronous: bool,
-    /// Compress completed segments: zstd (files and objects end in .zst), zstd:LEVEL, or
-    /// none. With --repo the default is zstd.
+    /// Compress completed segments: zstd (level 3; files and objects end in .zst),
+    /// zstd:LEVEL, or none. With --repo the default is zstd:1.
     #[arg(long)]
     compress: Option<String>,
     /// Exit when the connection is lost instead of reconnecting.

@@ -1048,7 +1048,7 @@ pub async fn run_receive_wal_repo(args: ReceiveWalRepoArgs) -> pgrepo::Result<Ex
     }
     let mut archive_options = pgrepo::WalArchiveOptions::default();
     archive_options.compression =
-        parse_wal_compression(args.compress.as_deref().unwrap_or("zstd"))?;
+        parse_wal_compression(args.compress.as_deref().unwrap_or("zstd:1"))?;
     archive_options.flush_interval = Duration::from_secs_f64(args.flush_interval);
     if let Some(bytes) = args.flush_bytes {
         if bytes == 0 {

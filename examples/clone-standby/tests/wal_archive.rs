@@ -425,7 +425,7 @@ async fn synchronous_commits_wait_for_the_store_and_never_return_before_it_holds
     loop {
         let state = sql
             .query_value(&format!(
-                "SELECT sync_state FROM pg_stat_replication WHERE application_name = '{APP}'"
+                "SELECT coalesce((SELECT sync_state FROM pg_stat_replication WHERE application_name = '{APP}'), 'absent')"
             ))
             .await
             .unwrap();
@@ -600,7 +600,7 @@ async fn crash_and_restore(synchronous: bool) -> (Vec<i64>, Vec<(i64, Duration)>
         let deadline = Instant::now() + Duration::from_secs(30);
         while sql
             .query_value(&format!(
-                "SELECT sync_state FROM pg_stat_replication WHERE application_name = '{APP}'"
+                "SELECT coalesce((SELECT sync_state FROM pg_stat_replication WHERE application_name = '{APP}'), 'absent')"
             ))
             .await
             .unwrap()
