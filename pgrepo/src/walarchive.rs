@@ -737,7 +737,8 @@ struct Archiver {
     pieced_to: u64,
     /// When verified WAL after `pieced_to` first waited.
     waiting_since: Option<Instant>,
-    piece_in_flight: bool,
+    /// The segment of the piece being stored, if one is.
+    piece_in_flight: Option<u64>,
     /// When the piece in flight was started, and how long pieces take to store (a
     /// moving average): a piece starts early enough to be *stored* within the interval.
     piece_started: Option<Instant>,
@@ -795,7 +796,7 @@ impl Archiver {
             verified: start,
             pieced_to: already,
             waiting_since: None,
-            piece_in_flight: false,
+            piece_in_flight: None,
             piece_started: None,
             piece_latency: Duration::from_millis(50),
             flush_requested: false,
@@ -973,7 +974,7 @@ impl Archiver {
             || self.flush_requested
             || closing
             || waiting >= self.options.flush_bytes;
-        if !self.piece_in_flight && waiting > 0 && due {
+        if self.piece_in_flight.is_none() && waiting > 0 && due {
             let segment_start = self.pieced_to - self.pieced_to % size;
             let from = self.pieced_to;
             let to = self.verified.min(segment_start + size);
@@ -984,7 +985,7 @@ impl Archiver {
                 from - segment_start,
                 to - segment_start,
             ));
-            self.piece_in_flight = true;
+            self.piece_in_flight = Some(segment_start);
             self.piece_started = Some(Instant::now());
             self.pieced_to = to;
             self.waiting_since = (self.verified > self.pieced_to).then(Instant::now);
@@ -1000,7 +1001,7 @@ impl Archiver {
             }));
         }
         if self.pieced_to >= self.verified {
-            self.flush_requested = !self.flush_waiters.is_empty() && self.piece_in_flight;
+            self.flush_requested = !self.flush_waiters.is_empty() && self.piece_in_flight.is_some();
         }
         Ok(())
     }
@@ -1035,7 +1036,7 @@ impl Archiver {
                 to,
                 path,
             } => {
-                self.piece_in_flight = false;
+                self.piece_in_flight = None;
                 if let Some(started) = self.piece_started.take() {
                     self.piece_latency = (self.piece_latency * 3 + started.elapsed()) / 4;
                 }
@@ -1082,7 +1083,12 @@ impl Archiver {
         }
         // Forget segments long stored.
         while let Some(first) = self.stored_whole.first().copied() {
-            if first + 4 * size < self.stored_to && !self.pieces.contains_key(&first) {
+            // Kept while a piece of it is still being stored, so that the piece is
+            // folded away when it lands.
+            if first + 4 * size < self.stored_to
+                && !self.pieces.contains_key(&first)
+                && self.piece_in_flight != Some(first)
+            {
                 self.stored_whole.remove(&first);
             } else {
                 break;
