@@ -188,18 +188,13 @@ impl Repository {
     /// own cluster, and restore checks them.)
     pub async fn ensure_system(&self, system_id: u64) -> Result<RepositoryRecord> {
         if let Some(record) = self.record().await? {
-            if record.system_identifier != system_id.to_string() {
-                return Err(Error::unsafe_op(
-                    format!(
-                        "repository {} belongs to the cluster with system identifier {}, \
-                         not to this one ({system_id})",
-                        self.url, record.system_identifier
-                    ),
-                    "use a repository (or prefix) of its own for each cluster",
-                ));
-            }
-            return Ok(record);
+            return self.same_system(record, system_id);
         }
+        self.create_record(system_id).await
+    }
+
+    /// [`ensure_system`](Repository::ensure_system) once no record was found.
+    async fn create_record(&self, system_id: u64) -> Result<RepositoryRecord> {
         // A prefix holding other things is not taken over; a WAL archive or a receiver
         // lease (a receiver started before the first backup) are ours.
         let top = self
@@ -207,10 +202,12 @@ impl Repository {
             .list_with_delimiter(Some(&self.prefix))
             .await
             .map_err(|e| Error::store(format!("listing {}", self.url), e))?;
+        let record_path = self.path(REPOSITORY_RECORD);
         let foreign = top
             .objects
             .iter()
             .map(|o| o.location.clone())
+            .filter(|location| *location != record_path)
             .chain(
                 top.common_prefixes
                     .iter()
@@ -233,6 +230,13 @@ impl Repository {
                 "choose an empty prefix for a new repository",
             ));
         }
+        // Another process (a receiver and a backup started together) may have written
+        // the record since it was read above.
+        if top.objects.iter().any(|o| o.location == record_path) {
+            if let Some(record) = self.record().await? {
+                return self.same_system(record, system_id);
+            }
+        }
         let record = RepositoryRecord {
             format: FORMAT,
             system_identifier: system_id.to_string(),
@@ -241,6 +245,20 @@ impl Repository {
         let json = serde_json::to_string_pretty(&record).unwrap_or_default() + "\n";
         self.put_bytes(&self.path(REPOSITORY_RECORD), Bytes::from(json))
             .await?;
+        Ok(record)
+    }
+
+    fn same_system(&self, record: RepositoryRecord, system_id: u64) -> Result<RepositoryRecord> {
+        if record.system_identifier != system_id.to_string() {
+            return Err(Error::unsafe_op(
+                format!(
+                    "repository {} belongs to the cluster with system identifier {}, \
+                     not to this one ({system_id})",
+                    self.url, record.system_identifier
+                ),
+                "use a repository (or prefix) of its own for each cluster",
+            ));
+        }
         Ok(record)
     }
 
@@ -333,5 +351,35 @@ impl Repository {
             }
         }
         Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_record_written_by_another_process_meanwhile_is_used() {
+        // A receiver and a backup started together: both read no record, one writes it,
+        // then the other lists the prefix and finds it.
+        let repo = Repository::open("memory://together", &StoreOptions::default()).unwrap();
+        let first = repo.create_record(7).await.unwrap();
+        repo.put_bytes(&repo.path("wal/archive.json"), Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        let second = repo.create_record(7).await.unwrap();
+        assert_eq!(first, second);
+        assert!(repo.create_record(8).await.is_err(), "another cluster");
+        assert!(repo.ensure_system(8).await.is_err(), "another cluster");
+    }
+
+    #[tokio::test]
+    async fn a_prefix_with_other_things_is_refused() {
+        let repo = Repository::open("memory://other", &StoreOptions::default()).unwrap();
+        repo.put_bytes(&repo.path("somebody/else"), Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        let refused = repo.ensure_system(7).await.unwrap_err();
+        assert!(refused.to_string().contains("is not empty"), "{refused}");
     }
 }
