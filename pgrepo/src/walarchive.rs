@@ -143,14 +143,41 @@ pub struct SegmentObjects {
 impl SegmentObjects {
     /// The end of the run of pieces that starts at offset 0 with no hole.
     pub fn contiguous_end(&self) -> u64 {
-        let mut end = 0;
-        for (from, to, _) in &self.pieces {
-            if *from > end {
-                break;
+        contiguous_run(&self.pieces)
+            .last()
+            .map_or(0, |&(index, _)| self.pieces[index].1)
+    }
+}
+
+/// The pieces (`(from, to, _)`, in any order) that make up the run from offset 0: at
+/// each point the piece reaching furthest. Each is given as its index and the offset
+/// from which its bytes are new (the end of the run before it).
+///
+/// ```
+/// let pieces = [(0, 10, 'a'), (20, 30, 'd'), (5, 25, 'c'), (0, 8, 'b')];
+/// assert_eq!(pgrepo::walarchive::contiguous_run(&pieces), vec![(0, 0), (2, 10), (1, 25)]);
+/// ```
+pub fn contiguous_run<P>(pieces: &[(u64, u64, P)]) -> Vec<(usize, u64)> {
+    let mut order: Vec<usize> = (0..pieces.len()).collect();
+    order.sort_by_key(|&i| (pieces[i].0, pieces[i].1));
+    let mut run = Vec::new();
+    let mut end = 0;
+    let mut next = 0;
+    loop {
+        let mut best: Option<usize> = None;
+        while let Some(&i) = order.get(next).filter(|&&i| pieces[i].0 <= end) {
+            if pieces[i].1 > end && best.is_none_or(|b| pieces[i].1 > pieces[b].1) {
+                best = Some(i);
             }
-            end = end.max(*to);
+            next += 1;
         }
-        end
+        match best {
+            Some(i) => {
+                run.push((i, end));
+                end = pieces[i].1;
+            }
+            None => return run,
+        }
     }
 }
 
@@ -455,27 +482,20 @@ impl RepoWal {
     /// The bytes of the contiguous pieces from offset 0 (what an earlier receiver
     /// stored), checked to tile without a hole.
     async fn read_pieces(&self, objects: &SegmentObjects) -> Result<Bytes> {
-        let end = objects.contiguous_end();
-        let mut out = BytesMut::with_capacity(end as usize);
-        for (from, to, path) in &objects.pieces {
-            let from = *from as usize;
-            let to = *to as usize;
-            if from > out.len() {
-                break;
-            }
-            if to <= out.len() {
-                continue;
-            }
-            let bytes = self.repo.get_bytes(path, (to - from) as u64).await?;
-            if bytes.len() != to - from {
+        let run = contiguous_run(&objects.pieces);
+        let mut out = BytesMut::with_capacity(objects.contiguous_end() as usize);
+        for (index, new_from) in run {
+            let (from, to, path) = &objects.pieces[index];
+            let bytes = self.repo.get_bytes(path, to - from).await?;
+            if bytes.len() as u64 != to - from {
                 return Err(Error::verify(
                     self.repo.describe(path),
                     format!("holds {} bytes, its name says {}", bytes.len(), to - from),
                 ));
             }
             // Overlapping pieces must agree where they overlap.
-            let overlap = out.len() - from;
-            if out[from..] != bytes[..overlap] {
+            let overlap = (new_from - from) as usize;
+            if out[*from as usize..] != bytes[..overlap] {
                 return Err(Error::verify(
                     self.repo.describe(path),
                     "disagrees with the piece before it",
@@ -1353,6 +1373,29 @@ mod tests {
         // Segments before the first stored one (removed by retention) are not holes.
         let trimmed = inventory(&[(1, 100, true, 0), (1, 101, true, 0)]);
         assert_eq!(resume_segment(&trimmed), Some((TimelineId(1), 101, true)));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_run_from_zero_tiles_what_the_pieces_cover(
+            pieces in proptest::collection::vec((0u64..64, 1u64..16), 0..20)
+        ) {
+            let pieces: Vec<(u64, u64, ())> = pieces.into_iter().map(|(f, l)| (f, f + l, ())).collect();
+            // The model: offsets covered from 0 with no hole.
+            let mut covered = 0;
+            while pieces.iter().any(|(f, t, _)| *f <= covered && covered < *t) {
+                covered += 1;
+            }
+            let run = contiguous_run(&pieces);
+            let mut end = 0;
+            for (index, new_from) in &run {
+                let (from, to, _) = pieces[*index];
+                proptest::prop_assert_eq!(*new_from, end);
+                proptest::prop_assert!(from <= end && to > end);
+                end = to;
+            }
+            proptest::prop_assert_eq!(end, covered);
+        }
     }
 
     #[test]

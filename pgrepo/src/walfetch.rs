@@ -554,18 +554,14 @@ async fn fetch_partial(
     number: u64,
     params: ArchiveParams,
 ) -> Result<Option<(Bytes, u64)>> {
-    // The run from 0: at each point the piece that reaches furthest.
-    let mut run = Vec::new();
-    let mut end = 0;
-    loop {
-        let next = pieces
-            .iter()
-            .filter(|(from, to, _)| *from <= end && *to > end)
-            .max_by_key(|(_, to, _)| *to);
-        let Some((from, to, path)) = next else { break };
-        run.push((*from, *to, path.clone(), end));
-        end = *to;
-    }
+    let run: Vec<_> = crate::walarchive::contiguous_run(pieces)
+        .into_iter()
+        .map(|(index, keep_from)| {
+            let (from, to, path) = &pieces[index];
+            (*from, *to, path.clone(), keep_from)
+        })
+        .collect();
+    let end = run.last().map_or(0, |piece| piece.1);
     let name = wal_file_name(timeline, number, params.segment_size);
     if run.is_empty() {
         return Err(wal_damage(
