@@ -1,0 +1,43 @@
+//! Messages in the PostgreSQL tools' format (`pg_basebackup: error: …`,
+//! `pg_basebackup: hint: …`), which scripts and PostgreSQL's own tests match on.
+
+use std::ffi::OsStr;
+use std::path::Path;
+
+/// The program name as PostgreSQL's `get_progname` derives it: the last component of
+/// `argv[0]`, without a trailing `.exe`.
+///
+/// ```
+/// assert_eq!(pg_frontends::report::progname("/usr/bin/pg_basebackup"), "pg_basebackup");
+/// ```
+pub fn progname(argv0: impl AsRef<OsStr>) -> String {
+    let name = Path::new(argv0.as_ref())
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.strip_suffix(".exe").map(str::to_owned).unwrap_or(name)
+}
+
+/// Prints `<prog>: error: <message>` to standard error.
+pub fn error(prog: &str, message: impl std::fmt::Display) {
+    eprintln!("{prog}: error: {message}");
+}
+
+/// Prints `<prog>: warning: <message>` to standard error.
+pub fn warning(prog: &str, message: impl std::fmt::Display) {
+    eprintln!("{prog}: warning: {message}");
+}
+
+/// Prints `<prog>: hint: <message>` to standard error.
+pub fn hint(prog: &str, message: impl std::fmt::Display) {
+    eprintln!("{prog}: hint: {message}");
+}
+
+/// Prints the usual hint after a command-line mistake: `Try "<prog> --help" for more
+/// information.`
+pub fn try_help(prog: &str) {
+    hint(
+        prog,
+        format_args!("Try \"{prog} --help\" for more information."),
+    );
+}
