@@ -384,13 +384,14 @@ pub async fn restore_backup(
         // The whole chain is read and checked before anything is written.
         let chain = crate::chain::load_chain(repo, record).await?;
         if options.delta {
-            return Err(Error::usage(
-                format!(
-                    "backup {} is incremental: a delta restore of a chain is not supported",
-                    chain[0].label
-                ),
-                "restore the chain into a new or empty directory (without --delta)",
-            ));
+            return crate::delta::restore_delta(
+                repo,
+                chain,
+                pgdata,
+                options,
+                downloaded.unwrap_or_default(),
+            )
+            .await;
         }
         let sink = PlainDirSink::new(PathBuf::from(pgdata))
             .tablespace_mapping(options.tablespace_mapping)
@@ -410,7 +411,7 @@ pub async fn restore_backup(
     if options.delta {
         return crate::delta::restore_delta(
             repo,
-            record,
+            vec![record],
             pgdata,
             options,
             downloaded.unwrap_or_default(),
