@@ -6,6 +6,13 @@
 //! file against the manifest; fetch and rewrite what differs (each file written to a
 //! temporary name, verified, renamed over the old one); remove what the backup does not
 //! hold; check the WAL; write `backup_manifest`, and `global/pg_control` last.
+//!
+//! An incremental backup is restored the same way from its chain: its whole files are
+//! checked against its manifest; its `INCREMENTAL.<name>` files go through the chain's
+//! reader ([`crate::chain::DeltaChain`]), which leaves out a file whose result equals a
+//! whole older file that the local copy already holds, and rebuilds the others (written
+//! under temporary names, renamed once the reader's checksums are known); the combined
+//! manifest is written as `backup_manifest`.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
