@@ -270,13 +270,13 @@ pub fn check_descends(child: &CommitRecord, parent: &CommitRecord, history: &[u8
 /// as the I/O error the decompressor turned it into.
 type StoreFailure = Arc<Mutex<Option<Error>>>;
 
-/// Reads a range of an object in order, by ranged GETs kept in flight by a task.
+/// Reads a range of an object in order, by ranged GETs kept in flight by a task (which
+/// counts every byte received, read or not).
 struct RangeReader {
     rx: mpsc::Receiver<object_store::Result<Bytes>>,
     current: Bytes,
     describe: String,
     failure: StoreFailure,
-    downloaded: Arc<AtomicU64>,
 }
 
 impl RangeReader {
@@ -308,6 +308,9 @@ impl RangeReader {
                 })
                 .buffered(concurrency);
             while let Some(got) = gets.next().await {
+                if let Ok(bytes) = &got {
+                    downloaded.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                }
                 let failed = got.is_err();
                 // A closed channel: the reader is gone, and so is the need.
                 if tx.send(got).await.is_err() || failed {
@@ -320,7 +323,6 @@ impl RangeReader {
             current: Bytes::new(),
             describe,
             failure,
-            downloaded,
         }
     }
 }
@@ -329,11 +331,7 @@ impl Read for RangeReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
             match self.rx.blocking_recv() {
-                Some(Ok(bytes)) => {
-                    self.downloaded
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    self.current = bytes;
-                }
+                Some(Ok(bytes)) => self.current = bytes,
                 Some(Err(e)) => {
                     let error = Error::store(format!("reading {}", self.describe), e);
                     let message = error.message().to_string();

@@ -379,6 +379,53 @@ async fn incremental_backups_store_only_changes_or_explain_why_not() {
         );
     }
 
+    // --delta of the same chain into that copy, with a relation file of the tablespace
+    // and one of the base directory removed and a stray file added: the directory comes
+    // back exactly as the one-pass restore wrote it, without reading the whole chain.
+    for table in ["spaced", "big"] {
+        let relation: String = sql
+            .query_value(&format!("SELECT pg_relation_filepath('{table}')"))
+            .await
+            .unwrap()
+            .unwrap();
+        std::fs::remove_file(combined.join(&relation)).unwrap();
+    }
+    std::fs::write(combined.join("base/stray_file"), b"stray").unwrap();
+    let delta = run_with(
+        &repo,
+        &[
+            "restore",
+            "--repo",
+            &repo.url,
+            "--backup",
+            "inc2",
+            "--pgdata",
+            combined.to_str().unwrap(),
+            "--no-sync",
+            "--delta",
+            "--json",
+            "--tablespace-mapping",
+            &mapping("combined_ts"),
+        ],
+    )
+    .await;
+    assert!(delta.status.success(), "restore --delta:\n{}", text(&delta));
+    let summary: serde_json::Value = serde_json::from_slice(&delta.stdout).unwrap();
+    eprintln!("PostgreSQL {major}: delta of the chain into its own restore: {summary}");
+    let again = files_below(&combined);
+    assert_eq!(
+        again.keys().collect::<Vec<_>>(),
+        ours.keys().collect::<Vec<_>>(),
+        "the delta restore holds other files than the one-pass restore"
+    );
+    for (path, bytes) in &ours {
+        assert!(
+            again[path] == *bytes,
+            "{} differs after the delta restore",
+            path.display()
+        );
+    }
+
     // Restored again as a standby and started: the data of the last backup.
     let pgdata = target.path().join("restored");
     let _guard = StandbyGuard {
@@ -780,6 +827,41 @@ async fn delta_restore_of_a_chain_fetches_only_what_changed() {
     assert!(
         verify.status.success(),
         "verify --pgdata after the delta restore:\n{}",
+        text(&verify)
+    );
+
+    // Into a new directory, a delta restore of the chain is a full one.
+    let fresh = work.path().join("fresh");
+    let fresh_text = fresh.to_str().unwrap();
+    let full = run_with(
+        &repo,
+        &[
+            "restore",
+            "--repo",
+            &repo.url,
+            "--backup",
+            "inc2",
+            "--pgdata",
+            fresh_text,
+            "--delta",
+            "--no-sync",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(
+        full.status.success(),
+        "restore --delta into a new directory:\n{}",
+        text(&full)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&full.stdout).unwrap();
+    eprintln!("PostgreSQL {major}: delta restore of the chain into a new directory: {summary}");
+    assert_eq!(summary["files_reused"], 0, "{summary}");
+    assert!(summary["bytes_read"].as_u64().unwrap() > read, "{summary}");
+    let verify = common::run(&["verify", "--pgdata", fresh_text]);
+    assert!(
+        verify.status.success(),
+        "verify --pgdata (fresh):\n{}",
         text(&verify)
     );
 
