@@ -238,6 +238,22 @@ struct Writer {
     control: Option<(PathBuf, PathBuf)>,
 }
 
+impl Drop for Writer {
+    /// A restore that failed leaves no temporary file behind (a finished one has taken
+    /// them all).
+    fn drop(&mut self) {
+        if let Some(open) = self.current.take() {
+            let _ = std::fs::remove_file(&open.tmp);
+        }
+        if let Some((tmp, _)) = self.control.take() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        for pending in self.pending.drain(..) {
+            let _ = std::fs::remove_file(&pending.tmp);
+        }
+    }
+}
+
 impl Writer {
     fn event(&mut self, plan: &Plan, index: usize, event: TarEvent) -> Result<()> {
         if plan.base {

@@ -865,6 +865,71 @@ async fn delta_restore_of_a_chain_fetches_only_what_changed() {
         text(&verify)
     );
 
+    // A damaged frame of the full backup, holding a table that must be rebuilt: the
+    // delta restore fails, says the directory must be restored again, and leaves it
+    // without global/pg_control and without temporary files.
+    let library = repository(&garage, "chain-delta");
+    let full_record = library.backup("full").await.unwrap();
+    let base = &full_record.archives[0];
+    let index = library
+        .get_bytes(
+            &library.backup_path("full", base.index.as_deref().unwrap()),
+            1 << 30,
+        )
+        .await
+        .unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
+    let changed: String = sql
+        .query_value("SELECT pg_relation_filepath('t1')")
+        .await
+        .unwrap()
+        .unwrap();
+    let frame =
+        index["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| {
+                f["entries"].as_array().unwrap().iter().any(|e| {
+                    e["path"].as_str().unwrap().trim_start_matches("./") == changed.as_str()
+                })
+            })
+            .expect("the frame of t1");
+    let object = library.backup_path("full", &base.object);
+    let original = library.get_bytes(&object, 1 << 34).await.unwrap();
+    let mut damaged_object = original.to_vec();
+    let at = frame["stored_offset"].as_u64().unwrap() + frame["stored_len"].as_u64().unwrap() / 2;
+    damaged_object[at as usize] ^= 0x55;
+    library
+        .put_bytes(&object, damaged_object.into())
+        .await
+        .unwrap();
+    let failed = run_with(
+        &repo,
+        &[
+            "restore",
+            "--repo",
+            &repo.url,
+            "--backup",
+            "inc2",
+            "--pgdata",
+            fresh_text,
+            "--delta",
+            "--no-sync",
+        ],
+    )
+    .await;
+    library.put_bytes(&object, original).await.unwrap();
+    assert!(!failed.status.success(), "{}", text(&failed));
+    eprintln!("PostgreSQL {major}: damaged: {}", text(&failed).trim());
+    assert!(text(&failed).contains("inconsistent"), "{}", text(&failed));
+    assert!(!fresh.join("global/pg_control").exists());
+    let temporary: Vec<_> = files_below(&fresh)
+        .into_keys()
+        .filter(|p| p.to_string_lossy().ends_with(".pgrepo-delta"))
+        .collect();
+    assert!(temporary.is_empty(), "left behind: {temporary:?}");
+
     // Again, as a standby, started: almost nothing left to fetch, and the primary's data.
     let _guard = StandbyGuard {
         pg_ctl: primary.bin("pg_ctl"),
