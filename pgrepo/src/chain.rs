@@ -27,6 +27,7 @@ use object_store::ObjectStoreExt;
 use sha2::Digest;
 use tokio::sync::mpsc;
 
+use crate::delta::Msg;
 use crate::error::{Error, Result};
 use crate::layout::{ArchiveIndex, CommitRecord, IndexFrame, StoredCompression};
 use crate::repository::Repository;
@@ -265,23 +266,17 @@ pub fn check_descends(child: &CommitRecord, parent: &CommitRecord, history: &[u8
     ))
 }
 
-/// A tar stream piece for the pipeline.
-enum Piece {
-    Archive(ArchiveInfo),
-    Data(Bytes),
-}
-
 /// The first store failure seen by any reader: reported as itself (a `Store` error), not
 /// as the I/O error the decompressor turned it into.
 type StoreFailure = Arc<Mutex<Option<Error>>>;
 
-/// Reads a range of an object in order, by ranged GETs kept in flight by a task.
+/// Reads a range of an object in order, by ranged GETs kept in flight by a task (which
+/// counts every byte received, read or not).
 struct RangeReader {
     rx: mpsc::Receiver<object_store::Result<Bytes>>,
     current: Bytes,
     describe: String,
     failure: StoreFailure,
-    downloaded: Arc<AtomicU64>,
 }
 
 impl RangeReader {
@@ -313,6 +308,9 @@ impl RangeReader {
                 })
                 .buffered(concurrency);
             while let Some(got) = gets.next().await {
+                if let Ok(bytes) = &got {
+                    downloaded.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                }
                 let failed = got.is_err();
                 // A closed channel: the reader is gone, and so is the need.
                 if tx.send(got).await.is_err() || failed {
@@ -325,7 +323,6 @@ impl RangeReader {
             current: Bytes::new(),
             describe,
             failure,
-            downloaded,
         }
     }
 }
@@ -334,11 +331,7 @@ impl Read for RangeReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
             match self.rx.blocking_recv() {
-                Some(Ok(bytes)) => {
-                    self.downloaded
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    self.current = bytes;
-                }
+                Some(Ok(bytes)) => self.current = bytes,
                 Some(Err(e)) => {
                     let error = Error::store(format!("reading {}", self.describe), e);
                     let message = error.message().to_string();
@@ -517,7 +510,7 @@ fn renamed_header(raw: &[u8; 512], size: u64) -> [u8; 512] {
 }
 
 /// Sets a header's size and checksum.
-fn sized_header(out: &mut [u8; 512], size: u64) {
+pub(crate) fn sized_header(out: &mut [u8; 512], size: u64) {
     if size < 8u64.pow(11) {
         out[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
     } else {
@@ -530,9 +523,10 @@ fn sized_header(out: &mut [u8; 512], size: u64) {
     out[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
 }
 
-/// The combined tar stream, handed to the pipeline in pieces.
+/// The combined tar stream, handed on in pieces: to the pipeline (an archive at a
+/// time) or to a delta restore's writer (a frame at a time).
 struct Output {
-    tx: mpsc::Sender<Piece>,
+    tx: mpsc::Sender<Msg>,
     buf: Vec<u8>,
 }
 
@@ -555,15 +549,14 @@ impl Output {
             Vec::with_capacity(OUTPUT_PIECE + 8192),
         ));
         self.tx
-            .blocking_send(Piece::Data(piece))
+            .blocking_send(Msg::Data(piece))
             .map_err(|_| Output::stopped())
     }
 
-    fn archive(&mut self, info: ArchiveInfo) -> Result<()> {
+    /// Sends `msg` after what is buffered.
+    fn send(&mut self, msg: Msg) -> Result<()> {
         self.flush()?;
-        self.tx
-            .blocking_send(Piece::Archive(info))
-            .map_err(|_| Output::stopped())
+        self.tx.blocking_send(msg).map_err(|_| Output::stopped())
     }
 
     fn write(&mut self, data: &[u8]) -> Result<()> {
@@ -723,6 +716,20 @@ struct Older {
     cursor: Option<(usize, usize, FrameTar)>,
 }
 
+/// One archive of the newest backup, and the ranges of its stored object to read: the
+/// whole object for a restore, the frames with anything to write for a delta restore.
+pub(crate) struct NewestArchive {
+    pub(crate) path: object_store::path::Path,
+    pub(crate) describe: String,
+    pub(crate) compression: StoredCompression,
+    pub(crate) tablespace: Tablespace,
+    pub(crate) ranges: Vec<std::ops::Range<u64>>,
+}
+
+/// Whether a local file already holds a rebuilt file's content: called with its final
+/// manifest path and the whole file of an older backup that the result equals.
+pub(crate) type Reuse = Box<dyn Fn(&[u8], &ManifestFile) -> bool + Send>;
+
 /// Everything the combining thread reads from.
 struct Combine {
     handle: tokio::runtime::Handle,
@@ -735,20 +742,17 @@ struct Combine {
     parent: CommitRecord,
     newest_files: HashMap<Vec<u8>, ManifestFile>,
     algorithm: ChecksumAlgorithm,
-    /// The newest backup's archives: object, name, size, compression, tablespace.
-    archives: Vec<(
-        object_store::path::Path,
-        String,
-        u64,
-        StoredCompression,
-        Tablespace,
-    )>,
+    archives: Vec<NewestArchive>,
     older: Vec<Older>,
+    /// A delta restore: the stream goes out a frame at a time (each range of archive
+    /// `i` as `Msg::Frame(i)` … `Msg::End`, no end-of-archive blocks), and a file whose
+    /// result equals a whole older file that `reuse` finds locally is left out.
+    reuse: Option<Reuse>,
 }
 
 /// What the combined stream holds that differs from the newest manifest: the final
 /// path, its size and checksum (`None` for a file the manifest keeps as is).
-type Overrides = HashMap<Vec<u8>, (u64, Option<String>)>;
+pub(crate) type Overrides = HashMap<Vec<u8>, (u64, Option<String>)>;
 
 impl Older {
     /// Where `path` (a manifest path) is in this backup: whole or incremental.
@@ -920,7 +924,9 @@ fn strip_incremental_lines(label: &[u8]) -> Vec<u8> {
 }
 
 impl Combine {
-    fn run(self, out: mpsc::Sender<Piece>) -> Result<Overrides> {
+    /// Writes the combined stream to `out`; returns what differs from the newest
+    /// manifest, and (a delta restore) the files left out because a local copy matched.
+    fn run(self, out: mpsc::Sender<Msg>) -> Result<(Overrides, HashSet<Vec<u8>>)> {
         let Combine {
             handle,
             repo,
@@ -933,6 +939,7 @@ impl Combine {
             algorithm,
             archives,
             mut older,
+            reuse,
         } = self;
         let ctx = CombineCtx {
             handle,
@@ -946,106 +953,174 @@ impl Combine {
             buf: Vec::with_capacity(OUTPUT_PIECE + 8192),
         };
         let mut overrides = Overrides::new();
-        for (path, describe, size, compression, tablespace) in archives {
+        let mut kept = HashSet::new();
+        let delta = reuse.is_some();
+        for (index, archive) in archives.into_iter().enumerate() {
+            let NewestArchive {
+                path,
+                describe,
+                compression,
+                tablespace,
+                ranges,
+            } = archive;
             let base = tablespace.oid.is_none();
             let prefix = match tablespace.oid {
                 Some(oid) => format!("pg_tblspc/{oid}/").into_bytes(),
                 None => Vec::new(),
             };
-            // The stream handed on is plain tar, whatever the object's compression.
-            let object = describe.rsplit('/').next().unwrap_or("");
-            out.archive(ArchiveInfo {
-                name: object
-                    .strip_suffix(compression.suffix())
-                    .unwrap_or(object)
-                    .to_string(),
-                tablespace,
-                compression: None,
-            })?;
-            let reader = RangeReader::open(
-                &ctx.handle,
-                &ctx.repo,
-                path,
-                describe.clone(),
-                0..size,
-                ctx.download,
-                ctx.failure.clone(),
-                ctx.downloaded.clone(),
-            );
-            let stream =
-                decompressed(compression, reader).map_err(|e| ctx.io_error(&describe, e))?;
-            let mut tar = TarReader::new(stream);
-            while let Some(header) = tar.next().map_err(|e| ctx.io_error(&describe, e))? {
-                let regular = matches!(header.typeflag, b'0' | 0 | b'7');
-                let manifest_path = [prefix.as_slice(), &header.name].concat();
-                if regular && whole_file_name(&String::from_utf8_lossy(&header.name)).is_some() {
-                    let (final_path, size, sum) = combine_file(
-                        &ctx,
-                        &mut older,
-                        &newest_label,
-                        &newest_files,
-                        algorithm,
-                        &mut tar,
-                        &header,
-                        &manifest_path,
-                        &mut out,
-                    )?;
-                    overrides.insert(final_path, (size, sum));
-                    continue;
-                }
-                if regular && base && header.name == b"backup_label" {
-                    let mut label = Vec::new();
-                    (&mut tar)
-                        .take(1 << 20)
-                        .read_to_end(&mut label)
-                        .map_err(|e| ctx.io_error(&describe, e))?;
-                    let expected = newest_files.get(&manifest_path).cloned().ok_or_else(|| {
-                        Error::verify(&describe, "backup_label is not in the manifest")
-                    })?;
-                    let mut check = FileChecksum::new(expected.algorithm);
-                    check.update(&label);
-                    if label.len() as u64 != expected.size
-                        || (expected.checksum.is_some() && check.finish() != expected.checksum)
-                    {
-                        return Err(Error::verify(
-                            &describe,
-                            "backup_label differs from the manifest",
-                        ));
-                    }
-                    check_incremental_from(&label, &newest_label, &parent)?;
-                    let label = strip_incremental_lines(&label);
-                    let mut raw = header.raw;
-                    sized_header(&mut raw, label.len() as u64);
-                    out.write(&raw)?;
-                    out.write(&label)?;
-                    out.write(&vec![0u8; (512 - label.len() % 512) % 512])?;
-                    let mut sum = FileChecksum::new(algorithm);
-                    sum.update(&label);
-                    overrides.insert(manifest_path, (label.len() as u64, sum.finish()));
-                    continue;
-                }
-                // Anything else passes through as it is.
-                out.write(&header.raw)?;
-                let mut left = header.size;
-                while left > 0 {
-                    let n = left.min(64 << 10) as usize;
-                    let room = out.reserve(n)?;
-                    tar.read_exact(room)
-                        .map_err(|e| ctx.io_error(&describe, e))?;
-                    left -= n as u64;
-                }
-                out.write(&vec![0u8; ((512 - header.size % 512) % 512) as usize])?;
+            if !delta {
+                // The stream handed on is plain tar, whatever the object's compression.
+                let object = describe.rsplit('/').next().unwrap_or("");
+                out.send(Msg::Archive(ArchiveInfo {
+                    name: object
+                        .strip_suffix(compression.suffix())
+                        .unwrap_or(object)
+                        .to_string(),
+                    tablespace,
+                    compression: None,
+                }))?;
             }
-            tar.drain().map_err(|e| ctx.io_error(&describe, e))?;
-            out.write(&[0u8; 1024])?;
+            for range in ranges {
+                if delta {
+                    out.send(Msg::Frame(index))?;
+                }
+                let reader = RangeReader::open(
+                    &ctx.handle,
+                    &ctx.repo,
+                    path.clone(),
+                    describe.clone(),
+                    range,
+                    ctx.download,
+                    ctx.failure.clone(),
+                    ctx.downloaded.clone(),
+                );
+                let stream =
+                    decompressed(compression, reader).map_err(|e| ctx.io_error(&describe, e))?;
+                let mut tar = TarReader::new(stream);
+                while let Some(header) = tar.next().map_err(|e| ctx.io_error(&describe, e))? {
+                    let regular = matches!(header.typeflag, b'0' | 0 | b'7');
+                    let manifest_path = [prefix.as_slice(), &header.name].concat();
+                    if regular && whole_file_name(&String::from_utf8_lossy(&header.name)).is_some()
+                    {
+                        let rebuilt = combine_file(
+                            &ctx,
+                            &mut older,
+                            &newest_label,
+                            &newest_files,
+                            algorithm,
+                            &mut tar,
+                            &header,
+                            &manifest_path,
+                            &mut out,
+                            reuse.as_ref(),
+                        )?;
+                        if rebuilt.kept {
+                            kept.insert(rebuilt.path.clone());
+                        }
+                        overrides.insert(rebuilt.path, (rebuilt.size, rebuilt.checksum));
+                        continue;
+                    }
+                    if regular && base && header.name == b"backup_label" {
+                        let mut label = Vec::new();
+                        (&mut tar)
+                            .take(1 << 20)
+                            .read_to_end(&mut label)
+                            .map_err(|e| ctx.io_error(&describe, e))?;
+                        let expected =
+                            newest_files.get(&manifest_path).cloned().ok_or_else(|| {
+                                Error::verify(&describe, "backup_label is not in the manifest")
+                            })?;
+                        let mut check = FileChecksum::new(expected.algorithm);
+                        check.update(&label);
+                        if label.len() as u64 != expected.size
+                            || (expected.checksum.is_some() && check.finish() != expected.checksum)
+                        {
+                            return Err(Error::verify(
+                                &describe,
+                                "backup_label differs from the manifest",
+                            ));
+                        }
+                        check_incremental_from(&label, &newest_label, &parent)?;
+                        let label = strip_incremental_lines(&label);
+                        let mut raw = header.raw;
+                        sized_header(&mut raw, label.len() as u64);
+                        out.write(&raw)?;
+                        out.write(&label)?;
+                        out.write(&vec![0u8; (512 - label.len() % 512) % 512])?;
+                        let mut sum = FileChecksum::new(algorithm);
+                        sum.update(&label);
+                        overrides.insert(manifest_path, (label.len() as u64, sum.finish()));
+                        continue;
+                    }
+                    // Anything else passes through as it is.
+                    out.write(&header.raw)?;
+                    let mut left = header.size;
+                    while left > 0 {
+                        let n = left.min(64 << 10) as usize;
+                        let room = out.reserve(n)?;
+                        tar.read_exact(room)
+                            .map_err(|e| ctx.io_error(&describe, e))?;
+                        left -= n as u64;
+                    }
+                    out.write(&vec![0u8; ((512 - header.size % 512) % 512) as usize])?;
+                }
+                tar.drain().map_err(|e| ctx.io_error(&describe, e))?;
+                if delta {
+                    out.send(Msg::End)?;
+                }
+            }
+            if !delta {
+                out.write(&[0u8; 1024])?;
+            }
         }
         out.flush()?;
-        Ok(overrides)
+        Ok((overrides, kept))
+    }
+}
+
+/// A file rebuilt from `INCREMENTAL.<name>` and the older backups.
+struct Rebuilt {
+    /// Its manifest path.
+    path: Vec<u8>,
+    size: u64,
+    checksum: Option<String>,
+    /// Left out of the stream: the local copy already holds it.
+    kept: bool,
+}
+
+/// Which older version, if any, a rebuilt file equals whole, as far as the manifests
+/// show it: `newest` is the header of the newest backup's incremental file, `older` the
+/// file in each older backup (newest first; `true` for an incremental file). Older
+/// incremental files must hold no block (an empty one has a known size); their headers
+/// are then not needed. Returns an index into `older`; [`plan_file`] decides.
+fn known_whole(newest: &IncrementalHeader, older: &[(ManifestFile, bool)]) -> Option<usize> {
+    let empty = IncrementalHeader {
+        truncation_block_length: 0,
+        block_numbers: Vec::new(),
+        data_offset: 12,
+        big_endian: false,
+    };
+    let mut versions = vec![FileVersion::Incremental(newest.clone())];
+    for (file, incremental) in older {
+        if !incremental {
+            versions.push(FileVersion::Whole { len: file.size });
+            break;
+        }
+        if file.size != empty.file_len(DEFAULT_BLOCK_SIZE) {
+            return None;
+        }
+        versions.push(FileVersion::Incremental(empty.clone()));
+    }
+    match plan_file(&versions, DEFAULT_BLOCK_SIZE) {
+        Ok(FilePlan::Copy { version }) if version > 0 => Some(version - 1),
+        _ => None,
     }
 }
 
 /// Rebuilds one file from `INCREMENTAL.<name>` (the current entry of `tar`) and the
 /// older backups, writing its tar entry; returns its manifest path, size and checksum.
+/// With `reuse`, a file equal to a whole older file that the local copy already holds
+/// is read no further than its incremental header and not written.
 #[allow(clippy::too_many_arguments)]
 fn combine_file(
     ctx: &CombineCtx,
@@ -1057,7 +1132,8 @@ fn combine_file(
     header: &Header,
     manifest_path: &[u8],
     out: &mut Output,
-) -> Result<(Vec<u8>, u64, Option<String>)> {
+    reuse: Option<&Reuse>,
+) -> Result<Rebuilt> {
     let shown = String::from_utf8_lossy(manifest_path).into_owned();
     let final_path = whole_file_name(&shown)
         .map(String::into_bytes)
@@ -1078,7 +1154,29 @@ fn combine_file(
         describe: format!("{shown} of backup {newest_label}"),
         failure: ctx.failure.clone(),
     }];
-    let mut versions = vec![FileVersion::Incremental(sources[0].header()?)];
+    let newest = sources[0].header()?;
+    if let Some(reuse) = reuse {
+        let found: Vec<(ManifestFile, bool)> = older
+            .iter()
+            .map_while(|backup| backup.find(&final_path))
+            .collect();
+        let same = known_whole(&newest, &found).map(|v| &found[v].0);
+        if let Some(file) = same.filter(|f| f.checksum.is_some() && f.algorithm == algorithm) {
+            if reuse(&final_path, file) {
+                let (size, checksum) = (file.size, file.checksum.clone());
+                for source in sources {
+                    source.finish()?;
+                }
+                return Ok(Rebuilt {
+                    path: final_path,
+                    size,
+                    checksum,
+                    kept: true,
+                });
+            }
+        }
+    }
+    let mut versions = vec![FileVersion::Incremental(newest)];
     let mut whole = false;
     for backup in older.iter_mut() {
         let Some((file, incremental)) = backup.find(&final_path) else {
@@ -1163,12 +1261,17 @@ fn combine_file(
     for source in sources {
         source.finish()?;
     }
-    Ok((final_path, size, sum.finish()))
+    Ok(Rebuilt {
+        path: final_path,
+        size,
+        checksum: sum.finish(),
+        kept: false,
+    })
 }
 
 /// The manifest of the combined backup: the newest manifest's entries, with rebuilt
 /// files under their final names, sizes and checksums; its own checksum computed.
-fn combined_manifest(newest: &[u8], overrides: &Overrides) -> Result<Bytes> {
+pub(crate) fn combined_manifest(newest: &[u8], overrides: &Overrides) -> Result<Bytes> {
     let bad = |what: String| Error::verify("backup_manifest", what);
     let json: serde_json::Value =
         serde_json::from_slice(newest).map_err(|e| bad(format!("not JSON: {e}")))?;
@@ -1303,6 +1406,120 @@ async fn load_older(repo: &Repository, record: &CommitRecord) -> Result<Older> {
     })
 }
 
+/// The checksum algorithm of rebuilt files: the newest manifest's.
+pub(crate) fn rebuilt_algorithm(newest_manifest: &Manifest) -> ChecksumAlgorithm {
+    newest_manifest
+        .files
+        .iter()
+        .map(|f| f.algorithm)
+        .find(|a| *a != ChecksumAlgorithm::None)
+        .unwrap_or(ChecksumAlgorithm::None)
+}
+
+impl Combine {
+    /// The combining thread's inputs: the older backups' manifests and indexes, and the
+    /// newest backup's archives (the ranges given of each).
+    #[allow(clippy::too_many_arguments)]
+    async fn new(
+        repo: &Repository,
+        chain: &[CommitRecord],
+        parent: CommitRecord,
+        newest_manifest: &Manifest,
+        archives: Vec<NewestArchive>,
+        download: DownloadOptions,
+        downloaded: Arc<AtomicU64>,
+        reuse: Option<Reuse>,
+    ) -> Result<Combine> {
+        let mut older = Vec::new();
+        for record in chain.iter().skip(1) {
+            older.push(load_older(repo, record).await?);
+        }
+        let algorithm = rebuilt_algorithm(newest_manifest);
+        Ok(Combine {
+            handle: tokio::runtime::Handle::current(),
+            repo: repo.clone(),
+            download,
+            failure: StoreFailure::default(),
+            downloaded,
+            newest_label: chain.first().map(|r| r.label.clone()).unwrap_or_default(),
+            parent,
+            newest_files: newest_manifest
+                .files
+                .iter()
+                .map(|f| (f.path.clone(), f.clone()))
+                .collect(),
+            algorithm,
+            archives,
+            older,
+            reuse,
+        })
+    }
+}
+
+/// A chain's reader for a delta restore, with its older backups' manifests and indexes
+/// loaded (before the target directory is touched: a chain that cannot be read is
+/// refused while the directory is still as it was).
+pub(crate) struct DeltaChain(Combine);
+
+impl DeltaChain {
+    /// Loads what reading `chain` (newest first, at least two backups) needs.
+    pub(crate) async fn load(
+        repo: &Repository,
+        chain: &[CommitRecord],
+        newest_manifest: &Manifest,
+        download: DownloadOptions,
+        downloaded: Arc<AtomicU64>,
+    ) -> Result<DeltaChain> {
+        let Some(parent) = chain.get(1).cloned() else {
+            return Err(Error::usage(
+                "a chain restore needs an incremental backup and its parent",
+                "report this as a bug",
+            ));
+        };
+        let combine = Combine::new(
+            repo,
+            chain,
+            parent,
+            newest_manifest,
+            Vec::new(),
+            download,
+            downloaded,
+            None,
+        )
+        .await?;
+        Ok(DeltaChain(combine))
+    }
+
+    /// The checksum algorithm of the rebuilt files.
+    pub(crate) fn algorithm(&self) -> ChecksumAlgorithm {
+        self.0.algorithm
+    }
+
+    /// Sends the combined stream of the given ranges of the newest backup's archives
+    /// (frames) to `tx`, each as `Msg::Frame(i)` (`i`: the archive's position in the
+    /// newest commit record), its combined entries, `Msg::End`. A rebuilt file equal to
+    /// a whole older file that `reuse` finds locally is left out. Returns what
+    /// [`combined_manifest`] needs, and the files left out.
+    pub(crate) async fn run(
+        self,
+        archives: Vec<NewestArchive>,
+        reuse: Reuse,
+        tx: mpsc::Sender<Msg>,
+    ) -> Result<(Overrides, HashSet<Vec<u8>>)> {
+        let mut combine = self.0;
+        combine.archives = archives;
+        combine.reuse = Some(reuse);
+        tokio::task::spawn_blocking(move || combine.run(tx))
+            .await
+            .map_err(|e| {
+                Error::usage(
+                    format!("the chain restore's reader failed: {e}"),
+                    "report this as a bug",
+                )
+            })?
+    }
+}
+
 /// Replays the chain (newest first) as one combined backup into `sink`.
 pub(crate) async fn replay_chain<S: BackupSink + 'static>(
     repo: &Repository,
@@ -1318,59 +1535,45 @@ pub(crate) async fn replay_chain<S: BackupSink + 'static>(
         ));
     };
     let (newest_bytes, newest_manifest) = read_manifest(repo, &newest).await?;
-    let mut older = Vec::new();
-    for record in &chain[1..] {
-        older.push(load_older(repo, record).await?);
-    }
     let mut archives = Vec::new();
     for archive in &newest.archives {
         let (path, describe, size) = stored_archive(repo, &newest, archive).await?;
-        archives.push((
+        archives.push(NewestArchive {
             path,
             describe,
-            size,
-            archive.compression,
-            Tablespace {
+            compression: archive.compression,
+            tablespace: Tablespace {
                 oid: archive.tablespace_oid,
                 location: archive.location.clone(),
                 size_estimate: None,
             },
-        ));
+            ranges: std::iter::once(0..size).collect(),
+        });
     }
-    let algorithm = newest_manifest
-        .files
-        .iter()
-        .map(|f| f.algorithm)
-        .find(|a| *a != ChecksumAlgorithm::None)
-        .unwrap_or(ChecksumAlgorithm::None);
+    let combine = Combine::new(
+        repo,
+        &chain,
+        parent,
+        &newest_manifest,
+        archives,
+        download,
+        downloaded.clone(),
+        None,
+    )
+    .await?;
+    let algorithm = combine.algorithm;
     let system_id = newest.system_id()?;
     let checked = crate::restore::Checked::new(sink, newest.server_major, system_id);
     let mut replay =
         Replay::start_manifest_later(crate::restore::backup_info(&newest)?, algorithm, checked)?;
-    let combine = Combine {
-        handle: tokio::runtime::Handle::current(),
-        repo: repo.clone(),
-        download,
-        failure: StoreFailure::default(),
-        downloaded: downloaded.clone(),
-        newest_label: newest.label.clone(),
-        parent,
-        newest_files: newest_manifest
-            .files
-            .iter()
-            .map(|f| (f.path.clone(), f.clone()))
-            .collect(),
-        algorithm,
-        archives,
-        older,
-    };
     let (tx, mut rx) = mpsc::channel(4);
     let thread = tokio::task::spawn_blocking(move || combine.run(tx));
     let fed: basebackup::Result<()> = async {
         while let Some(piece) = rx.recv().await {
             match piece {
-                Piece::Archive(info) => replay.begin_archive(info).await?,
-                Piece::Data(bytes) => replay.data(bytes).await?,
+                Msg::Archive(info) => replay.begin_archive(info).await?,
+                Msg::Data(bytes) => replay.data(bytes).await?,
+                Msg::Frame(_) | Msg::End => {} // only sent to a delta restore's writer
             }
         }
         Ok(())
@@ -1384,7 +1587,7 @@ pub(crate) async fn replay_chain<S: BackupSink + 'static>(
         )
     })?;
     let overrides = match (fed, combined) {
-        (Ok(()), Ok(overrides)) => overrides,
+        (Ok(()), Ok((overrides, _))) => overrides,
         (Err(e), _) => {
             let root = replay.fail(e).await;
             return Err(crate::restore::stored_damage(repo, &newest, root));
@@ -1593,6 +1796,57 @@ mod tests {
             strip_incremental_lines(label),
             b"START WAL LOCATION: 0/2000028\nSTART TIMELINE: 1\n".to_vec()
         );
+    }
+
+    #[test]
+    fn rebuilt_files_equal_a_whole_older_file_only_when_nothing_changed() {
+        let bs = u64::from(DEFAULT_BLOCK_SIZE);
+        let header = |blocks: Vec<u32>, truncation| IncrementalHeader {
+            truncation_block_length: truncation,
+            data_offset: if blocks.is_empty() { 12 } else { bs },
+            block_numbers: blocks,
+            big_endian: false,
+        };
+        let file = |size| ManifestFile {
+            path: b"base/5/16384".to_vec(),
+            size,
+            algorithm: ChecksumAlgorithm::Crc32c,
+            checksum: Some("01234567".into()),
+        };
+        let empty = (file(12), true);
+        let whole = (file(4 * bs), false);
+        // No block changed and the length kept: the full backup's file, through any
+        // number of empty incremental files.
+        assert_eq!(
+            known_whole(&header(vec![], 4), std::slice::from_ref(&whole)),
+            Some(0)
+        );
+        assert_eq!(
+            known_whole(
+                &header(vec![], 4),
+                &[empty.clone(), empty.clone(), whole.clone()]
+            ),
+            Some(2)
+        );
+        // Truncated or extended since: not the same file.
+        assert_eq!(
+            known_whole(&header(vec![], 3), std::slice::from_ref(&whole)),
+            None
+        );
+        assert_eq!(
+            known_whole(&header(vec![], 5), std::slice::from_ref(&whole)),
+            None
+        );
+        // A changed block, newest or older: rebuilt.
+        assert_eq!(
+            known_whole(&header(vec![1], 4), std::slice::from_ref(&whole)),
+            None
+        );
+        let changed = (file(2 * bs), true);
+        assert_eq!(known_whole(&header(vec![], 4), &[changed, whole]), None);
+        // No whole version: nothing known.
+        assert_eq!(known_whole(&header(vec![], 4), &[empty]), None);
+        assert_eq!(known_whole(&header(vec![], 4), &[]), None);
     }
 
     #[test]

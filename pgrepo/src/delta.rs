@@ -6,6 +6,13 @@
 //! file against the manifest; fetch and rewrite what differs (each file written to a
 //! temporary name, verified, renamed over the old one); remove what the backup does not
 //! hold; check the WAL; write `backup_manifest`, and `global/pg_control` last.
+//!
+//! An incremental backup is restored the same way from its chain: its whole files are
+//! checked against its manifest; its `INCREMENTAL.<name>` files go through the chain's
+//! reader ([`crate::chain::DeltaChain`]), which leaves out a file whose result equals a
+//! whole older file that the local copy already holds, and rebuilds the others (written
+//! under temporary names, renamed once the reader's checksums are known); the combined
+//! manifest is written as `backup_manifest`.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -15,6 +22,7 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use basebackup::incremental::whole_file_name;
 use basebackup::manifest::{is_ignored, FileChecksum, ManifestFile};
 use basebackup::tar::{normalize, TarParser};
 use basebackup::{Bytes, TarEvent};
@@ -192,14 +200,33 @@ struct Open {
     path: PathBuf,
     manifest_path: Vec<u8>,
     expect: Option<(u64, Option<String>)>,
+    /// Rebuilt from a chain: checked against what the chain's reader computed, and
+    /// renamed into place, once the whole stream is read.
+    later: bool,
     sum: FileChecksum,
     size: u64,
+}
+
+/// A rebuilt file written under its temporary name, waiting for its check.
+struct Pending {
+    tmp: PathBuf,
+    path: PathBuf,
+    manifest_path: Vec<u8>,
+    size: u64,
+    checksum: Option<String>,
 }
 
 /// Writes the entries of the fetched frames (runs on a blocking thread).
 struct Writer {
     manifest: HashMap<Vec<u8>, ManifestFile>,
     good: Arc<HashSet<Vec<u8>>>,
+    /// Paths whose content a chain's reader rebuilds (not in the newest manifest as
+    /// they are written), and the algorithm of their checksums.
+    later: HashSet<Vec<u8>>,
+    later_algorithm: basebackup::ChecksumAlgorithm,
+    pending: Vec<Pending>,
+    /// Its input stopped inside a frame (the reader failed and says why).
+    interrupted: bool,
     no_sync: bool,
     wal: WalCheck,
     current: Option<Open>,
@@ -209,6 +236,22 @@ struct Writer {
     dirs: HashSet<PathBuf>,
     /// `global/pg_control`, written and verified, renamed into place last.
     control: Option<(PathBuf, PathBuf)>,
+}
+
+impl Drop for Writer {
+    /// A restore that failed leaves no temporary file behind (a finished one has taken
+    /// them all).
+    fn drop(&mut self) {
+        if let Some(open) = self.current.take() {
+            let _ = std::fs::remove_file(&open.tmp);
+        }
+        if let Some((tmp, _)) = self.control.take() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        for pending in self.pending.drain(..) {
+            let _ = std::fs::remove_file(&pending.tmp);
+        }
+    }
 }
 
 impl Writer {
@@ -234,7 +277,9 @@ impl Writer {
                     self.current = None;
                     return Ok(());
                 }
+                let later = self.later.contains(&manifest_path);
                 let expect = match self.manifest.get(manifest_path.as_slice()) {
+                    _ if later => None,
                     Some(f) => Some((f.size, f.checksum.clone())),
                     None if is_ignored(&manifest_path) => None,
                     None => {
@@ -272,16 +317,18 @@ impl Writer {
                     .mode(0o600)
                     .open(&tmp)
                     .map_err(|e| Error::io("creating", &tmp, e))?;
-                let algorithm = self
-                    .manifest
-                    .get(manifest_path.as_slice())
-                    .map_or(basebackup::ChecksumAlgorithm::None, |f| f.algorithm);
+                let algorithm = match self.manifest.get(manifest_path.as_slice()) {
+                    _ if later => self.later_algorithm,
+                    Some(f) => f.algorithm,
+                    None => basebackup::ChecksumAlgorithm::None,
+                };
                 self.current = Some(Open {
                     file,
                     tmp,
                     path: local,
                     manifest_path,
                     expect,
+                    later,
                     sum: FileChecksum::new(algorithm),
                     size: 0,
                 });
@@ -301,8 +348,8 @@ impl Writer {
                 let Some(open) = self.current.take() else {
                     return Ok(());
                 };
+                let got = open.sum.finish();
                 if let Some((size, checksum)) = &open.expect {
-                    let got = open.sum.finish();
                     if open.size != *size || got != *checksum {
                         let _ = std::fs::remove_file(&open.tmp);
                         return Err(Error::verify(
@@ -326,7 +373,16 @@ impl Writer {
                 if let Some(parent) = open.path.parent() {
                     self.dirs.insert(parent.to_path_buf());
                 }
-                if plan.base && open.manifest_path == PG_CONTROL {
+                if open.later {
+                    self.pending.push(Pending {
+                        tmp: open.tmp,
+                        path: open.path,
+                        manifest_path: open.manifest_path,
+                        size: open.size,
+                        checksum: got,
+                    });
+                    return Ok(());
+                } else if plan.base && open.manifest_path == PG_CONTROL {
                     self.control = Some((open.tmp, open.path));
                 } else {
                     std::fs::rename(&open.tmp, &open.path)
@@ -350,10 +406,16 @@ fn unsafe_path(root: &FsPath, path: &[u8]) -> Error {
     )
 }
 
-/// Messages from the downloader to the writer.
-enum Msg {
+/// A tar stream in pieces: from the downloader (or a chain's reader) to a delta
+/// restore's writer, a frame at a time; from a chain's reader to the restore pipeline,
+/// an archive at a time.
+pub(crate) enum Msg {
+    /// An archive starts (to the pipeline).
+    Archive(basebackup::ArchiveInfo),
+    /// A frame of archive (plan) `i` starts (to the writer).
     Frame(usize),
     Data(Bytes),
+    /// The frame ends.
     End,
 }
 
@@ -362,6 +424,8 @@ struct FrameReader<'a> {
     rx: &'a mut tokio::sync::mpsc::Receiver<Msg>,
     current: Bytes,
     done: bool,
+    /// The channel closed inside the frame: its sender failed.
+    stopped: &'a std::cell::Cell<bool>,
 }
 
 impl Read for FrameReader<'_> {
@@ -370,8 +434,12 @@ impl Read for FrameReader<'_> {
             match self.rx.blocking_recv() {
                 Some(Msg::Data(b)) => self.current = b,
                 Some(Msg::End) => self.done = true,
-                Some(Msg::Frame(_)) | None => {
-                    return Err(std::io::Error::other("the download stopped"))
+                Some(Msg::Frame(_) | Msg::Archive(_)) => {
+                    return Err(std::io::Error::other("a frame does not end"))
+                }
+                None => {
+                    self.stopped.set(true);
+                    return Err(std::io::Error::other("the download stopped"));
                 }
             }
         }
@@ -399,11 +467,33 @@ impl<R: std::io::BufRead> Read for Lz4Frames<R> {
     }
 }
 
-/// Decompresses and writes the frames arriving on `rx`.
+/// Decompresses (unless `plain`: the frames arrive as plain tar) and writes the frames
+/// arriving on `rx`. Input that stops inside a frame is no error of the writer's (its
+/// sender failed and says why): it only sets `writer.interrupted`.
 fn write_frames(
     plans: &[Plan],
     writer: &mut Writer,
+    rx: tokio::sync::mpsc::Receiver<Msg>,
+    plain: bool,
+) -> Result<()> {
+    let stopped = std::cell::Cell::new(false);
+    let written = write_frames_from(plans, writer, rx, plain, &stopped);
+    if stopped.get() {
+        writer.interrupted = true;
+        if let Some(open) = writer.current.take() {
+            let _ = std::fs::remove_file(&open.tmp);
+        }
+        return Ok(());
+    }
+    written
+}
+
+fn write_frames_from(
+    plans: &[Plan],
+    writer: &mut Writer,
     mut rx: tokio::sync::mpsc::Receiver<Msg>,
+    plain: bool,
+    stopped: &std::cell::Cell<bool>,
 ) -> Result<()> {
     while let Some(msg) = rx.blocking_recv() {
         let Msg::Frame(index) = msg else {
@@ -417,11 +507,17 @@ fn write_frames(
             rx: &mut rx,
             current: Bytes::new(),
             done: false,
+            stopped,
         };
         let damaged = |e: std::io::Error| {
             Error::verify(&plan.describe, format!("cannot be decompressed: {e}"))
         };
-        let mut decoder: Box<dyn Read + '_> = match plan.compression {
+        let compression = if plain {
+            StoredCompression::None
+        } else {
+            plan.compression
+        };
+        let mut decoder: Box<dyn Read + '_> = match compression {
             StoredCompression::None => Box::new(&mut reader),
             StoredCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut reader)),
             StoredCompression::Lz4 => Box::new(Lz4Frames(lz4_flex::frame::FrameDecoder::new(
@@ -524,17 +620,56 @@ fn is_tablespace_file(path: &[u8], plans: &[Plan]) -> bool {
     plans.iter().any(|p| !p.base && path.starts_with(&p.prefix))
 }
 
-/// The delta restore of `record` into `pgdata` (see the module documentation).
+/// The final name of an incremental file's manifest path (`base/5/INCREMENTAL.16384` →
+/// `base/5/16384`).
+fn final_name(path: &[u8]) -> Option<Vec<u8>> {
+    std::str::from_utf8(path)
+        .ok()
+        .and_then(whole_file_name)
+        .map(String::into_bytes)
+}
+
+/// Whether the local copy of manifest path `path` holds `file`'s size and checksum.
+fn local_matches(plans: &[Plan], path: &[u8], file: &ManifestFile) -> bool {
+    let plan = plans
+        .iter()
+        .find(|p| !p.base && path.starts_with(&p.prefix));
+    let plan = plan.or_else(|| plans.iter().find(|p| p.base));
+    plan.and_then(|p| local_path(&p.root, &path[p.prefix.len()..], p.base))
+        .and_then(|local| local_sum(&local, file))
+        .unwrap_or(false)
+}
+
+/// The delta restore of `chain` (a backup, newest first with its parents when it is
+/// incremental) into `pgdata` (see the module documentation).
 pub(crate) async fn restore_delta(
     repo: &Repository,
-    record: CommitRecord,
+    chain: Vec<CommitRecord>,
     pgdata: &FsPath,
     options: RestoreOptions,
     downloaded: Arc<AtomicU64>,
 ) -> Result<ReadSummary> {
+    let Some(record) = chain.first().cloned() else {
+        return Err(Error::usage("no backup to restore", "report this as a bug"));
+    };
     let system_id = record.system_id()?;
     let (manifest_bytes, manifest) = read_manifest(repo, &record).await?;
     check_target(pgdata, system_id)?;
+    // An incremental backup: its chain's reader, loaded before anything is changed.
+    let reader = match chain.len() {
+        1 => None,
+        _ => Some(
+            crate::chain::DeltaChain::load(
+                repo,
+                &chain,
+                &manifest,
+                options.download,
+                downloaded.clone(),
+            )
+            .await?,
+        ),
+    };
+    let chained = reader.is_some();
 
     // The plan: where each archive goes, and its frames.
     let mut plans = Vec::new();
@@ -630,24 +765,30 @@ pub(crate) async fn restore_delta(
             }
         }
 
-        // Which local files already match the manifest.
+        // A chain rebuilds its incremental files, and rewrites backup_label: written
+        // under their final names, checked once the whole stream is read.
+        let later: HashSet<Vec<u8>> = if chained {
+            manifest
+                .files
+                .iter()
+                .filter_map(|f| final_name(&f.path))
+                .chain([b"backup_label".to_vec()])
+                .collect()
+        } else {
+            HashSet::new()
+        };
+        // Which local files already match the manifest (for a chain: its whole files).
         let good: HashSet<Vec<u8>> = {
             let plans = &plans;
             let manifest = &manifest;
+            let later = &later;
             crate::upload::cpu(|| {
                 manifest
                     .files
                     .iter()
-                    .filter(|f| !is_ignored(&f.path))
-                    .filter(|f| {
-                        let plan = plans
-                            .iter()
-                            .find(|p| !p.base && f.path.starts_with(&p.prefix));
-                        let plan = plan.or_else(|| plans.iter().find(|p| p.base));
-                        plan.and_then(|p| local_path(&p.root, &f.path[p.prefix.len()..], p.base))
-                            .and_then(|local| local_sum(&local, f))
-                            .unwrap_or(false)
-                    })
+                    .filter(|f| !is_ignored(&f.path) && !later.contains(&f.path))
+                    .filter(|f| !chained || final_name(&f.path).is_none())
+                    .filter(|f| local_matches(plans, &f.path, f))
                     .map(|f| f.path.clone())
                     .collect()
             })
@@ -667,7 +808,12 @@ pub(crate) async fn restore_delta(
                     if path.is_empty() {
                         continue;
                     }
-                    keep[i].insert(path.clone());
+                    // A chain's incremental file is restored under its final name.
+                    let final_path = match final_name(&path) {
+                        Some(name) if chained => name,
+                        _ => path.clone(),
+                    };
+                    keep[i].insert(final_path);
                     match entry.kind.as_str() {
                         "dir" => {
                             let local = local_path(&plan.root, &path, plan.base)
@@ -702,9 +848,16 @@ pub(crate) async fn restore_delta(
             .collect();
         let good = Arc::new(good);
         let plans = Arc::new(plans);
+        let later_algorithm = reader
+            .as_ref()
+            .map_or(basebackup::ChecksumAlgorithm::None, |r| r.algorithm());
         let mut writer = Writer {
             manifest: by_path,
             good: good.clone(),
+            later,
+            later_algorithm,
+            pending: Vec::new(),
+            interrupted: false,
             no_sync: options.no_sync,
             wal: WalCheck::new(record.server_major, Some(system_id)),
             current: None,
@@ -716,7 +869,9 @@ pub(crate) async fn restore_delta(
         let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(options.download.concurrency.max(1) * 2);
         let chunk = options.download.chunk_size.max(1);
         let mut requests = Vec::new();
-        for &(index, offset, len) in &needed {
+        // A chain's reader reads the frames itself.
+        let direct = if chained { &[][..] } else { &needed[..] };
+        for &(index, offset, len) in direct {
             let pieces = len.div_ceil(chunk).max(1);
             for p in 0..pieces {
                 let start = offset + p * chunk;
@@ -724,10 +879,37 @@ pub(crate) async fn restore_delta(
                 requests.push((index, p == 0, p + 1 == pieces, start..end));
             }
         }
+        // For a chain's reader: each needed frame of the newest backup.
+        let archives: Vec<_> = plans
+            .iter()
+            .zip(&record.archives)
+            .enumerate()
+            .map(|(i, (plan, archive))| crate::chain::NewestArchive {
+                path: plan.object.clone(),
+                describe: plan.describe.clone(),
+                compression: plan.compression,
+                tablespace: basebackup::Tablespace {
+                    oid: archive.tablespace_oid,
+                    location: archive.location.clone(),
+                    size_estimate: None,
+                },
+                ranges: needed
+                    .iter()
+                    .filter(|(index, _, _)| *index == i)
+                    .map(|(_, offset, len)| *offset..offset + len)
+                    .collect(),
+            })
+            .collect();
         let store = repo.store().clone();
         let plans_ref = plans.clone();
         let downloaded_ref = downloaded.clone();
         let download = async move {
+            if let Some(reader) = reader {
+                let plans = plans_ref.clone();
+                let reuse: crate::chain::Reuse =
+                    Box::new(move |path, file| local_matches(&plans, path, file));
+                return reader.run(archives, reuse, tx).await.map(Some);
+            }
             let mut chunks = futures::stream::iter(requests)
                 .map(|(index, first, last, range)| {
                     let store = store.clone();
@@ -761,29 +943,77 @@ pub(crate) async fn restore_delta(
                 }
                 for msg in msgs {
                     if tx.send(msg).await.is_err() {
-                        return Ok(()); // the writer failed; it reports why
+                        return Ok(None); // the writer failed; it reports why
                     }
                 }
             }
-            Ok::<_, Error>(())
+            Ok::<_, Error>(None)
         };
         // The writer blocks: it runs on its own thread beside the downloads.
         let plans_writer = plans.clone();
         let write = tokio::task::spawn_blocking(move || {
-            let result = write_frames(&plans_writer, &mut writer, rx);
+            let result = write_frames(&plans_writer, &mut writer, rx, chained);
             (result, writer)
         });
         let (d, w) = futures::join!(download, write);
         let (w, mut writer) = w.map_err(|e| {
             Error::usage(format!("the writer stopped: {e}"), "report this as a bug")
         })?;
-        // A download failure first: the writer then only saw its input stop.
-        d?;
+        // The writer's own failure first (a chain's reader then only saw it go away);
+        // a failed download or chain's reader only stops the writer's input.
         w?;
+        let combined = d?;
+        if writer.interrupted {
+            return Err(Error::usage(
+                "the restore's input stopped inside a frame without an error",
+                "report this as a bug",
+            ));
+        }
+
+        // A chain: the combined manifest, and the rebuilt files checked against what
+        // the chain's reader computed, then renamed into place.
+        let mut kept = HashSet::new();
+        let (manifest_bytes, manifest) = match combined {
+            None => (manifest_bytes, manifest),
+            Some((overrides, reused)) => {
+                let bytes = crate::chain::combined_manifest(&manifest_bytes, &overrides)?;
+                let parsed = basebackup::Manifest::parse(&bytes).map_err(|e| {
+                    Error::usage(
+                        format!("the combined manifest is invalid: {}", e.message()),
+                        "report this as a bug",
+                    )
+                })?;
+                for pending in std::mem::take(&mut writer.pending) {
+                    let expected = overrides.get(&pending.manifest_path);
+                    if expected != Some(&(pending.size, pending.checksum.clone())) {
+                        let _ = std::fs::remove_file(&pending.tmp);
+                        return Err(Error::verify(
+                            format!("the chain of backup {}", record.label),
+                            format!(
+                                "{} was written with {} bytes and checksum {:?}, but rebuilt \
+                                 with {:?}",
+                                String::from_utf8_lossy(&pending.manifest_path),
+                                pending.size,
+                                pending.checksum,
+                                expected
+                            ),
+                        ));
+                    }
+                    std::fs::rename(&pending.tmp, &pending.path)
+                        .map_err(|e| Error::io("renaming into place", &pending.path, e))?;
+                    writer.written.insert(pending.manifest_path);
+                }
+                kept = reused;
+                (bytes, parsed)
+            }
+        };
 
         // Everything the manifest lists is here: checked up front, or while writing.
         for f in &manifest.files {
-            if !is_ignored(&f.path) && !good.contains(&f.path) && !writer.written.contains(&f.path)
+            if !is_ignored(&f.path)
+                && !good.contains(&f.path)
+                && !kept.contains(&f.path)
+                && !writer.written.contains(&f.path)
             {
                 return Err(Error::verify(
                     repo.describe(&repo.backup_path(&record.label, "")),
@@ -876,7 +1106,7 @@ pub(crate) async fn restore_delta(
         tracing::info!("delta restore: {removed} local entries removed");
         Ok::<_, Error>(ReadSummary {
             files: manifest.files.len(),
-            files_reused: good.len(),
+            files_reused: good.len() + kept.len(),
             files_written: writer.written.iter().filter(|p| !is_ignored(p)).count(),
             wal_records: writer.wal.records_verified(),
             downloaded: 0,
@@ -982,6 +1212,88 @@ mod tests {
         std::fs::create_dir_all(root.join("PG_14_other")).unwrap();
         prune(&root, b"", &keep, true, &mut removed).unwrap();
         assert!(root.join("PG_14_other").exists());
+    }
+
+    /// A ustar header for a regular file.
+    fn tar_header(name: &str, size: u64) -> [u8; 512] {
+        let mut raw = [0u8; 512];
+        raw[..name.len()].copy_from_slice(name.as_bytes());
+        raw[100..108].copy_from_slice(b"0000600\0");
+        raw[156] = b'0';
+        raw[257..263].copy_from_slice(b"ustar\0");
+        crate::chain::sized_header(&mut raw, size);
+        raw
+    }
+
+    #[test]
+    fn rebuilt_files_wait_and_a_stopped_input_leaves_no_temporary_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("data");
+        std::fs::create_dir_all(&root).unwrap();
+        let plans = [Plan {
+            root: root.clone(),
+            prefix: Vec::new(),
+            base: false,
+            object: object_store::path::Path::from("x"),
+            describe: "x".into(),
+            compression: StoredCompression::None,
+            frames: Vec::new(),
+            indexed: false,
+        }];
+        let file = |path: &str, size| ManifestFile {
+            path: path.as_bytes().to_vec(),
+            size,
+            algorithm: basebackup::ChecksumAlgorithm::Crc32c,
+            checksum: Some("839206e3".into()),
+        };
+        let mut writer = Writer {
+            manifest: [(b"whole".to_vec(), file("whole", 9))]
+                .into_iter()
+                .collect(),
+            good: Arc::default(),
+            later: [b"rebuilt".to_vec()].into_iter().collect(),
+            later_algorithm: basebackup::ChecksumAlgorithm::Crc32c,
+            pending: Vec::new(),
+            interrupted: false,
+            no_sync: true,
+            wal: WalCheck::new(17, None),
+            current: None,
+            written: HashSet::new(),
+            seen: vec![HashSet::new()],
+            dirs: HashSet::new(),
+            control: None,
+        };
+        // A frame with a whole file (renamed into place) and a rebuilt one (kept under
+        // its temporary name with its checksum), then a frame cut inside a file.
+        let mut frame = Vec::new();
+        for name in ["whole", "rebuilt"] {
+            frame.extend_from_slice(&tar_header(name, 9));
+            frame.extend_from_slice(b"123456789");
+            frame.resize(frame.len().div_ceil(512) * 512, 0);
+        }
+        let mut cut = tar_header("whole", 9).to_vec();
+        cut.extend_from_slice(b"1234");
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        for msg in [
+            Msg::Frame(0),
+            Msg::Data(frame.into()),
+            Msg::End,
+            Msg::Frame(0),
+            Msg::Data(cut.into()),
+        ] {
+            tx.try_send(msg).ok().unwrap();
+        }
+        drop(tx);
+        write_frames(&plans, &mut writer, rx, true).unwrap();
+        assert!(writer.interrupted);
+        assert!(writer.written.contains(b"whole".as_slice()));
+        assert_eq!(std::fs::read(root.join("whole")).unwrap(), b"123456789");
+        assert!(!root.join("rebuilt").exists());
+        assert_eq!(writer.pending.len(), 1);
+        assert_eq!(writer.pending[0].checksum.as_deref(), Some("839206e3"));
+        assert_eq!(std::fs::read(&writer.pending[0].tmp).unwrap(), b"123456789");
+        // The file cut short left no temporary file behind.
+        assert!(!root.join(format!("whole{TMP_SUFFIX}")).exists());
     }
 
     #[test]

@@ -354,6 +354,10 @@ pub struct RestoreOptions {
     /// only what differs (like pgBackRest's `--delta`). The directory must be stopped
     /// (no `postmaster.pid`) and hold this cluster's `global/pg_control`, or be empty.
     /// On failure it is left in place but inconsistent (without `global/pg_control`).
+    /// For an incremental backup this works file by file: a file whose final content
+    /// the manifests show (a whole file of the newest backup, or an incremental file
+    /// with no changed block down to a whole older file) is kept when the local copy
+    /// matches; every other file is rebuilt from the chain.
     pub delta: bool,
 }
 
@@ -361,8 +365,9 @@ pub struct RestoreOptions {
 /// must every tablespace directory. Every file is verified against the manifest as it is
 /// written, and the backup's WAL record by record; on any failure, everything written is
 /// removed. With [`RestoreOptions::delta`], `pgdata` may instead be a stopped data
-/// directory of the same cluster: only what differs is fetched and rewritten, and on
-/// failure the directory is kept but left without `global/pg_control` (inconsistent).
+/// directory of the same cluster: only what differs is fetched and rewritten (for an
+/// incremental backup, file by file from its chain), and on failure the directory is
+/// kept but left without `global/pg_control` (inconsistent).
 /// The result starts as the server did at the backup's end (add recovery settings to
 /// make it a standby).
 ///
@@ -384,13 +389,14 @@ pub async fn restore_backup(
         // The whole chain is read and checked before anything is written.
         let chain = crate::chain::load_chain(repo, record).await?;
         if options.delta {
-            return Err(Error::usage(
-                format!(
-                    "backup {} is incremental: a delta restore of a chain is not supported",
-                    chain[0].label
-                ),
-                "restore the chain into a new or empty directory (without --delta)",
-            ));
+            return crate::delta::restore_delta(
+                repo,
+                chain,
+                pgdata,
+                options,
+                downloaded.unwrap_or_default(),
+            )
+            .await;
         }
         let sink = PlainDirSink::new(PathBuf::from(pgdata))
             .tablespace_mapping(options.tablespace_mapping)
@@ -410,7 +416,7 @@ pub async fn restore_backup(
     if options.delta {
         return crate::delta::restore_delta(
             repo,
-            record,
+            vec![record],
             pgdata,
             options,
             downloaded.unwrap_or_default(),

@@ -324,7 +324,8 @@ pub struct RestoreArgs {
     pub json: bool,
     /// Bring an existing, stopped data directory of the same cluster up to the backup,
     /// downloading only what differs (files whose size and checksum match the manifest
-    /// are kept). On failure the directory is left inconsistent: restore it again.
+    /// are kept; for an incremental backup, also files unchanged since an older backup of
+    /// its chain). On failure the directory is left inconsistent: restore it again.
     #[arg(long)]
     pub delta: bool,
     /// Recover up to this LSN from the repository's WAL archive, then act as

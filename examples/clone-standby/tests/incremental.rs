@@ -379,6 +379,53 @@ async fn incremental_backups_store_only_changes_or_explain_why_not() {
         );
     }
 
+    // --delta of the same chain into that copy, with a relation file of the tablespace
+    // and one of the base directory removed and a stray file added: the directory comes
+    // back exactly as the one-pass restore wrote it, without reading the whole chain.
+    for table in ["spaced", "big"] {
+        let relation: String = sql
+            .query_value(&format!("SELECT pg_relation_filepath('{table}')"))
+            .await
+            .unwrap()
+            .unwrap();
+        std::fs::remove_file(combined.join(&relation)).unwrap();
+    }
+    std::fs::write(combined.join("base/stray_file"), b"stray").unwrap();
+    let delta = run_with(
+        &repo,
+        &[
+            "restore",
+            "--repo",
+            &repo.url,
+            "--backup",
+            "inc2",
+            "--pgdata",
+            combined.to_str().unwrap(),
+            "--no-sync",
+            "--delta",
+            "--json",
+            "--tablespace-mapping",
+            &mapping("combined_ts"),
+        ],
+    )
+    .await;
+    assert!(delta.status.success(), "restore --delta:\n{}", text(&delta));
+    let summary: serde_json::Value = serde_json::from_slice(&delta.stdout).unwrap();
+    eprintln!("PostgreSQL {major}: delta of the chain into its own restore: {summary}");
+    let again = files_below(&combined);
+    assert_eq!(
+        again.keys().collect::<Vec<_>>(),
+        ours.keys().collect::<Vec<_>>(),
+        "the delta restore holds other files than the one-pass restore"
+    );
+    for (path, bytes) in &ours {
+        assert!(
+            again[path] == *bytes,
+            "{} differs after the delta restore",
+            path.display()
+        );
+    }
+
     // Restored again as a standby and started: the data of the last backup.
     let pgdata = target.path().join("restored");
     let _guard = StandbyGuard {
@@ -602,4 +649,305 @@ async fn incremental_backups_store_only_changes_or_explain_why_not() {
         "{}",
         text(&refused)
     );
+}
+
+/// `restore --delta` of a chain into a stopped, earlier restore of the same cluster:
+/// files whose final content the manifests already tell (whole files of the newest
+/// backup, and incremental files with no changed block down to a whole older file) are
+/// kept when the local copy matches and are not downloaded; a changed table is rebuilt
+/// from the chain, a deliberately damaged local file is rewritten, a stray file is
+/// removed, and the result verifies against the combined manifest and starts with the
+/// primary's data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_restore_of_a_chain_fetches_only_what_changed() {
+    let primary = Cluster::start(
+        ClusterOptions::new()
+            .setting("autovacuum", "off")
+            .setting("wal_recycle", "off"),
+    );
+    let major = primary.major();
+    if major < 17 {
+        eprintln!("PostgreSQL {major}: no incremental backups (checked by the test above)");
+        return;
+    }
+    primary.execute("ALTER SYSTEM SET summarize_wal = on").await;
+    primary.execute("SELECT pg_reload_conf()").await;
+    // About 100 MB in twelve tables, frozen so that later reads change no page. Three
+    // must be fetched again (two changed, one damaged locally): a quarter of the data.
+    for i in 0..12 {
+        primary
+            .execute(&format!(
+                "CREATE TABLE t{i} AS SELECT g, md5(g::text) || md5((g + {i})::text) AS m \
+                 FROM generate_series(1, 80000) g"
+            ))
+            .await;
+    }
+    primary.execute("VACUUM (FREEZE, ANALYZE)").await;
+    primary.execute("CHECKPOINT").await;
+    let garage = Garage::start();
+    let repo = store(&garage, "chain-delta");
+    let source = primary.unix_conninfo(primary.superuser());
+    let backup = |label: &'static str, from: Option<&'static str>| {
+        let (repo, source) = (&repo, source.clone());
+        async move {
+            let mut args = vec![
+                "backup", "--source", &source, "--repo", &repo.url, "--label", label, "--json",
+            ];
+            if let Some(from) = from {
+                args.extend(["--incremental", "--from", from]);
+            }
+            let out = run_with(repo, &args).await;
+            assert!(out.status.success(), "backup {label}:\n{}", text(&out));
+            let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            record["stored_bytes"].as_u64().unwrap()
+        }
+    };
+    let mut chain_bytes = backup("full", None).await;
+    primary
+        .execute("UPDATE t0 SET m = upper(m) WHERE g <= 2000")
+        .await;
+    chain_bytes += backup("inc", Some("full")).await;
+
+    // The chain restored and run as a standby for a while, then stopped: its files are
+    // no longer exactly the backup's.
+    let work = scratch();
+    let pgdata = work.path().join("restored");
+    let pgdata_text = pgdata.to_str().unwrap().to_string();
+    let guard = StandbyGuard {
+        pg_ctl: primary.bin("pg_ctl"),
+        pgdata: pgdata.clone(),
+    };
+    let standby_restore = |label: &'static str, delta: bool| {
+        let (repo, source, pgdata_text) = (&repo, source.clone(), pgdata_text.clone());
+        let pg_ctl = primary.bin("pg_ctl");
+        async move {
+            let port = free_port().to_string();
+            let mut args = vec![
+                "restore",
+                "--repo",
+                &repo.url,
+                "--backup",
+                label,
+                "--pgdata",
+                &pgdata_text,
+                "--standby",
+                "--source",
+                &source,
+                "--start",
+                "--standby-port",
+                &port,
+                "--pg-ctl",
+                pg_ctl.to_str().unwrap(),
+                "--json",
+            ];
+            if delta {
+                args.push("--delta");
+            }
+            let out = run_with(repo, &args).await;
+            assert!(out.status.success(), "restore {label}:\n{}", text(&out));
+            let summary: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+            assert_eq!(summary["started"], true, "{summary}");
+            summary
+        }
+    };
+    standby_restore("inc", false).await;
+    drop(guard);
+    assert!(!pgdata.join("postmaster.pid").exists());
+
+    // The primary changes again: one table updated, one created; a third incremental.
+    primary
+        .execute("UPDATE t1 SET m = upper(m) WHERE g <= 2000")
+        .await;
+    primary
+        .execute("CREATE TABLE later AS SELECT generate_series(1, 3000) AS x")
+        .await;
+    chain_bytes += backup("inc2", Some("inc")).await;
+
+    // A table untouched since the full backup, damaged locally; a stray file.
+    let mut sql = primary.sql().await;
+    let relation: String = sql
+        .query_value("SELECT pg_relation_filepath('t5')")
+        .await
+        .unwrap()
+        .unwrap();
+    let damaged = pgdata.join(&relation);
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&damaged, &bytes).unwrap();
+    std::fs::write(pgdata.join("base/stray_file"), b"stray").unwrap();
+
+    // The delta restore of the new chain, not started: checked file by file against
+    // the combined manifest it writes.
+    let delta = run_with(
+        &repo,
+        &[
+            "restore",
+            "--repo",
+            &repo.url,
+            "--backup",
+            "inc2",
+            "--pgdata",
+            &pgdata_text,
+            "--delta",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(delta.status.success(), "restore --delta:\n{}", text(&delta));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&delta.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&delta)));
+    let files = summary["files"].as_u64().unwrap();
+    let reused = summary["files_reused"].as_u64().unwrap();
+    let read = summary["bytes_read"].as_u64().unwrap();
+    eprintln!(
+        "PostgreSQL {major}: delta restore of the chain full <- inc <- inc2 ({chain_bytes} bytes \
+         stored): {read} bytes downloaded; {summary}"
+    );
+    assert!(reused * 10 > files * 9, "most files reused: {summary}");
+    assert!(summary["files_written"].as_u64().unwrap() > 0, "{summary}");
+    assert!(
+        read * 100 < chain_bytes * 35,
+        "downloaded {read} of the chain's {chain_bytes} bytes: {summary}"
+    );
+    assert!(!pgdata.join("base/stray_file").exists());
+    assert!(
+        !pgdata.join("standby.signal").exists(),
+        "the earlier standby's signal file is not in the backup"
+    );
+    assert_ne!(
+        std::fs::read(&damaged).unwrap()[middle],
+        bytes[middle],
+        "the damaged file was not rewritten"
+    );
+    let label = std::fs::read_to_string(pgdata.join("backup_label")).unwrap();
+    assert!(!label.contains("INCREMENTAL"), "{label}");
+    let verify = common::run(&["verify", "--pgdata", &pgdata_text]);
+    assert!(
+        verify.status.success(),
+        "verify --pgdata after the delta restore:\n{}",
+        text(&verify)
+    );
+
+    // Into a new directory, a delta restore of the chain is a full one.
+    let fresh = work.path().join("fresh");
+    let fresh_text = fresh.to_str().unwrap();
+    let full = run_with(
+        &repo,
+        &[
+            "restore",
+            "--repo",
+            &repo.url,
+            "--backup",
+            "inc2",
+            "--pgdata",
+            fresh_text,
+            "--delta",
+            "--no-sync",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(
+        full.status.success(),
+        "restore --delta into a new directory:\n{}",
+        text(&full)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&full.stdout).unwrap();
+    eprintln!("PostgreSQL {major}: delta restore of the chain into a new directory: {summary}");
+    assert_eq!(summary["files_reused"], 0, "{summary}");
+    assert!(summary["bytes_read"].as_u64().unwrap() > read, "{summary}");
+    let verify = common::run(&["verify", "--pgdata", fresh_text]);
+    assert!(
+        verify.status.success(),
+        "verify --pgdata (fresh):\n{}",
+        text(&verify)
+    );
+
+    // A damaged frame of the full backup, holding a table that must be rebuilt: the
+    // delta restore fails, says the directory must be restored again, and leaves it
+    // without global/pg_control and without temporary files.
+    let library = repository(&garage, "chain-delta");
+    let full_record = library.backup("full").await.unwrap();
+    let base = &full_record.archives[0];
+    let index = library
+        .get_bytes(
+            &library.backup_path("full", base.index.as_deref().unwrap()),
+            1 << 30,
+        )
+        .await
+        .unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
+    let changed: String = sql
+        .query_value("SELECT pg_relation_filepath('t1')")
+        .await
+        .unwrap()
+        .unwrap();
+    let frame =
+        index["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| {
+                f["entries"].as_array().unwrap().iter().any(|e| {
+                    e["path"].as_str().unwrap().trim_start_matches("./") == changed.as_str()
+                })
+            })
+            .expect("the frame of t1");
+    let object = library.backup_path("full", &base.object);
+    let original = library.get_bytes(&object, 1 << 34).await.unwrap();
+    let mut damaged_object = original.to_vec();
+    let at = frame["stored_offset"].as_u64().unwrap() + frame["stored_len"].as_u64().unwrap() / 2;
+    damaged_object[at as usize] ^= 0x55;
+    library
+        .put_bytes(&object, damaged_object.into())
+        .await
+        .unwrap();
+    let failed = run_with(
+        &repo,
+        &[
+            "restore",
+            "--repo",
+            &repo.url,
+            "--backup",
+            "inc2",
+            "--pgdata",
+            fresh_text,
+            "--delta",
+            "--no-sync",
+        ],
+    )
+    .await;
+    library.put_bytes(&object, original).await.unwrap();
+    assert!(!failed.status.success(), "{}", text(&failed));
+    eprintln!("PostgreSQL {major}: damaged: {}", text(&failed).trim());
+    assert!(text(&failed).contains("inconsistent"), "{}", text(&failed));
+    assert!(!fresh.join("global/pg_control").exists());
+    let temporary: Vec<_> = files_below(&fresh)
+        .into_keys()
+        .filter(|p| p.to_string_lossy().ends_with(".pgrepo-delta"))
+        .collect();
+    assert!(temporary.is_empty(), "left behind: {temporary:?}");
+
+    // Again, as a standby, started: almost nothing left to fetch, and the primary's data.
+    let _guard = StandbyGuard {
+        pg_ctl: primary.bin("pg_ctl"),
+        pgdata: pgdata.clone(),
+    };
+    let again = standby_restore("inc2", true).await;
+    eprintln!("PostgreSQL {major}: the same delta again: {again}");
+    assert!(
+        again["bytes_read"].as_u64().unwrap() < read,
+        "the second delta fetched less: {again}"
+    );
+    let standby = standby_config(&pgdata, primary.superuser());
+    let primary_config = primary.config(primary.superuser());
+    for table in ["t0", "t1", "t2", "t5", "t11", "later"] {
+        assert_eq!(
+            table_digest(&primary_config, table).await,
+            table_digest(&standby, table).await,
+            "table {table} differs between the primary and the delta-restored chain"
+        );
+    }
 }
