@@ -7,4 +7,5 @@
 //! only call it. Parsing is pure ([`getopt`]) so that it can be tested without a server.
 
 pub mod getopt;
+pub mod pg_verifybackup;
 pub mod report;
