@@ -8,5 +8,6 @@
 
 pub mod conn;
 pub mod getopt;
+pub mod pg_receivewal;
 pub mod pg_verifybackup;
 pub mod report;
