@@ -133,17 +133,12 @@ install_pg_tap() {
   local work
   work=$(mktemp -d "$CACHE_DIR/postgres/.tap-download.XXXXXX")
   # A deb-src list of our own, and our own package lists: the machine's apt
-  # configuration stays as it is.
+  # configuration stays as it is.  Only the main archive (the pinned version is a
+  # bookworm point release), so that nothing but deb.debian.org needs to be reachable.
   cat >"$work/debsrc.sources" <<'EOF'
 Types: deb-src
 URIs: http://deb.debian.org/debian
 Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb-src
-URIs: http://security.debian.org/debian-security
-Suites: bookworm-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
