@@ -16,7 +16,11 @@ use std::time::Duration;
 
 use pgwire_repl::client::SlotOptions;
 use pgwire_repl::{ConnectOptions, Lsn};
-use walstream::{Compression, EndReason, ReceiveOptions, WalDirOptions};
+use pgwire_repl::{SystemId, TimelineId, WalSegmentSize};
+use walstream::{
+    Bytes, Compression, EndReason, LocalDir, ReceiveOptions, Resume, WalDestination, WalDirOptions,
+    WalWriter, WriterTotals,
+};
 
 use crate::conn::ConnOptions;
 use crate::getopt::{self, HasArg, Opt};
@@ -500,7 +504,15 @@ async fn run(prog: &str, o: Options) -> i32 {
                         } => {}
                     }
                 };
-                walstream::receive_wal(&config, &options, stop)
+                let destination = Verbose {
+                    inner: LocalDir::new(&directory, options.dir_options),
+                    prog: prog.to_string(),
+                    verbose: o.verbose,
+                    segment_size: None,
+                    last_timeline: None,
+                    switch_points: Vec::new(),
+                };
+                walstream::receive_wal_into(&config, &options, destination, stop)
                     .await
                     .map_err(|e| e.to_string())
             }
@@ -602,6 +614,145 @@ async fn slot_action(prog: &str, o: &Options, config: &mut pgwire_repl::Config) 
     }
 }
 
+/// Where a timeline begins, from its history file: the switch point of the last entry
+/// (`<parent TLI>\t<switch point>\t<reason>`).
+fn history_switch_point(history: &str) -> Option<Lsn> {
+    history
+        .lines()
+        .rfind(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(parse_lsn)
+}
+
+/// The directory destination, printing pg_receivewal's `-v` messages (streaming starts,
+/// segments finished, timeline switches) as the receiver reaches them.
+struct Verbose {
+    inner: LocalDir,
+    prog: String,
+    verbose: bool,
+    segment_size: Option<WalSegmentSize>,
+    last_timeline: Option<TimelineId>,
+    /// Where each timeline whose history file was fetched branched off.
+    switch_points: Vec<(TimelineId, Lsn)>,
+}
+
+impl WalDestination for Verbose {
+    type Writer = VerboseWriter;
+
+    async fn open(&mut self, segment_size: WalSegmentSize) -> walstream::Result<()> {
+        self.segment_size = Some(segment_size);
+        self.inner.open(segment_size).await
+    }
+
+    async fn check_system(&mut self, system_id: SystemId) -> walstream::Result<()> {
+        self.inner.check_system(system_id).await
+    }
+
+    async fn resume_point(&mut self) -> walstream::Result<Option<Resume>> {
+        self.inner.resume_point().await
+    }
+
+    async fn has_history(&mut self, timeline: TimelineId) -> walstream::Result<bool> {
+        self.inner.has_history(timeline).await
+    }
+
+    async fn write_history(
+        &mut self,
+        timeline: TimelineId,
+        content: Bytes,
+    ) -> walstream::Result<()> {
+        if let Some(lsn) = history_switch_point(&String::from_utf8_lossy(&content)) {
+            self.switch_points.push((timeline, lsn));
+        }
+        self.inner.write_history(timeline, content).await
+    }
+
+    async fn writer(
+        &mut self,
+        timeline: TimelineId,
+        start: Lsn,
+    ) -> walstream::Result<VerboseWriter> {
+        if self.verbose {
+            if self.last_timeline.is_some_and(|t| t != timeline) {
+                let at = self
+                    .switch_points
+                    .iter()
+                    .find(|(t, _)| *t == timeline)
+                    .map_or(start, |(_, lsn)| *lsn);
+                report_info(
+                    &self.prog,
+                    format_args!("switched to timeline {} at {at}", timeline.0),
+                );
+            }
+            report_info(
+                &self.prog,
+                format_args!(
+                    "starting log streaming at {start} (timeline {})",
+                    timeline.0
+                ),
+            );
+        }
+        self.last_timeline = Some(timeline);
+        Ok(VerboseWriter {
+            inner: self.inner.writer(timeline, start).await?,
+            prog: self.prog.clone(),
+            verbose: self.verbose,
+            segment_size: self.segment_size,
+            timeline,
+        })
+    }
+}
+
+/// The writer of [`Verbose`].
+struct VerboseWriter {
+    inner: <LocalDir as WalDestination>::Writer,
+    prog: String,
+    verbose: bool,
+    segment_size: Option<WalSegmentSize>,
+    timeline: TimelineId,
+}
+
+impl WalWriter for VerboseWriter {
+    fn written(&self) -> Lsn {
+        self.inner.written()
+    }
+
+    fn durable(&self) -> Lsn {
+        self.inner.durable()
+    }
+
+    async fn write(&mut self, lsn: Lsn, data: Bytes, verified: Lsn) -> walstream::Result<()> {
+        let len = data.len() as u64;
+        self.inner.write(lsn, data, verified).await?;
+        if let (true, Some(size)) = (self.verbose, self.segment_size) {
+            let end = lsn.0.saturating_add(len);
+            let bytes = size.bytes();
+            // Each segment boundary this write reached or crossed.
+            let mut boundary = (lsn.0 / bytes + 1).saturating_mul(bytes);
+            while boundary <= end && len > 0 {
+                report_info(
+                    &self.prog,
+                    format_args!(
+                        "finished segment at {} (timeline {})",
+                        Lsn(boundary),
+                        self.timeline.0
+                    ),
+                );
+                boundary = boundary.saturating_add(bytes);
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> walstream::Result<Lsn> {
+        self.inner.flush().await
+    }
+
+    async fn close(self) -> walstream::Result<WriterTotals> {
+        self.inner.close().await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -681,6 +832,15 @@ mod tests {
             parse_compression("gzip:workers=3").unwrap_err(),
             "invalid compression specification: compression algorithm \"gzip\" does not accept a worker count"
         );
+    }
+
+    #[test]
+    fn history_files() {
+        assert_eq!(
+            history_switch_point("1\t0/3000000\tno recovery target specified\n\n2\t0/50000A0\tx\n"),
+            Some(Lsn(0x50000A0))
+        );
+        assert_eq!(history_switch_point(""), None);
     }
 
     #[test]
