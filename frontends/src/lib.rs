@@ -6,5 +6,6 @@
 //! Each tool is a module with a `main(args)` entry point; the binaries in `src/bin`
 //! only call it. Parsing is pure ([`getopt`]) so that it can be tested without a server.
 
+pub mod conn;
 pub mod getopt;
 pub mod report;
