@@ -176,6 +176,13 @@ pub struct BackupOptions {
     pub manifest_checksums: ChecksumAlgorithm,
     /// Server-side compression (15+).
     pub compression: Option<ServerCompression>,
+    /// Server-side compression exactly as a user typed it: the algorithm name and, when
+    /// given, the detail (`level=3,workers=2`), sent as `COMPRESSION` and
+    /// `COMPRESSION_DETAIL` instead of the text built from [`BackupOptions::compression`],
+    /// so that the server checks the specification and reports a mistake in its own
+    /// words (as `pg_basebackup --compress server-…` passes it through unparsed).
+    /// [`BackupOptions::compression`] must still name the method, for decoding.
+    pub compression_as_given: Option<(String, Option<String>)>,
     /// Send only what changed since the backup whose manifest was uploaded on the same
     /// connection (`INCREMENTAL`, 17+; see
     /// [`ReplicationClient::upload_manifest`](pgwire_repl::ReplicationClient::upload_manifest)).
@@ -207,6 +214,7 @@ impl Default for BackupOptions {
             manifest: ManifestMode::Yes,
             manifest_checksums: ChecksumAlgorithm::Crc32c,
             compression: None,
+            compression_as_given: None,
             incremental: false,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
@@ -274,7 +282,7 @@ pub fn build_command(opts: &BackupOptions, server_major: u32) -> Result<String> 
         return Err(Error::unsupported("incremental backups", 17, server_major));
     }
     if server_major < 15 {
-        if opts.compression.is_some() {
+        if opts.compression.is_some() || opts.compression_as_given.is_some() {
             return Err(Error::unsupported(
                 "server-side compression",
                 15,
@@ -344,7 +352,12 @@ pub fn build_command(opts: &BackupOptions, server_major: u32) -> Result<String> 
     if opts.incremental {
         parts.push("INCREMENTAL".into());
     }
-    if let Some(c) = &opts.compression {
+    if let Some((algorithm, detail)) = &opts.compression_as_given {
+        parts.push(format!("COMPRESSION {}", quote_literal(algorithm)));
+        if let Some(detail) = detail {
+            parts.push(format!("COMPRESSION_DETAIL {}", quote_literal(detail)));
+        }
+    } else if let Some(c) = &opts.compression {
         parts.push(format!("COMPRESSION '{}'", c.method.name()));
         let mut detail = Vec::new();
         if let Some(level) = c.level {
@@ -384,6 +397,28 @@ pub fn build_command(opts: &BackupOptions, server_major: u32) -> Result<String> 
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn compression_as_given_is_sent_verbatim() {
+        let opts = BackupOptions {
+            compression_as_given: Some(("gzip".into(), Some("level=236".into()))),
+            ..BackupOptions::default()
+        };
+        let cmd = build_command(&opts, 15).unwrap();
+        assert!(
+            cmd.contains("COMPRESSION 'gzip', COMPRESSION_DETAIL 'level=236'"),
+            "{cmd}"
+        );
+        let opts = BackupOptions {
+            compression_as_given: Some(("it's".into(), None)),
+            ..BackupOptions::default()
+        };
+        assert!(build_command(&opts, 16)
+            .unwrap()
+            .contains("COMPRESSION 'it''s'"));
+        assert!(build_command(&opts, 14).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -744,8 +744,35 @@ enum TarOut {
     Plain(File),
     /// The uncompressed tar stream, compressed here.
     Zstd(zstd::stream::write::Encoder<'static, File>),
+    /// The uncompressed tar stream, gzip-compressed here.
+    Gzip(flate2::write::GzEncoder<File>),
+    /// The uncompressed tar stream, compressed here into LZ4 frames.
+    Lz4(lz4_flex::frame::FrameEncoder<File>),
     /// The server's compressed stream, stored as it arrived.
     AsSent(File),
+}
+
+/// Client-side compression of the archives a [`TarSink`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCompression {
+    /// gzip at a level from 1 to 9 (default 6 when `None`): `.gz`.
+    Gzip(Option<u32>),
+    /// LZ4 frames: `.lz4`. The level is accepted for compatibility; the encoder has
+    /// one (fast) level.
+    Lz4(Option<u32>),
+    /// zstd at a level (`None`: zstd's default): `.zst`.
+    Zstd(Option<i32>),
+}
+
+impl ClientCompression {
+    /// The file-name suffix (`.gz`, `.lz4`, `.zst`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            ClientCompression::Gzip(_) => ".gz",
+            ClientCompression::Lz4(_) => ".lz4",
+            ClientCompression::Zstd(_) => ".zst",
+        }
+    }
 }
 
 /// Writes `base.tar`, `<oid>.tar` and `backup_manifest`, as `pg_basebackup -Ft` does;
@@ -763,6 +790,7 @@ pub struct TarSink {
     dir: PathBuf,
     options: SinkOptions,
     zstd_level: Option<i32>,
+    client: Option<ClientCompression>,
     current: Option<(TarOut, PathBuf)>,
     created: Vec<Created>,
     files: Vec<PathBuf>,
@@ -788,6 +816,7 @@ impl TarSink {
             dir: dir.into(),
             options: SinkOptions::default(),
             zstd_level: None,
+            client: None,
             current: None,
             created: Vec::new(),
             files: Vec::new(),
@@ -797,6 +826,34 @@ impl TarSink {
     /// Compresses each archive on the client with zstd at `level` (`.tar.zst`).
     pub fn zstd(mut self, level: Option<i32>) -> Self {
         self.zstd_level = level;
+        self
+    }
+
+    /// Compresses each archive on the client (`pg_basebackup --compress client-…`):
+    /// gzip (`.tar.gz`), LZ4 frames (`.tar.lz4`) or zstd (`.tar.zst`, the same as
+    /// [`TarSink::zstd`]). A server-compressed archive is recompressed.
+    ///
+    /// ```
+    /// use basebackup::{ArchiveInfo, ClientCompression, Tablespace, TarSink};
+    /// let base = ArchiveInfo {
+    ///     name: "base.tar".into(),
+    ///     tablespace: Tablespace { oid: None, location: None, size_estimate: None },
+    ///     compression: None,
+    /// };
+    /// let sink = TarSink::new("/backup").compress(ClientCompression::Gzip(Some(1)));
+    /// assert_eq!(sink.archive_file_name(&base), "base.tar.gz");
+    /// ```
+    pub fn compress(mut self, compression: ClientCompression) -> Self {
+        match compression {
+            ClientCompression::Zstd(level) => {
+                self.zstd_level = Some(level.unwrap_or(0));
+                self.client = None;
+            }
+            other => {
+                self.zstd_level = None;
+                self.client = Some(other);
+            }
+        }
         self
     }
 
@@ -836,6 +893,10 @@ impl TarSink {
     /// ```
     pub fn archive_file_name(&self, archive: &ArchiveInfo) -> String {
         let mut name = archive.tar_name();
+        if let Some(client) = self.client {
+            name.push_str(client.suffix());
+            return name;
+        }
         match (self.zstd_level, archive.compression) {
             (Some(_), _) => name.push_str(".zst"),
             (None, Some(method)) => name.push_str(method.suffix()),
@@ -852,6 +913,8 @@ impl TarSink {
         let r = match out {
             TarOut::Plain(f) => f.write_all(data),
             TarOut::Zstd(z) => z.write_all(data),
+            TarOut::Gzip(z) => z.write_all(data),
+            TarOut::Lz4(z) => z.write_all(data),
             TarOut::AsSent(_) => {
                 return Err(Error::protocol(format!(
                     "uncompressed data for {}, which stores the server's compressed stream",
@@ -882,13 +945,24 @@ impl BackupSink for TarSink {
             .open(&path)
             .map_err(|e| Error::io("creating", &path, e))?;
         self.created.push(Created::File(path.clone()));
-        let out = match (self.zstd_level, archive.compression) {
-            (None, None) => TarOut::Plain(file),
-            (None, Some(_)) => TarOut::AsSent(file),
-            (Some(level), _) => TarOut::Zstd(
-                zstd::stream::write::Encoder::new(file, level)
-                    .map_err(|e| Error::io("starting zstd compression of", &path, e))?,
-            ),
+        let out = match (self.client, self.zstd_level, archive.compression) {
+            (Some(ClientCompression::Gzip(level)), _, _) => {
+                TarOut::Gzip(flate2::write::GzEncoder::new(
+                    file,
+                    level.map_or(flate2::Compression::default(), |l| {
+                        flate2::Compression::new(l.clamp(0, 9) as u32)
+                    }),
+                ))
+            }
+            (Some(_), _, _) => TarOut::Lz4(lz4_flex::frame::FrameEncoder::new(file)),
+            (None, level, compression) => match (level, compression) {
+                (None, None) => TarOut::Plain(file),
+                (None, Some(_)) => TarOut::AsSent(file),
+                (Some(level), _) => TarOut::Zstd(
+                    zstd::stream::write::Encoder::new(file, level)
+                        .map_err(|e| Error::io("starting zstd compression of", &path, e))?,
+                ),
+            },
         };
         self.current = Some((out, path));
         Ok(())
@@ -931,6 +1005,16 @@ impl BackupSink for TarSink {
                 TarOut::Zstd(z) => z
                     .finish()
                     .map_err(|e| Error::io("finishing zstd compression of", &path, e))?,
+                TarOut::Gzip(z) => z
+                    .finish()
+                    .map_err(|e| Error::io("finishing gzip compression of", &path, e))?,
+                TarOut::Lz4(z) => z.finish().map_err(|e| {
+                    Error::io(
+                        "finishing lz4 compression of",
+                        &path,
+                        std::io::Error::other(e),
+                    )
+                })?,
             };
             if !self.options.no_sync {
                 start_writeback(&file);

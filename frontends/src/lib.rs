@@ -8,4 +8,5 @@
 
 pub mod conn;
 pub mod getopt;
+pub mod pg_basebackup;
 pub mod report;
