@@ -183,6 +183,13 @@ pub struct BackupOptions {
     /// words (as `pg_basebackup --compress server-…` passes it through unparsed).
     /// [`BackupOptions::compression`] must still name the method, for decoding.
     pub compression_as_given: Option<(String, Option<String>)>,
+    /// Where the server puts the backup (15+): `None` sends it to this client (`TARGET
+    /// 'client'`); otherwise the target name and its detail, sent as `TARGET` and
+    /// `TARGET_DETAIL` as given, e.g. `("server", Some("/srv/backups/1"))` to have the
+    /// server write the archives itself, or `("blackhole", None)` to discard them (for
+    /// testing). With a target, no archive data comes to the client: finish the backup
+    /// with [`BaseBackup::finish_elsewhere`](crate::BaseBackup::finish_elsewhere).
+    pub target: Option<(String, Option<String>)>,
     /// Send only what changed since the backup whose manifest was uploaded on the same
     /// connection (`INCREMENTAL`, 17+; see
     /// [`ReplicationClient::upload_manifest`](pgwire_repl::ReplicationClient::upload_manifest)).
@@ -215,6 +222,7 @@ impl Default for BackupOptions {
             manifest_checksums: ChecksumAlgorithm::Crc32c,
             compression: None,
             compression_as_given: None,
+            target: None,
             incremental: false,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
@@ -282,6 +290,9 @@ pub fn build_command(opts: &BackupOptions, server_major: u32) -> Result<String> 
         return Err(Error::unsupported("incremental backups", 17, server_major));
     }
     if server_major < 15 {
+        if opts.target.is_some() {
+            return Err(Error::unsupported("backup targets", 15, server_major));
+        }
         if opts.compression.is_some() || opts.compression_as_given.is_some() {
             return Err(Error::unsupported(
                 "server-side compression",
@@ -348,7 +359,15 @@ pub fn build_command(opts: &BackupOptions, server_major: u32) -> Result<String> 
             opts.manifest_checksums.name()
         ));
     }
-    parts.push("TARGET 'client'".into());
+    match &opts.target {
+        None => parts.push("TARGET 'client'".into()),
+        Some((name, detail)) => {
+            parts.push(format!("TARGET {}", quote_literal(name)));
+            if let Some(detail) = detail {
+                parts.push(format!("TARGET_DETAIL {}", quote_literal(detail)));
+            }
+        }
+    }
     if opts.incremental {
         parts.push("INCREMENTAL".into());
     }
@@ -416,6 +435,21 @@ mod tests {
         assert!(build_command(&opts, 16)
             .unwrap()
             .contains("COMPRESSION 'it''s'"));
+        assert!(build_command(&opts, 14).is_err());
+    }
+
+    #[test]
+    fn targets() {
+        let opts = BackupOptions {
+            target: Some(("server".into(), Some("/srv/b".into()))),
+            ..BackupOptions::default()
+        };
+        let cmd = build_command(&opts, 15).unwrap();
+        assert!(
+            cmd.contains("TARGET 'server', TARGET_DETAIL '/srv/b'"),
+            "{cmd}"
+        );
+        assert!(!cmd.contains("'client'"));
         assert!(build_command(&opts, 14).is_err());
     }
 

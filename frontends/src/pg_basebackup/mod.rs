@@ -550,12 +550,6 @@ fn parse_args(prog: &str, argv0: &str, words: &[String]) -> Result<Args, Exit> {
             "writing the backup to standard output (-D -) is not supported by this implementation",
         ));
     }
-    if args.target.is_some() {
-        return Err(fail(
-            prog,
-            "backup targets (--target) are not supported by this implementation yet",
-        ));
-    }
     Ok(args)
 }
 
@@ -860,6 +854,9 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
         _ => 0o700,
     };
     let file_mode = dir_mode & 0o666;
+    if let Some(target) = &args.target {
+        return backup_to_target(prog, args, target, client, major).await;
+    }
     let basedir = args.basedir.clone().unwrap_or_default();
     owned.push(empty_or_create(prog, &basedir, dir_mode)?);
     let wal_dir = match &args.waldir {
@@ -1166,6 +1163,80 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
     }
     info(format_args!("base backup completed"));
     Ok(())
+}
+
+/// `--target`: the server writes the backup (`server:/path`) or discards it
+/// (`blackhole`); only the start and end positions come here.
+async fn backup_to_target(
+    prog: &str,
+    args: &Args,
+    target: &str,
+    client: pgwire_repl::ReplicationClient,
+    major: u32,
+) -> Result<(), Exit> {
+    if major < 15 {
+        return Err(fail(
+            prog,
+            "backup targets are not supported by this server version",
+        ));
+    }
+    if args.write_recovery {
+        return Err(fail(
+            prog,
+            "recovery configuration cannot be written when a backup target is used",
+        ));
+    }
+    let (name, detail) = match target.split_once(':') {
+        Some((name, detail)) => (name.to_string(), Some(detail.to_string())),
+        None => (target.to_string(), None),
+    };
+    let compression_as_given = args
+        .server_compression
+        .clone()
+        .filter(|(a, d)| !(a == "none" && d.is_none()));
+    let manifest_checksums = match &args.manifest_checksums {
+        None => ChecksumAlgorithm::Crc32c,
+        Some(name) => ChecksumAlgorithm::parse(name)
+            .ok_or_else(|| fail(prog, format_args!("invalid checksum algorithm \"{name}\"")))?,
+    };
+    let options = BackupOptions {
+        label: args.label.clone(),
+        progress: args.estimate_size,
+        checkpoint: args.checkpoint,
+        wal: args.wal == WalMethod::Fetch,
+        wait: false,
+        max_rate: args.max_rate,
+        verify_checksums: args.verify_checksums,
+        manifest: args.manifest,
+        manifest_checksums,
+        compression: compression_as_given
+            .as_ref()
+            .map(|_| ServerCompression::new(CompressionMethod::Gzip)),
+        compression_as_given,
+        target: Some((name, detail)),
+        idle_timeout: None,
+        ..BackupOptions::default()
+    };
+    let backup = BaseBackup::start(client, options).await.map_err(|e| {
+        fail(
+            prog,
+            format_args!("could not initiate base backup: {}", server_text(&e)),
+        )
+    })?;
+    match backup.finish_elsewhere().await {
+        Ok(result) => {
+            if args.verbose > 0 {
+                eprintln!("{prog}: write-ahead log end point: {}", result.end_lsn);
+                eprintln!("{prog}: base backup completed");
+            }
+            Ok(())
+        }
+        Err(e) if e.sqlstate() == Some("XX001") => Err(fail(prog, "checksum error occurred")),
+        Err(e) => Err(fail(
+            prog,
+            format_args!("backup failed: {}", server_text(&e)),
+        )),
+    }
 }
 
 fn print_progress(p: &basebackup::Progress, _last: bool) {
