@@ -469,6 +469,8 @@ mod tests {
             manifest: ManifestMode::ForceEncode,
             manifest_checksums: ChecksumAlgorithm::Sha512,
             compression: None,
+            compression_as_given: None,
+            target: None,
             incremental: false,
             idle_timeout: None,
         };
@@ -481,6 +483,8 @@ mod tests {
     #[test]
     fn incremental_needs_17() {
         let opts = BackupOptions {
+            compression_as_given: None,
+            target: None,
             incremental: true,
             ..BackupOptions::default()
         };

@@ -950,7 +950,7 @@ impl BackupSink for TarSink {
                 TarOut::Gzip(flate2::write::GzEncoder::new(
                     file,
                     level.map_or(flate2::Compression::default(), |l| {
-                        flate2::Compression::new(l.clamp(0, 9) as u32)
+                        flate2::Compression::new(l.clamp(0, 9))
                     }),
                 ))
             }

@@ -1045,22 +1045,20 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
             .await
             .map(|(result, _sink)| result)
     });
-    let result = loop {
-        tokio::select! {
-            joined = &mut receiving => break joined,
-            wal = async {
-                match wal_task.as_mut() {
-                    Some(task) => task.await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                if let (Ok(Err(e)), true) = (&wal, verbose) {
-                    eprintln!("{prog}: WAL streaming: {e}");
-                }
-                receiving.abort();
-                let _ = receiving.await;
-                return Err(fail(prog, "background process terminated unexpectedly"));
+    let result = tokio::select! {
+        joined = &mut receiving => joined,
+        wal = async {
+            match wal_task.as_mut() {
+                Some(task) => task.await,
+                None => std::future::pending().await,
             }
+        } => {
+            if let (Ok(Err(e)), true) = (&wal, verbose) {
+                eprintln!("{prog}: WAL streaming: {e}");
+            }
+            receiving.abort();
+            let _ = receiving.await;
+            return Err(fail(prog, "background process terminated unexpectedly"));
         }
     };
     let result = match result {
@@ -1165,6 +1163,16 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
     Ok(())
 }
 
+/// The method used to decode what the server compressed. An algorithm the server does
+/// not know is sent as typed and refused by the server, so any method does here.
+fn server_method(algorithm: &str) -> CompressionMethod {
+    match algorithm {
+        "lz4" => CompressionMethod::Lz4,
+        "zstd" => CompressionMethod::Zstd,
+        _ => CompressionMethod::Gzip,
+    }
+}
+
 /// `--target`: the server writes the backup (`server:/path`) or discards it
 /// (`blackhole`); only the start and end positions come here.
 async fn backup_to_target(
@@ -1211,7 +1219,7 @@ async fn backup_to_target(
         manifest_checksums,
         compression: compression_as_given
             .as_ref()
-            .map(|_| ServerCompression::new(CompressionMethod::Gzip)),
+            .map(|(algorithm, _)| ServerCompression::new(server_method(algorithm))),
         compression_as_given,
         target: Some((name, detail)),
         idle_timeout: None,
