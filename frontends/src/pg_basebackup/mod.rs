@@ -1039,12 +1039,27 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
         }) as basebackup::ProgressFn
     });
     let show_progress = args.progress;
+    // The clean-up after a failure must not run while the writer thread may still
+    // create files: the sink says when that thread has let go of it.
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let sink = Box::new(SignalWhenDropped {
+        inner: sink,
+        _stopped: stopped_tx,
+    });
+    let writer_stopped = async move {
+        let _ = tokio::time::timeout(Duration::from_secs(60), stopped_rx).await;
+    };
     let mut receiving = tokio::spawn(async move {
         backup
             .receive(sink, progress_fn)
             .await
             .map(|(result, _sink)| result)
     });
+    // Dropped on an interruption too: nothing keeps writing behind the clean-up.
+    let _stop_backup = AbortOnDrop(receiving.abort_handle());
+    let _stop_wal = wal_task
+        .as_ref()
+        .map(|task| AbortOnDrop(task.abort_handle()));
     let result = tokio::select! {
         joined = &mut receiving => joined,
         wal = async {
@@ -1058,12 +1073,14 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
             }
             receiving.abort();
             let _ = receiving.await;
+            writer_stopped.await;
             return Err(fail(prog, "background process terminated unexpectedly"));
         }
     };
     let result = match result {
         Ok(Ok(result)) => result,
         Ok(Err(e)) => {
+            writer_stopped.await;
             if let Some(task) = wal_task.take() {
                 task.abort();
                 let _ = task.await;
@@ -1076,7 +1093,10 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
                 _ => fail(prog, e),
             });
         }
-        Err(e) => return Err(fail(prog, format_args!("the backup task failed: {e}"))),
+        Err(e) => {
+            writer_stopped.await;
+            return Err(fail(prog, format_args!("the backup task failed: {e}")));
+        }
     };
     if show_progress {
         eprintln!();
@@ -1170,6 +1190,48 @@ fn server_method(algorithm: &str) -> CompressionMethod {
         "lz4" => CompressionMethod::Lz4,
         "zstd" => CompressionMethod::Zstd,
         _ => CompressionMethod::Gzip,
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A sink that says when the writer thread has dropped it.
+struct SignalWhenDropped {
+    inner: Box<dyn BackupSink>,
+    _stopped: tokio::sync::oneshot::Sender<()>,
+}
+
+impl BackupSink for SignalWhenDropped {
+    fn begin_backup(&mut self, info: &basebackup::BackupInfo) -> basebackup::Result<()> {
+        self.inner.begin_backup(info)
+    }
+    fn begin_archive(&mut self, archive: &basebackup::ArchiveInfo) -> basebackup::Result<()> {
+        self.inner.begin_archive(archive)
+    }
+    fn compressed_bytes(&mut self, data: &basebackup::Bytes) -> basebackup::Result<()> {
+        self.inner.compressed_bytes(data)
+    }
+    fn archive_bytes(&mut self, data: &basebackup::Bytes) -> basebackup::Result<()> {
+        self.inner.archive_bytes(data)
+    }
+    fn entry(&mut self, event: &basebackup::TarEvent) -> basebackup::Result<()> {
+        self.inner.entry(event)
+    }
+    fn end_archive(&mut self, trailer_present: bool) -> basebackup::Result<()> {
+        self.inner.end_archive(trailer_present)
+    }
+    fn commit(&mut self, manifest: Option<&[u8]>) -> basebackup::Result<()> {
+        self.inner.commit(manifest)
+    }
+    fn abort(&mut self, reason: &basebackup::Error) {
+        self.inner.abort(reason)
     }
 }
 
