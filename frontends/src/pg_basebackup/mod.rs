@@ -80,6 +80,7 @@ fn options() -> Vec<Opt> {
         Opt::long("no-manifest", No),
         Opt::long("manifest-force-encode", No),
         Opt::long("manifest-checksums", Required),
+        Opt::long("sync-method", Required),
     ]
 }
 
@@ -128,6 +129,8 @@ General options:
       --no-manifest         do not ask for a backup manifest
       --no-slot             stream without a temporary replication slot
       --no-verify-checksums do not let the server check page checksums
+      --sync-method=fsync|syncfs
+                            accepted; files are always synced one by one
   -?, --help                print this help and exit
 
 Connection options:
@@ -394,6 +397,13 @@ fn parse_args(prog: &str, argv0: &str, words: &[String]) -> Result<Args, Exit> {
             "no-manifest" => args.manifest = ManifestMode::No,
             "manifest-force-encode" => force_encode = true,
             "manifest-checksums" => args.manifest_checksums = Some(v.to_string()),
+            // PostgreSQL 17+: every file written is synced one by one here, which is
+            // what `fsync` means; `syncfs` is accepted and does the same.
+            "sync-method" => {
+                if !matches!(v, "fsync" | "syncfs") {
+                    return Err(fail(prog, format_args!("unrecognized sync method: {v}")));
+                }
+            }
             "create-slot" => args.create_slot = true,
             // --help and --version anywhere but first, as getopt's caller sees them.
             _ => {
@@ -713,11 +723,18 @@ impl ErrorWithDb for pgwire_repl::Error {
 struct OwnedDir {
     path: PathBuf,
     made: bool,
+    /// `data` or `WAL`, for the messages.
+    what: &'static str,
 }
 
 /// Creates `dir` (and its parents) or checks that it is empty, as pg_basebackup's
 /// `verify_dir_is_empty_or_create`.
-fn empty_or_create(prog: &str, dir: &Path, mode: u32) -> Result<OwnedDir, Exit> {
+fn empty_or_create(
+    prog: &str,
+    dir: &Path,
+    mode: u32,
+    what: &'static str,
+) -> Result<OwnedDir, Exit> {
     match fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -729,6 +746,7 @@ fn empty_or_create(prog: &str, dir: &Path, mode: u32) -> Result<OwnedDir, Exit> 
             Ok(OwnedDir {
                 path: dir.to_path_buf(),
                 made: false,
+                what,
             })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -751,6 +769,7 @@ fn empty_or_create(prog: &str, dir: &Path, mode: u32) -> Result<OwnedDir, Exit> 
             Ok(OwnedDir {
                 path: dir.to_path_buf(),
                 made: true,
+                what,
             })
         }
         Err(e) => Err(fail(
@@ -760,34 +779,20 @@ fn empty_or_create(prog: &str, dir: &Path, mode: u32) -> Result<OwnedDir, Exit> 
     }
 }
 
-fn clean_up(prog: &str, dirs: &[OwnedDir], no_clean: bool, verbose: bool) {
-    for dir in dirs.iter().rev() {
+fn clean_up(prog: &str, dirs: &[OwnedDir], no_clean: bool) {
+    for dir in dirs {
+        let (path, what) = (dir.path.display(), dir.what);
         if no_clean {
-            if verbose {
-                eprintln!(
-                    "{prog}: directory \"{}\" not removed at user's request",
-                    dir.path.display()
-                );
-            }
+            eprintln!("{prog}: {what} directory \"{path}\" not removed at user's request");
             continue;
         }
         if dir.made {
-            if verbose {
-                eprintln!("{prog}: removing directory \"{}\"", dir.path.display());
-            }
+            eprintln!("{prog}: removing {what} directory \"{path}\"");
             if fs::remove_dir_all(&dir.path).is_err() {
-                report::error(
-                    prog,
-                    format_args!("failed to remove directory \"{}\"", dir.path.display()),
-                );
+                report::error(prog, format_args!("failed to remove {what} directory"));
             }
         } else {
-            if verbose {
-                eprintln!(
-                    "{prog}: removing contents of directory \"{}\"",
-                    dir.path.display()
-                );
-            }
+            eprintln!("{prog}: removing contents of {what} directory \"{path}\"");
             let removed = fs::read_dir(&dir.path).and_then(|entries| {
                 for entry in entries {
                     let entry = entry?;
@@ -802,10 +807,7 @@ fn clean_up(prog: &str, dirs: &[OwnedDir], no_clean: bool, verbose: bool) {
             if removed.is_err() {
                 report::error(
                     prog,
-                    format_args!(
-                        "failed to remove contents of directory \"{}\"",
-                        dir.path.display()
-                    ),
+                    format_args!("failed to remove contents of {what} directory"),
                 );
             }
         }
@@ -819,7 +821,7 @@ async fn run(prog: &str, args: &Args) -> Result<(), Exit> {
         _ = tokio::signal::ctrl_c() => Err(fail(prog, "interrupted")),
     };
     if outcome.is_err() {
-        clean_up(prog, &owned, args.no_clean, args.verbose > 0);
+        clean_up(prog, &owned, args.no_clean);
     }
     outcome
 }
@@ -832,6 +834,11 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
         }
     };
     let mut config = args.conn.config(prog).map_err(|e| fail(prog, e))?;
+    // As libpq's PQconninfo, the role is written into -R's primary_conninfo even when
+    // it was the default (the standby may run as another OS user).
+    if config.user.is_none() {
+        config.user = config.effective_user().ok();
+    }
     let connect_options = ConnectOptions {
         notice_handler: Some(Arc::new(print_notice)),
         ..ConnectOptions::default()
@@ -858,10 +865,10 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
         return backup_to_target(prog, args, target, client, major).await;
     }
     let basedir = args.basedir.clone().unwrap_or_default();
-    owned.push(empty_or_create(prog, &basedir, dir_mode)?);
+    owned.push(empty_or_create(prog, &basedir, dir_mode, "data")?);
     let wal_dir = match &args.waldir {
         Some(waldir) => {
-            owned.push(empty_or_create(prog, waldir, dir_mode)?);
+            owned.push(empty_or_create(prog, waldir, dir_mode, "WAL")?);
             waldir.clone()
         }
         None if args.format == Format::Tar => basedir.join("pg_wal.streaming"),
@@ -941,6 +948,11 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
     info(format_args!(
         "initiating base backup, waiting for checkpoint to complete"
     ));
+    if args.progress && !verbose {
+        // SAFETY: isatty only inspects the descriptor.
+        let tty = unsafe { libc::isatty(2) } == 1;
+        eprint!("waiting for checkpoint{}", if tty { '\r' } else { '\n' });
+    }
     let mut backup = BaseBackup::start(client, backup_options)
         .await
         .map_err(|e| {
@@ -1029,12 +1041,17 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
             Box::new(sink)
         }
     };
+    let last_progress = Arc::new(std::sync::Mutex::new(None::<basebackup::Progress>));
     let progress_fn: Option<basebackup::ProgressFn> = args.progress.then(|| {
         let mut last = std::time::Instant::now() - Duration::from_secs(2);
+        let keep = Arc::clone(&last_progress);
         Box::new(move |p: &basebackup::Progress| {
+            if let Ok(mut slot) = keep.lock() {
+                *slot = Some(p.clone());
+            }
             if last.elapsed() >= Duration::from_secs(1) {
                 last = std::time::Instant::now();
-                print_progress(p, false);
+                print_progress(p, p.archive_index, false);
             }
         }) as basebackup::ProgressFn
     });
@@ -1068,8 +1085,8 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
                 None => std::future::pending().await,
             }
         } => {
-            if let (Ok(Err(e)), true) = (&wal, verbose) {
-                eprintln!("{prog}: WAL streaming: {e}");
+            if let Ok(Err(e)) = &wal {
+                report::error(prog, wal_error_text(e));
             }
             receiving.abort();
             let _ = receiving.await;
@@ -1099,7 +1116,12 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
         }
     };
     if show_progress {
-        eprintln!();
+        let last = last_progress.lock().ok().and_then(|slot| slot.clone());
+        if let Some(p) = last {
+            let mut p = p;
+            p.bytes_done = result.bytes.max(p.bytes_done);
+            print_progress(&p, p.archives, true);
+        }
     }
     let end_lsn = result.end_lsn;
     info(format_args!("write-ahead log end point: {end_lsn}"));
@@ -1112,10 +1134,8 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
         let summary = match task.await {
             Ok(Ok(summary)) => summary,
             Ok(Err(e)) => {
-                return Err(fail(
-                    prog,
-                    format_args!("could not finish writing WAL files: {e}"),
-                ))
+                report::error(prog, wal_error_text(&e));
+                return Err(fail(prog, "could not finish writing WAL files"));
             }
             Err(_) => return Err(fail(prog, "background process terminated unexpectedly")),
         };
@@ -1190,6 +1210,18 @@ fn server_method(algorithm: &str) -> CompressionMethod {
         "lz4" => CompressionMethod::Lz4,
         "zstd" => CompressionMethod::Zstd,
         _ => CompressionMethod::Gzip,
+    }
+}
+
+/// What the WAL stream reports when it fails: the server's error in libpq's words when
+/// there is one.
+fn wal_error_text(error: &walstream::Error) -> String {
+    match error.db_error() {
+        Some(db) => format!(
+            "could not receive write-ahead log: {}:  {}",
+            db.severity, db.message
+        ),
+        None => error.to_string(),
     }
 }
 
@@ -1309,22 +1341,22 @@ async fn backup_to_target(
     }
 }
 
-fn print_progress(p: &basebackup::Progress, _last: bool) {
+/// One progress line in pg_basebackup's form: `done/total kB (P%), n/m tablespaces`,
+/// ended by `\r` on a terminal while the backup runs.
+fn print_progress(p: &basebackup::Progress, archives_done: usize, finished: bool) {
     let done = p.bytes_done / 1024;
-    let line = match p.total_estimate {
-        Some(total) if total > 0 => {
-            let total = (total / 1024).max(done);
-            format!(
-                "{done}/{total} kB ({}%), {}/{} tablespace{}",
-                done * 100 / total.max(1),
-                p.archive_index,
-                p.archives,
-                if p.archives == 1 { "" } else { "s" }
-            )
-        }
-        _ => format!("{done} kB, {}/{} tablespaces", p.archive_index, p.archives),
-    };
-    eprint!("{line:<60}\r");
+    let total = p.total_estimate.map_or(0, |t| t / 1024);
+    let percent = (done * 100).checked_div(total).map_or(0, |p| p.min(100));
+    let total = total.max(done).to_string();
+    let plural = if p.archives == 1 { "" } else { "s" };
+    // SAFETY: isatty only inspects the descriptor.
+    let tty = unsafe { libc::isatty(2) } == 1;
+    eprint!(
+        "{done:>width$}/{total} kB ({percent}%), {archives_done}/{} tablespace{plural}{}",
+        p.archives,
+        if !finished && tty { '\r' } else { '\n' },
+        width = total.len()
+    );
 }
 
 /// Gives streamed WAL the backup's modes (group access when the source has it).
