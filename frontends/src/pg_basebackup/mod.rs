@@ -1184,6 +1184,21 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
         })?;
     }
 
+    if args.wal == WalMethod::Stream && args.format == Format::Plain {
+        let final_wal = args
+            .waldir
+            .clone()
+            .unwrap_or_else(|| basedir.join("pg_wal"));
+        mark_done(&final_wal, file_mode).map_err(|e| {
+            fail(
+                prog,
+                format_args!(
+                    "could not mark streamed WAL as archived in \"{}\": {e}",
+                    final_wal.display()
+                ),
+            )
+        })?;
+    }
     if args.write_recovery {
         write_recovery(prog, args, &config, major, &basedir)?;
     }
@@ -1357,6 +1372,37 @@ fn print_progress(p: &basebackup::Progress, archives_done: usize, finished: bool
         if !finished && tty { '\r' } else { '\n' },
         width = total.len()
     );
+}
+
+/// Marks every streamed segment but the last (the one the backup ended in, which the
+/// stream did not complete) as archived (`archive_status/<name>.done`), as
+/// pg_basebackup's stream does, so that a restored server with archiving on does not
+/// archive them again.
+fn mark_done(wal_dir: &Path, file_mode: u32) -> std::io::Result<()> {
+    let mut segments: Vec<String> = fs::read_dir(wal_dir)?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect();
+    segments.sort();
+    segments.pop();
+    if segments.is_empty() {
+        return Ok(());
+    }
+    let status = wal_dir.join("archive_status");
+    if !status.exists() {
+        fs::DirBuilder::new().mode(0o700).create(&status)?;
+    }
+    for name in segments {
+        let path = status.join(format!("{name}.done"));
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(file_mode))?;
+    }
+    Ok(())
 }
 
 /// Gives streamed WAL the backup's modes (group access when the source has it).
