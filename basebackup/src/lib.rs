@@ -63,7 +63,7 @@ pub use manifest::Manifest;
 pub use protocol::{BackupEvent, BackupResponse};
 pub use sink::{
     ArchiveInfo, BackupInfo, BackupSink, ClientCompression, PlainDirSink, SinkOptions, Tablespace,
-    TablespaceMapping, TarSink,
+    TablespaceMapping, TarSink, TarStreamSink,
 };
 pub use tar::TarEvent;
 pub use targets::{plain_target_dirs, TargetDir};

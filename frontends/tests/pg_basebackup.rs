@@ -235,6 +235,30 @@ async fn compressed_tar_layouts_match_pg_basebackup() {
             target.display()
         ));
     }
+    // -D -: one tar stream on standard output, the manifest as its last member.
+    let output = run(
+        conninfo.clone(),
+        &["-D", "-", "-Ft", "-X", "fetch", "-cfast"],
+    )
+    .await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut archive = tar::Archive::new(output.stdout.as_slice());
+    let members: Vec<String> = archive
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert_eq!(members.last().map(String::as_str), Some("backup_manifest"));
+    assert!(members.iter().any(|n| n == "PG_VERSION"), "{members:?}");
+    assert!(
+        members.iter().any(|n| n.starts_with("pg_wal/0000")),
+        "{members:?}"
+    );
+
     // Server-side (15+): the base archive is stored as the server compressed it.
     if primary.major() >= 15 {
         let target = work.path().join("server");

@@ -22,7 +22,7 @@ use std::time::Duration;
 use basebackup::{
     BackupOptions, BackupSink, BaseBackup, Checkpoint, ChecksumAlgorithm, ClientCompression,
     CompressionMethod, ManifestMode, PlainDirSink, ServerCompression, SinkOptions,
-    TablespaceMapping, TarSink,
+    TablespaceMapping, TarSink, TarStreamSink,
 };
 use pgwire_repl::{ConnectOptions, Notice};
 use tokio::sync::watch;
@@ -554,10 +554,10 @@ fn parse_args(prog: &str, argv0: &str, words: &[String]) -> Result<Args, Exit> {
     if force_encode {
         args.manifest = ManifestMode::ForceEncode;
     }
-    if to_stdout {
+    if to_stdout && args.format == Format::Tar && args.write_recovery {
         return Err(fail(
             prog,
-            "writing the backup to standard output (-D -) is not supported by this implementation",
+            "-R with the backup on standard output (-D -) is not supported by this implementation",
         ));
     }
     Ok(args)
@@ -865,7 +865,10 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
         return backup_to_target(prog, args, target, client, major).await;
     }
     let basedir = args.basedir.clone().unwrap_or_default();
-    owned.push(empty_or_create(prog, &basedir, dir_mode, "data")?);
+    let to_stdout = args.format == Format::Tar && basedir == Path::new("-");
+    if !to_stdout {
+        owned.push(empty_or_create(prog, &basedir, dir_mode, "data")?);
+    }
     let wal_dir = match &args.waldir {
         Some(waldir) => {
             owned.push(empty_or_create(prog, waldir, dir_mode, "WAL")?);
@@ -1027,6 +1030,9 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
         no_sync: !args.sync,
     };
     let sink: Box<dyn BackupSink> = match args.format {
+        Format::Tar if to_stdout => {
+            Box::new(TarStreamSink::new(StdoutOut::new(args.client_compression)))
+        }
         Format::Plain => Box::new(
             PlainDirSink::new(&basedir)
                 .tablespace_mapping(args.mapping.clone())
@@ -1202,6 +1208,10 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
     if args.write_recovery {
         write_recovery(prog, args, &config, major, &basedir)?;
     }
+    if to_stdout {
+        info(format_args!("base backup completed"));
+        return Ok(());
+    }
     if dir_mode != 0o700 {
         let manifest = basedir.join("backup_manifest");
         if manifest.exists() {
@@ -1237,6 +1247,70 @@ fn wal_error_text(error: &walstream::Error) -> String {
             db.severity, db.message
         ),
         None => error.to_string(),
+    }
+}
+
+/// Standard output for `-D - -Ft`, compressed as asked; the one `flush` at the end of
+/// the stream also ends the compressed stream.
+enum StdoutOut {
+    Plain(std::io::Stdout),
+    Gzip(flate2::write::GzEncoder<std::io::Stdout>),
+    Lz4(Option<lz4_flex::frame::FrameEncoder<std::io::Stdout>>),
+    Zstd(zstd::stream::write::Encoder<'static, std::io::Stdout>),
+}
+
+impl StdoutOut {
+    fn new(compression: Option<ClientCompression>) -> StdoutOut {
+        let out = std::io::stdout();
+        match compression {
+            None => StdoutOut::Plain(out),
+            Some(ClientCompression::Gzip(level)) => StdoutOut::Gzip(flate2::write::GzEncoder::new(
+                out,
+                level.map_or(flate2::Compression::default(), |l| {
+                    flate2::Compression::new(l.min(9))
+                }),
+            )),
+            Some(ClientCompression::Lz4(_)) => {
+                StdoutOut::Lz4(Some(lz4_flex::frame::FrameEncoder::new(out)))
+            }
+            Some(ClientCompression::Zstd(level)) => {
+                match zstd::stream::write::Encoder::new(std::io::stdout(), level.unwrap_or(0)) {
+                    Ok(encoder) => StdoutOut::Zstd(encoder),
+                    // Only a bad level fails here, and the level was checked.
+                    Err(_) => StdoutOut::Plain(std::io::stdout()),
+                }
+            }
+        }
+    }
+}
+
+impl Write for StdoutOut {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        match self {
+            StdoutOut::Plain(w) => w.write(data),
+            StdoutOut::Gzip(w) => w.write(data),
+            StdoutOut::Lz4(Some(w)) => w.write(data),
+            StdoutOut::Lz4(None) => Err(std::io::Error::other("the lz4 stream has ended")),
+            StdoutOut::Zstd(w) => w.write(data),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            StdoutOut::Plain(w) => w.flush(),
+            StdoutOut::Gzip(w) => {
+                w.try_finish()?;
+                w.get_mut().flush()
+            }
+            StdoutOut::Lz4(w) => match w.take() {
+                Some(encoder) => encoder.finish().map_err(std::io::Error::other)?.flush(),
+                None => Ok(()),
+            },
+            StdoutOut::Zstd(w) => {
+                w.do_finish()?;
+                w.get_mut().flush()
+            }
+        }
     }
 }
 
