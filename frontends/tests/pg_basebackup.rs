@@ -147,43 +147,52 @@ async fn tar_format_with_r_restores_into_a_standby() {
         .execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 5000) g")
         .await;
     let work = scratch();
-    let target = work.path().join("tar");
-    let output = run(
-        primary.unix_conninfo(primary.superuser()),
-        &[
+    // Uncompressed, and gzip-compressed on the client: the configuration is added to
+    // the stream either way.
+    for (extra, suffix, untar) in [("-Fp", "", "tar -xf"), ("-z", ".gz", "tar -xzf")] {
+        let target = work.path().join(format!("tar{suffix}"));
+        let mut args = vec![
             "-D",
             target.to_str().unwrap(),
             "-Ft",
             "-R",
             "--no-sync",
             "-cfast",
-        ],
-    )
-    .await;
-    assert!(output.status.success(), "{}", text(&output));
-    for name in ["base.tar", "pg_wal.tar", "backup_manifest"] {
-        assert!(target.join(name).exists(), "{name}");
+        ];
+        if extra != "-Fp" {
+            args.push(extra);
+        }
+        let output = run(primary.unix_conninfo(primary.superuser()), &args).await;
+        assert!(output.status.success(), "{}", text(&output));
+        let base = target.join(format!("base.tar{suffix}"));
+        let wal = target.join(format!("pg_wal.tar{suffix}"));
+        for path in [&base, &wal, &target.join("backup_manifest")] {
+            assert!(path.exists(), "{}", path.display());
+        }
+        assert!(
+            !target.join("standby.signal").exists(),
+            "-R goes into base.tar"
+        );
+        let data = work.path().join(format!("restored{suffix}"));
+        std::fs::create_dir(&data).unwrap();
+        shell(&format!("{untar} {} -C {}", base.display(), data.display()));
+        shell(&format!(
+            "{untar} {} -C {}",
+            wal.display(),
+            data.join("pg_wal").display()
+        ));
+        assert!(data.join("standby.signal").exists());
+        let auto_conf = std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap();
+        assert!(auto_conf.contains("\nprimary_conninfo = '"), "{auto_conf}");
+        assert!(auto_conf.starts_with("# Do not edit"), "{auto_conf}");
+        let standby = Cluster::start_on_data_dir(&data, ClusterOptions::new());
+        let rows = primary
+            .query_value("SELECT count(*) + 1 FROM t")
+            .await
+            .unwrap();
+        primary.execute("INSERT INTO t VALUES (-1)").await;
+        wait_for(&standby, "SELECT count(*)::text FROM t", &rows).await;
     }
-    assert!(
-        !target.join("standby.signal").exists(),
-        "-R goes into base.tar"
-    );
-    let data = work.path().join("restored");
-    std::fs::create_dir(&data).unwrap();
-    shell(&format!(
-        "tar -xf {} -C {}",
-        target.join("base.tar").display(),
-        data.display()
-    ));
-    shell(&format!(
-        "tar -xf {} -C {}",
-        target.join("pg_wal.tar").display(),
-        data.join("pg_wal").display()
-    ));
-    assert!(data.join("standby.signal").exists());
-    let standby = Cluster::start_on_data_dir(&data, ClusterOptions::new());
-    primary.execute("INSERT INTO t VALUES (-1)").await;
-    wait_for(&standby, "SELECT count(*)::text FROM t", "5001").await;
 }
 
 fn names(dir: &Path) -> Vec<String> {

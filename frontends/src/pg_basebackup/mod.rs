@@ -554,10 +554,16 @@ fn parse_args(prog: &str, argv0: &str, words: &[String]) -> Result<Args, Exit> {
     if force_encode {
         args.manifest = ManifestMode::ForceEncode;
     }
-    if to_stdout && args.format == Format::Tar && args.write_recovery {
+    if args.format == Format::Tar
+        && args.write_recovery
+        && args
+            .server_compression
+            .as_ref()
+            .is_some_and(|(a, d)| !(a == "none" && d.is_none()))
+    {
         return Err(fail(
             prog,
-            "-R with the backup on standard output (-D -) is not supported by this implementation",
+            "cannot parse a server-compressed archive: the -R option requires pg_basebackup to parse the archive; use client-side compression",
         ));
     }
     Ok(args)
@@ -1047,6 +1053,14 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
             Box::new(sink)
         }
     };
+    let sink: Box<dyn BackupSink> = if args.write_recovery && args.format == Format::Tar {
+        Box::new(RecoveryInjector::new(
+            sink,
+            recovery_lines(args, &config, major).into_bytes(),
+        ))
+    } else {
+        sink
+    };
     let last_progress = Arc::new(std::sync::Mutex::new(None::<basebackup::Progress>));
     let progress_fn: Option<basebackup::ProgressFn> = args.progress.then(|| {
         let mut last = std::time::Instant::now() - Duration::from_secs(2);
@@ -1311,6 +1325,142 @@ impl Write for StdoutOut {
                 w.get_mut().flush()
             }
         }
+    }
+}
+
+/// `-R` in tar format: adds `standby.signal` and a `postgresql.auto.conf` (the one in
+/// the backup, with the standby settings appended) at the end of the base archive,
+/// before its end-of-archive blocks, so that it works with client-side compression
+/// too. A later member of the same name replaces the earlier one on extraction; the
+/// manifest lists the server's file, as with pg_basebackup (whose verification tools
+/// skip these two files).
+struct RecoveryInjector {
+    inner: Box<dyn BackupSink>,
+    lines: Vec<u8>,
+    in_base: bool,
+    /// Bytes of the base archive held back: they may be the end-of-archive blocks.
+    tail: Vec<u8>,
+    auto_conf: Vec<u8>,
+    collecting: bool,
+}
+
+/// Two zero blocks end a tar archive.
+const TAR_END: usize = 1024;
+
+impl RecoveryInjector {
+    fn new(inner: Box<dyn BackupSink>, lines: Vec<u8>) -> RecoveryInjector {
+        RecoveryInjector {
+            inner,
+            lines,
+            in_base: false,
+            tail: Vec::new(),
+            auto_conf: Vec::new(),
+            collecting: false,
+        }
+    }
+
+    fn members(&self) -> basebackup::Result<Vec<u8>> {
+        let mut conf = self.auto_conf.clone();
+        conf.extend_from_slice(&self.lines);
+        let mut out = Vec::new();
+        for (name, data) in [
+            ("postgresql.auto.conf", conf.as_slice()),
+            ("standby.signal", &[][..]),
+        ] {
+            let mut header = tar::Header::new_ustar();
+            header
+                .set_path(name)
+                .map_err(|e| basebackup::Error::io("adding", Path::new(name), e))?;
+            header.set_size(data.len() as u64);
+            header.set_mode(0o600);
+            header.set_mtime(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            );
+            header.set_entry_type(tar::EntryType::Regular);
+            // SAFETY: geteuid and getegid cannot fail.
+            let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+            header.set_uid(u64::from(uid));
+            header.set_gid(u64::from(gid));
+            let _ = header.set_username("postgres");
+            let _ = header.set_groupname("postgres");
+            header.set_cksum();
+            out.extend_from_slice(header.as_bytes());
+            out.extend_from_slice(data);
+            out.resize(out.len() + (512 - data.len() % 512) % 512, 0);
+        }
+        Ok(out)
+    }
+}
+
+impl BackupSink for RecoveryInjector {
+    fn begin_backup(&mut self, info: &basebackup::BackupInfo) -> basebackup::Result<()> {
+        self.inner.begin_backup(info)
+    }
+    fn begin_archive(&mut self, archive: &basebackup::ArchiveInfo) -> basebackup::Result<()> {
+        self.in_base = archive.is_base();
+        self.tail.clear();
+        self.inner.begin_archive(archive)
+    }
+    fn compressed_bytes(&mut self, data: &basebackup::Bytes) -> basebackup::Result<()> {
+        self.inner.compressed_bytes(data)
+    }
+    fn archive_bytes(&mut self, data: &basebackup::Bytes) -> basebackup::Result<()> {
+        if !self.in_base {
+            return self.inner.archive_bytes(data);
+        }
+        self.tail.extend_from_slice(data);
+        if self.tail.len() > TAR_END {
+            let ready: Vec<u8> = self.tail.drain(..self.tail.len() - TAR_END).collect();
+            self.inner.archive_bytes(&basebackup::Bytes::from(ready))?;
+        }
+        Ok(())
+    }
+    fn entry(&mut self, event: &basebackup::TarEvent) -> basebackup::Result<()> {
+        if self.in_base {
+            match event {
+                basebackup::TarEvent::File { path, .. } => {
+                    self.collecting = path.as_slice() == b"postgresql.auto.conf";
+                    if self.collecting {
+                        self.auto_conf.clear();
+                    }
+                }
+                basebackup::TarEvent::Data(data) if self.collecting => {
+                    self.auto_conf.extend_from_slice(data)
+                }
+                basebackup::TarEvent::FileEnd => self.collecting = false,
+                _ => {}
+            }
+        }
+        self.inner.entry(event)
+    }
+    fn end_archive(&mut self, trailer_present: bool) -> basebackup::Result<()> {
+        if self.in_base {
+            let tail = std::mem::take(&mut self.tail);
+            let members = self.members()?;
+            if trailer_present {
+                if tail.len() != TAR_END || tail.iter().any(|&b| b != 0) {
+                    return Err(basebackup::Error::protocol(
+                        "the base archive does not end with the end-of-archive blocks",
+                    ));
+                }
+                self.inner
+                    .archive_bytes(&basebackup::Bytes::from(members))?;
+                self.inner.archive_bytes(&basebackup::Bytes::from(tail))?;
+            } else {
+                self.inner.archive_bytes(&basebackup::Bytes::from(tail))?;
+                self.inner
+                    .archive_bytes(&basebackup::Bytes::from(members))?;
+            }
+        }
+        self.inner.end_archive(trailer_present)
+    }
+    fn commit(&mut self, manifest: Option<&[u8]>) -> basebackup::Result<()> {
+        self.inner.commit(manifest)
+    }
+    fn abort(&mut self, reason: &basebackup::Error) {
+        self.inner.abort(reason)
     }
 }
 
@@ -1602,63 +1752,9 @@ fn write_recovery(
                     format_args!("could not write the recovery configuration: {e}"),
                 )
             }),
-        Format::Tar => {
-            if args.client_compression.is_some() || args.server_compression.is_some() {
-                return Err(fail(
-                    prog,
-                    "-R with compressed tar archives is not supported by this implementation",
-                ));
-            }
-            append_to_base_tar(&basedir.join("base.tar"), &lines).map_err(|e| {
-                fail(
-                    prog,
-                    format_args!("could not add the recovery configuration to base.tar: {e}"),
-                )
-            })
-        }
+        // Added to base.tar while it was written (RecoveryInjector).
+        Format::Tar => Ok(()),
     }
-}
-
-/// Adds `standby.signal` and a `postgresql.auto.conf` with `lines` appended to the end
-/// of an uncompressed `base.tar` (a later member of the same name replaces the earlier
-/// one when the archive is extracted).
-fn append_to_base_tar(path: &Path, lines: &str) -> std::io::Result<()> {
-    let mut existing = Vec::new();
-    let mut end = 0u64;
-    {
-        let mut archive = tar::Archive::new(fs::File::open(path)?);
-        for entry in archive.entries()? {
-            let mut entry = entry?;
-            let size = entry.header().entry_size()?;
-            let start = entry.raw_file_position();
-            end = start + size.div_ceil(512) * 512;
-            if entry.path()?.as_os_str() == "postgresql.auto.conf" {
-                existing.clear();
-                std::io::Read::read_to_end(&mut entry, &mut existing)?;
-            }
-        }
-    }
-    existing.extend_from_slice(lines.as_bytes());
-    let file = fs::OpenOptions::new().write(true).open(path)?;
-    file.set_len(end)?;
-    let mut file = file;
-    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(end))?;
-    let mut builder = tar::Builder::new(file);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    for (name, data) in [
-        ("postgresql.auto.conf", existing.as_slice()),
-        ("standby.signal", &[][..]),
-    ] {
-        let mut header = tar::Header::new_ustar();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o600);
-        header.set_mtime(now);
-        header.set_entry_type(tar::EntryType::Regular);
-        builder.append_data(&mut header, name, data)?;
-    }
-    builder.into_inner()?.sync_all()
 }
 
 #[cfg(test)]
