@@ -369,3 +369,103 @@ async fn a_failed_backup_removes_what_it_created_unless_no_clean() {
     assert!(empty.exists());
     assert!(names(&empty).is_empty(), "{:?}", names(&empty));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_backups_combine_into_a_server_that_starts() {
+    let major_options = ClusterOptions::new();
+    let probe = Cluster::start(major_options.clone());
+    let options = if probe.major() >= 17 {
+        major_options.setting("summarize_wal", "on")
+    } else {
+        major_options
+    };
+    drop(probe);
+    let primary = Cluster::start(options);
+    let conninfo = primary.unix_conninfo(primary.superuser());
+    let work = scratch();
+    let full = work.path().join("full");
+    primary
+        .execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 20000) g")
+        .await;
+    let output = run(
+        conninfo.clone(),
+        &["-D", full.to_str().unwrap(), "-N", "-cfast"],
+    )
+    .await;
+    assert!(output.status.success(), "{}", text(&output));
+    let old_manifest = full.join("backup_manifest");
+    let incr = work.path().join("incr");
+    if primary.major() < 17 {
+        let output = run(
+            conninfo,
+            &[
+                "-D",
+                incr.to_str().unwrap(),
+                "-i",
+                old_manifest.to_str().unwrap(),
+                "-N",
+            ],
+        )
+        .await;
+        assert_eq!(output.status.code(), Some(1));
+        assert!(
+            text(&output)
+                .contains("pg_basebackup: error: server does not support incremental backup"),
+            "{}",
+            text(&output)
+        );
+        return;
+    }
+    primary.execute("INSERT INTO t VALUES (-1)").await;
+    let output = run(
+        conninfo,
+        &[
+            "-D",
+            incr.to_str().unwrap(),
+            "--incremental",
+            old_manifest.to_str().unwrap(),
+            "-N",
+            "-cfast",
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{}", text(&output));
+    let mut incremental_files = 0;
+    let mut stack = vec![incr.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            } else if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("INCREMENTAL.")
+            {
+                incremental_files += 1;
+            }
+        }
+    }
+    assert!(incremental_files > 0, "no INCREMENTAL.* file in the backup");
+    // The oracle available here is PostgreSQL 18's pg_combinebackup.
+    if primary.major() != 18 {
+        return;
+    }
+    let combined = work.path().join("combined");
+    let combine = Command::new(testkit::oracle::pg_combinebackup18())
+        .arg(&full)
+        .arg(&incr)
+        .arg("-o")
+        .arg(&combined)
+        .output()
+        .unwrap();
+    assert!(combine.status.success(), "{}", text(&combine));
+    let restored = Cluster::start_on_data_dir(&combined, ClusterOptions::new());
+    assert_eq!(
+        restored
+            .query_value("SELECT count(*)::text FROM t")
+            .await
+            .as_deref(),
+        Some("20001")
+    );
+}

@@ -81,6 +81,7 @@ fn options() -> Vec<Opt> {
         Opt::long("manifest-force-encode", No),
         Opt::long("manifest-checksums", Required),
         Opt::long("sync-method", Required),
+        Opt::both('i', "incremental", Required),
     ]
 }
 
@@ -114,6 +115,9 @@ General options:
   -c, --checkpoint=fast|spread
                             how the server's checkpoint is taken
   -C, --create-slot         create the slot named by --slot first
+  -i, --incremental=OLDMANIFEST
+                            take an incremental backup on top of the backup
+                            whose backup_manifest is OLDMANIFEST (17+)
   -l, --label=LABEL         the backup label
   -n, --no-clean            keep what was written when the backup fails
   -N, --no-sync             do not wait for the backup to reach the disk
@@ -190,6 +194,7 @@ struct Args {
     progress: bool,
     verbose: u32,
     status_interval: Option<Duration>,
+    incremental: Option<PathBuf>,
 }
 
 /// A failure: the message has been printed already.
@@ -289,6 +294,7 @@ fn parse_args(prog: &str, argv0: &str, words: &[String]) -> Result<Args, Exit> {
         progress: false,
         verbose: 0,
         status_interval: None,
+        incremental: None,
     };
     let mut format_given = false;
     let mut no_slot = false;
@@ -405,6 +411,7 @@ fn parse_args(prog: &str, argv0: &str, words: &[String]) -> Result<Args, Exit> {
                 }
             }
             "create-slot" => args.create_slot = true,
+            "incremental" => args.incremental = Some(PathBuf::from(v)),
             // --help and --version anywhere but first, as getopt's caller sees them.
             _ => {
                 report::try_help(prog);
@@ -907,19 +914,34 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
             })?;
     }
 
+    if let Some(old) = &args.incremental {
+        if major < 17 {
+            return Err(fail(prog, "server does not support incremental backup"));
+        }
+        let manifest = fs::read(old).map_err(|e| {
+            fail(
+                prog,
+                format_args!("could not read file \"{}\": {e}", old.display()),
+            )
+        })?;
+        client.upload_manifest(&manifest).await.map_err(|e| {
+            fail(
+                prog,
+                format_args!(
+                    "could not send replication command \"UPLOAD_MANIFEST\": {}",
+                    server_text(&e)
+                ),
+            )
+        })?;
+    }
     let manifest_checksums = match &args.manifest_checksums {
         None => ChecksumAlgorithm::Crc32c,
         Some(name) => ChecksumAlgorithm::parse(name)
             .ok_or_else(|| fail(prog, format_args!("invalid checksum algorithm \"{name}\"")))?,
     };
     let server_compression = args.server_compression.as_ref().map(|(algorithm, detail)| {
-        let method = match algorithm.as_str() {
-            "lz4" => CompressionMethod::Lz4,
-            "zstd" => CompressionMethod::Zstd,
-            _ => CompressionMethod::Gzip,
-        };
         (
-            ServerCompression::new(method),
+            ServerCompression::new(server_method(algorithm)),
             (algorithm.clone(), detail.clone()),
         )
     });
@@ -951,6 +973,7 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
         compression_as_given: server_compression
             .filter(|_| !none_requested)
             .map(|(_, given)| given),
+        incremental: args.incremental.is_some(),
         idle_timeout: None,
         ..BackupOptions::default()
     };
