@@ -829,9 +829,20 @@ fn clean_up(prog: &str, dirs: &[OwnedDir], no_clean: bool) {
 
 async fn run(prog: &str, args: &Args) -> Result<(), Exit> {
     let mut owned: Vec<OwnedDir> = Vec::new();
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    // Interrupted or terminated, what this run created is removed (the real tool dies
+    // without its clean-up then).
     let outcome = tokio::select! {
         result = backup(prog, args, &mut owned) => result,
         _ = tokio::signal::ctrl_c() => Err(fail(prog, "interrupted")),
+        () = terminate => Err(fail(prog, "terminated")),
     };
     if outcome.is_err() {
         clean_up(prog, &owned, args.no_clean);
@@ -1250,9 +1261,16 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
         return Ok(());
     }
     if dir_mode != 0o700 {
-        let manifest = basedir.join("backup_manifest");
-        if manifest.exists() {
-            let _ = fs::set_permissions(&manifest, fs::Permissions::from_mode(file_mode));
+        // Group access on the source: what this run wrote itself gets it too (the
+        // files extracted from the server keep the modes the server sent).
+        match args.format {
+            Format::Tar => set_modes(&basedir, dir_mode, file_mode),
+            Format::Plain => {
+                let manifest = basedir.join("backup_manifest");
+                if manifest.exists() {
+                    let _ = fs::set_permissions(&manifest, fs::Permissions::from_mode(file_mode));
+                }
+            }
         }
     }
     if args.sync {
