@@ -885,6 +885,16 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
         _ => 0o700,
     };
     let file_mode = dir_mode & 0o666;
+    // The source's data directory, when the role may read it: a target inside it on
+    // this host is refused (tablespace locations are always checked).
+    let source_dirs: Vec<PathBuf> = client
+        .show("data_directory")
+        .await
+        .ok()
+        .filter(|dir| dir.starts_with('/'))
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
     if let Some(target) = &args.target {
         return backup_to_target(prog, args, target, client, major).await;
     }
@@ -1076,6 +1086,7 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
         Format::Plain => Box::new(
             PlainDirSink::new(&basedir)
                 .tablespace_mapping(args.mapping.clone())
+                .source_directories(source_dirs)
                 .data_directory_mode(dir_mode)
                 .options(sink_options),
         ),
