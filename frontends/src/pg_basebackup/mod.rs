@@ -1,12 +1,31 @@
 //! `pg_basebackup`: PostgreSQL's base-backup tool as a thin argument layer over the
-//! `basebackup`, `walstream` and `standby` crates, with the real tool's options,
-//! environment variables, output layouts, exit statuses and error texts.
+//! `basebackup`, `walstream` and `standby` crates, with the real tool's options
+//! (PostgreSQL 15–18), environment variables, output layouts, file modes, exit
+//! statuses and error texts. PostgreSQL 15.18's own `010_pg_basebackup.pl` passes with
+//! this binary in place of the real one.
 //!
-//! What is deliberately stricter than PostgreSQL's tool: every file is verified
-//! against the backup manifest while it is written (a backup the server sends with a
-//! damaged file fails); a tablespace link or a mapped tablespace directory is never
-//! followed outside the directories this run writes; and what this run created is
-//! removed after a failure even when the failure was a page-checksum error.
+//! Deliberate differences from PostgreSQL's tool:
+//!
+//! * every file is checked against the backup manifest while it is written, and every
+//!   streamed WAL record's CRC: a backup the real tool would accept with a file or
+//!   record that does not match fails;
+//! * nothing is written outside the target and the tablespace directories: a link in
+//!   the archive other than `pg_tblspc/<oid>` pointing at a tablespace of this backup
+//!   is refused, and so is a plain-format target inside the source's data directory or
+//!   tablespaces on this host;
+//! * after a page-checksum failure (`XX001`) the backup is removed like after any
+//!   other failure (the real tool keeps it); `-n` keeps it, `--no-verify-checksums`
+//!   avoids the check; an interruption (SIGINT, SIGTERM) also removes what this run
+//!   created, which the real tool (killed by the signal) does not;
+//! * `-R` in tar format adds `postgresql.auto.conf` and `standby.signal` as extra
+//!   members at the end of the base archive (extraction keeps the last copy) instead
+//!   of rewriting the member in place;
+//! * `-X stream -Ft` streams into a work directory in the target and packs
+//!   `pg_wal.tar` at the end; the temporary slot is named after this process's PID,
+//!   not the walsender's;
+//! * servers before 13 are not supported; `--version` names this implementation:
+//!   `pg_basebackup (PostgreSQL) 18 (pgrepl 0.1.0)`;
+//! * connection errors use this crate's texts, not libpq's; LZ4 has one level.
 
 pub mod spec;
 
