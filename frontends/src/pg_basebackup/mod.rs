@@ -66,8 +66,17 @@ pub fn version_line(progname: &str) -> String {
 fn options() -> Vec<Opt> {
     use HasArg::{No, Required};
     vec![
-        Opt::both('?', "help", No),
-        Opt::both('V', "version", No),
+        // As in PostgreSQL's table: -? and -V count only as the first argument (handled
+        // before parsing); --help and --version later are mistakes, and so is -k,
+        // which getopt accepts and the tool then refuses.
+        Opt::long("help", No),
+        Opt::long("version", No),
+        Opt {
+            short: Some('k'),
+            long: None,
+            has_arg: No,
+            id: "k",
+        },
         Opt::both('D', "pgdata", Required),
         Opt::both('F', "format", Required),
         Opt::both('c', "checkpoint", Required),

@@ -287,3 +287,25 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any text is split and checked without a panic, and an accepted level is in
+        /// the algorithm's range.
+        #[test]
+        fn never_panics(arg in ".{0,40}") {
+            let split = split_compress_arg(&arg);
+            if let Some(algorithm) = Algorithm::parse(&split.algorithm) {
+                if let Ok(spec) = parse_spec(algorithm, split.detail.as_deref()) {
+                    if let Some(level) = spec.level {
+                        prop_assert!((-131072..=22).contains(&level));
+                    }
+                }
+            }
+        }
+    }
+}
