@@ -283,6 +283,48 @@ impl BaseBackup {
         }
     }
 
+    /// Finishes a backup sent to a server-side target ([`BackupOptions::target`]): the
+    /// server writes (or discards) the archives and manifest itself, so only the
+    /// response's framing comes here. Reads it to the end and returns the end position;
+    /// nothing is verified on this side (`files` is 0 and `manifest` is `None`). Archive
+    /// data that arrives anyway is discarded.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> basebackup::Result<()> {
+    /// use basebackup::{BackupOptions, BaseBackup};
+    /// let config = pgwire_repl::Config::parse_with_env("host=primary user=backup")?;
+    /// let client = pgwire_repl::ReplicationClient::connect(&config).await?;
+    /// let options = BackupOptions {
+    ///     target: Some(("server".into(), Some("/srv/backups/today".into()))),
+    ///     ..BackupOptions::default()
+    /// };
+    /// let result = BaseBackup::start(client, options).await?.finish_elsewhere().await?;
+    /// println!("the server wrote a backup ending at {}", result.end_lsn);
+    /// # Ok(()) }
+    /// ```
+    pub async fn finish_elsewhere(mut self) -> Result<BackupResult> {
+        self.read_tablespaces().await?;
+        loop {
+            let message = self.conn.read_message().await?;
+            for event in self.response.handle(message)? {
+                if event == BackupEvent::Done {
+                    let (end_lsn, end_timeline) = self.response.end().ok_or_else(|| {
+                        Error::protocol("the backup ended without an end position")
+                    })?;
+                    return Ok(BackupResult {
+                        start_lsn: self.start_lsn,
+                        start_timeline: self.timeline,
+                        end_lsn,
+                        end_timeline,
+                        bytes: self.response.bytes_done(),
+                        files: 0,
+                        manifest: None,
+                    });
+                }
+            }
+        }
+    }
+
     /// Reads the response up to `ReadyForQuery`, handing archives and manifest to the
     /// writer; returns the end position.
     async fn receive_stream(

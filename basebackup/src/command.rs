@@ -176,6 +176,20 @@ pub struct BackupOptions {
     pub manifest_checksums: ChecksumAlgorithm,
     /// Server-side compression (15+).
     pub compression: Option<ServerCompression>,
+    /// Server-side compression exactly as a user typed it: the algorithm name and, when
+    /// given, the detail (`level=3,workers=2`), sent as `COMPRESSION` and
+    /// `COMPRESSION_DETAIL` instead of the text built from [`BackupOptions::compression`],
+    /// so that the server checks the specification and reports a mistake in its own
+    /// words (as `pg_basebackup --compress server-…` passes it through unparsed).
+    /// [`BackupOptions::compression`] must still name the method, for decoding.
+    pub compression_as_given: Option<(String, Option<String>)>,
+    /// Where the server puts the backup (15+): `None` sends it to this client (`TARGET
+    /// 'client'`); otherwise the target name and its detail, sent as `TARGET` and
+    /// `TARGET_DETAIL` as given, e.g. `("server", Some("/srv/backups/1"))` to have the
+    /// server write the archives itself, or `("blackhole", None)` to discard them (for
+    /// testing). With a target, no archive data comes to the client: finish the backup
+    /// with [`BaseBackup::finish_elsewhere`](crate::BaseBackup::finish_elsewhere).
+    pub target: Option<(String, Option<String>)>,
     /// Send only what changed since the backup whose manifest was uploaded on the same
     /// connection (`INCREMENTAL`, 17+; see
     /// [`ReplicationClient::upload_manifest`](pgwire_repl::ReplicationClient::upload_manifest)).
@@ -207,6 +221,8 @@ impl Default for BackupOptions {
             manifest: ManifestMode::Yes,
             manifest_checksums: ChecksumAlgorithm::Crc32c,
             compression: None,
+            compression_as_given: None,
+            target: None,
             incremental: false,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
@@ -274,7 +290,10 @@ pub fn build_command(opts: &BackupOptions, server_major: u32) -> Result<String> 
         return Err(Error::unsupported("incremental backups", 17, server_major));
     }
     if server_major < 15 {
-        if opts.compression.is_some() {
+        if opts.target.is_some() {
+            return Err(Error::unsupported("backup targets", 15, server_major));
+        }
+        if opts.compression.is_some() || opts.compression_as_given.is_some() {
             return Err(Error::unsupported(
                 "server-side compression",
                 15,
@@ -340,11 +359,24 @@ pub fn build_command(opts: &BackupOptions, server_major: u32) -> Result<String> 
             opts.manifest_checksums.name()
         ));
     }
-    parts.push("TARGET 'client'".into());
+    match &opts.target {
+        None => parts.push("TARGET 'client'".into()),
+        Some((name, detail)) => {
+            parts.push(format!("TARGET {}", quote_literal(name)));
+            if let Some(detail) = detail {
+                parts.push(format!("TARGET_DETAIL {}", quote_literal(detail)));
+            }
+        }
+    }
     if opts.incremental {
         parts.push("INCREMENTAL".into());
     }
-    if let Some(c) = &opts.compression {
+    if let Some((algorithm, detail)) = &opts.compression_as_given {
+        parts.push(format!("COMPRESSION {}", quote_literal(algorithm)));
+        if let Some(detail) = detail {
+            parts.push(format!("COMPRESSION_DETAIL {}", quote_literal(detail)));
+        }
+    } else if let Some(c) = &opts.compression {
         parts.push(format!("COMPRESSION '{}'", c.method.name()));
         let mut detail = Vec::new();
         if let Some(level) = c.level {
@@ -384,6 +416,43 @@ pub fn build_command(opts: &BackupOptions, server_major: u32) -> Result<String> 
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn compression_as_given_is_sent_verbatim() {
+        let opts = BackupOptions {
+            compression_as_given: Some(("gzip".into(), Some("level=236".into()))),
+            ..BackupOptions::default()
+        };
+        let cmd = build_command(&opts, 15).unwrap();
+        assert!(
+            cmd.contains("COMPRESSION 'gzip', COMPRESSION_DETAIL 'level=236'"),
+            "{cmd}"
+        );
+        let opts = BackupOptions {
+            compression_as_given: Some(("it's".into(), None)),
+            ..BackupOptions::default()
+        };
+        assert!(build_command(&opts, 16)
+            .unwrap()
+            .contains("COMPRESSION 'it''s'"));
+        assert!(build_command(&opts, 14).is_err());
+    }
+
+    #[test]
+    fn targets() {
+        let opts = BackupOptions {
+            target: Some(("server".into(), Some("/srv/b".into()))),
+            ..BackupOptions::default()
+        };
+        let cmd = build_command(&opts, 15).unwrap();
+        assert!(
+            cmd.contains("TARGET 'server', TARGET_DETAIL '/srv/b'"),
+            "{cmd}"
+        );
+        assert!(!cmd.contains("'client'"));
+        assert!(build_command(&opts, 14).is_err());
+    }
+
     use super::*;
 
     #[test]
@@ -400,6 +469,8 @@ mod tests {
             manifest: ManifestMode::ForceEncode,
             manifest_checksums: ChecksumAlgorithm::Sha512,
             compression: None,
+            compression_as_given: None,
+            target: None,
             incremental: false,
             idle_timeout: None,
         };
@@ -412,6 +483,8 @@ mod tests {
     #[test]
     fn incremental_needs_17() {
         let opts = BackupOptions {
+            compression_as_given: None,
+            target: None,
             incremental: true,
             ..BackupOptions::default()
         };

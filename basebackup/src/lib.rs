@@ -62,8 +62,8 @@ pub use error::{Error, ErrorKind, Result};
 pub use manifest::Manifest;
 pub use protocol::{BackupEvent, BackupResponse};
 pub use sink::{
-    ArchiveInfo, BackupInfo, BackupSink, PlainDirSink, SinkOptions, Tablespace, TablespaceMapping,
-    TarSink,
+    ArchiveInfo, BackupInfo, BackupSink, ClientCompression, PlainDirSink, SinkOptions, Tablespace,
+    TablespaceMapping, TarSink, TarStreamSink,
 };
 pub use tar::TarEvent;
 pub use targets::{plain_target_dirs, TargetDir};

@@ -744,8 +744,35 @@ enum TarOut {
     Plain(File),
     /// The uncompressed tar stream, compressed here.
     Zstd(zstd::stream::write::Encoder<'static, File>),
+    /// The uncompressed tar stream, gzip-compressed here.
+    Gzip(flate2::write::GzEncoder<File>),
+    /// The uncompressed tar stream, compressed here into LZ4 frames.
+    Lz4(lz4_flex::frame::FrameEncoder<File>),
     /// The server's compressed stream, stored as it arrived.
     AsSent(File),
+}
+
+/// Client-side compression of the archives a [`TarSink`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCompression {
+    /// gzip at a level from 1 to 9 (default 6 when `None`): `.gz`.
+    Gzip(Option<u32>),
+    /// LZ4 frames: `.lz4`. The level is accepted for compatibility; the encoder has
+    /// one (fast) level.
+    Lz4(Option<u32>),
+    /// zstd at a level (`None`: zstd's default): `.zst`.
+    Zstd(Option<i32>),
+}
+
+impl ClientCompression {
+    /// The file-name suffix (`.gz`, `.lz4`, `.zst`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            ClientCompression::Gzip(_) => ".gz",
+            ClientCompression::Lz4(_) => ".lz4",
+            ClientCompression::Zstd(_) => ".zst",
+        }
+    }
 }
 
 /// Writes `base.tar`, `<oid>.tar` and `backup_manifest`, as `pg_basebackup -Ft` does;
@@ -763,6 +790,7 @@ pub struct TarSink {
     dir: PathBuf,
     options: SinkOptions,
     zstd_level: Option<i32>,
+    client: Option<ClientCompression>,
     current: Option<(TarOut, PathBuf)>,
     created: Vec<Created>,
     files: Vec<PathBuf>,
@@ -788,6 +816,7 @@ impl TarSink {
             dir: dir.into(),
             options: SinkOptions::default(),
             zstd_level: None,
+            client: None,
             current: None,
             created: Vec::new(),
             files: Vec::new(),
@@ -797,6 +826,34 @@ impl TarSink {
     /// Compresses each archive on the client with zstd at `level` (`.tar.zst`).
     pub fn zstd(mut self, level: Option<i32>) -> Self {
         self.zstd_level = level;
+        self
+    }
+
+    /// Compresses each archive on the client (`pg_basebackup --compress client-…`):
+    /// gzip (`.tar.gz`), LZ4 frames (`.tar.lz4`) or zstd (`.tar.zst`, the same as
+    /// [`TarSink::zstd`]). A server-compressed archive is recompressed.
+    ///
+    /// ```
+    /// use basebackup::{ArchiveInfo, ClientCompression, Tablespace, TarSink};
+    /// let base = ArchiveInfo {
+    ///     name: "base.tar".into(),
+    ///     tablespace: Tablespace { oid: None, location: None, size_estimate: None },
+    ///     compression: None,
+    /// };
+    /// let sink = TarSink::new("/backup").compress(ClientCompression::Gzip(Some(1)));
+    /// assert_eq!(sink.archive_file_name(&base), "base.tar.gz");
+    /// ```
+    pub fn compress(mut self, compression: ClientCompression) -> Self {
+        match compression {
+            ClientCompression::Zstd(level) => {
+                self.zstd_level = Some(level.unwrap_or(0));
+                self.client = None;
+            }
+            other => {
+                self.zstd_level = None;
+                self.client = Some(other);
+            }
+        }
         self
     }
 
@@ -836,6 +893,10 @@ impl TarSink {
     /// ```
     pub fn archive_file_name(&self, archive: &ArchiveInfo) -> String {
         let mut name = archive.tar_name();
+        if let Some(client) = self.client {
+            name.push_str(client.suffix());
+            return name;
+        }
         match (self.zstd_level, archive.compression) {
             (Some(_), _) => name.push_str(".zst"),
             (None, Some(method)) => name.push_str(method.suffix()),
@@ -852,6 +913,8 @@ impl TarSink {
         let r = match out {
             TarOut::Plain(f) => f.write_all(data),
             TarOut::Zstd(z) => z.write_all(data),
+            TarOut::Gzip(z) => z.write_all(data),
+            TarOut::Lz4(z) => z.write_all(data),
             TarOut::AsSent(_) => {
                 return Err(Error::protocol(format!(
                     "uncompressed data for {}, which stores the server's compressed stream",
@@ -882,13 +945,24 @@ impl BackupSink for TarSink {
             .open(&path)
             .map_err(|e| Error::io("creating", &path, e))?;
         self.created.push(Created::File(path.clone()));
-        let out = match (self.zstd_level, archive.compression) {
-            (None, None) => TarOut::Plain(file),
-            (None, Some(_)) => TarOut::AsSent(file),
-            (Some(level), _) => TarOut::Zstd(
-                zstd::stream::write::Encoder::new(file, level)
-                    .map_err(|e| Error::io("starting zstd compression of", &path, e))?,
-            ),
+        let out = match (self.client, self.zstd_level, archive.compression) {
+            (Some(ClientCompression::Gzip(level)), _, _) => {
+                TarOut::Gzip(flate2::write::GzEncoder::new(
+                    file,
+                    level.map_or(flate2::Compression::default(), |l| {
+                        flate2::Compression::new(l.clamp(0, 9))
+                    }),
+                ))
+            }
+            (Some(_), _, _) => TarOut::Lz4(lz4_flex::frame::FrameEncoder::new(file)),
+            (None, level, compression) => match (level, compression) {
+                (None, None) => TarOut::Plain(file),
+                (None, Some(_)) => TarOut::AsSent(file),
+                (Some(level), _) => TarOut::Zstd(
+                    zstd::stream::write::Encoder::new(file, level)
+                        .map_err(|e| Error::io("starting zstd compression of", &path, e))?,
+                ),
+            },
         };
         self.current = Some((out, path));
         Ok(())
@@ -931,6 +1005,16 @@ impl BackupSink for TarSink {
                 TarOut::Zstd(z) => z
                     .finish()
                     .map_err(|e| Error::io("finishing zstd compression of", &path, e))?,
+                TarOut::Gzip(z) => z
+                    .finish()
+                    .map_err(|e| Error::io("finishing gzip compression of", &path, e))?,
+                TarOut::Lz4(z) => z.finish().map_err(|e| {
+                    Error::io(
+                        "finishing lz4 compression of",
+                        &path,
+                        std::io::Error::other(e),
+                    )
+                })?,
             };
             if !self.options.no_sync {
                 start_writeback(&file);
@@ -963,9 +1047,191 @@ impl BackupSink for TarSink {
     }
 }
 
+/// Writes the base archive as one tar stream to any writer (standard output for
+/// `pg_basebackup -D - -Ft`), with the manifest added as the member `backup_manifest`
+/// at the end, as pg_basebackup does. Only a cluster without user tablespaces fits in
+/// one stream, and the manifest can only be added to an uncompressed stream (compress
+/// the writer instead). The stream is verified like any other; it is only complete
+/// once `commit` has written the manifest and the end-of-archive blocks.
+///
+/// ```
+/// use basebackup::{BackupSink, TarStreamSink};
+/// let sink = TarStreamSink::new(Vec::new());
+/// assert!(sink.into_inner().is_empty());
+/// ```
+pub struct TarStreamSink<W: Write + Send> {
+    out: W,
+    /// The last bytes seen, held back: they may be the end-of-archive blocks, which
+    /// must follow the manifest.
+    tail: Vec<u8>,
+}
+
+impl<W: Write + Send> std::fmt::Debug for TarStreamSink<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TarStreamSink").finish_non_exhaustive()
+    }
+}
+
+/// The size of the end-of-archive marker: two zero blocks.
+const TAR_TRAILER: usize = 1024;
+
+impl<W: Write + Send> TarStreamSink<W> {
+    /// A sink writing to `out`.
+    pub fn new(out: W) -> TarStreamSink<W> {
+        TarStreamSink {
+            out,
+            tail: Vec::with_capacity(2 * TAR_TRAILER),
+        }
+    }
+
+    /// The writer back (to finish a compressor around it, for example).
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
+    fn put(&mut self, data: &[u8]) -> Result<()> {
+        self.out
+            .write_all(data)
+            .map_err(|e| Error::io("writing", Path::new("the output stream"), e))
+    }
+}
+
+impl<W: Write + Send> BackupSink for TarStreamSink<W> {
+    fn begin_backup(&mut self, info: &BackupInfo) -> Result<()> {
+        if info.tablespaces.len() > 1 {
+            return Err(Error::usage(
+                format!(
+                    "can only write single tablespace to stdout, database has {}",
+                    info.tablespaces.len()
+                ),
+                "write the backup into a directory instead",
+            ));
+        }
+        Ok(())
+    }
+
+    fn begin_archive(&mut self, archive: &ArchiveInfo) -> Result<()> {
+        if archive.compression.is_some() {
+            return Err(Error::usage(
+                "cannot inject manifest into a compressed tar file",
+                "use client-side compression, or write the backup into a directory",
+            ));
+        }
+        self.tail.clear();
+        Ok(())
+    }
+
+    fn archive_bytes(&mut self, data: &Bytes) -> Result<()> {
+        self.tail.extend_from_slice(data);
+        if self.tail.len() > TAR_TRAILER {
+            let keep_from = self.tail.len() - TAR_TRAILER;
+            let ready: Vec<u8> = self.tail.drain(..keep_from).collect();
+            self.put(&ready)?;
+        }
+        Ok(())
+    }
+
+    fn end_archive(&mut self, trailer_present: bool) -> Result<()> {
+        if trailer_present {
+            if self.tail.len() != TAR_TRAILER || self.tail.iter().any(|&b| b != 0) {
+                return Err(Error::protocol(
+                    "the archive does not end with the end-of-archive blocks",
+                ));
+            }
+            self.tail.clear();
+        } else {
+            let tail = std::mem::take(&mut self.tail);
+            self.put(&tail)?;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, manifest: Option<&[u8]>) -> Result<()> {
+        if let Some(manifest) = manifest {
+            let mut header = tar::Header::new_ustar();
+            header
+                .set_path("backup_manifest")
+                .map_err(|e| Error::io("writing", Path::new("backup_manifest"), e))?;
+            header.set_size(manifest.len() as u64);
+            header.set_mode(0o600);
+            header.set_mtime(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            );
+            header.set_entry_type(tar::EntryType::Regular);
+            // As the server's members: this process's owner, named postgres.
+            // SAFETY: geteuid and getegid cannot fail.
+            let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+            header.set_uid(u64::from(uid));
+            header.set_gid(u64::from(gid));
+            let _ = header.set_username("postgres");
+            let _ = header.set_groupname("postgres");
+            header.set_cksum();
+            self.put(header.as_bytes())?;
+            self.put(manifest)?;
+            let padding = (512 - manifest.len() % 512) % 512;
+            self.put(&[0u8; 512][..padding])?;
+        }
+        self.put(&[0u8; TAR_TRAILER])?;
+        self.out
+            .flush()
+            .map_err(|e| Error::io("flushing", Path::new("the output stream"), e))
+    }
+
+    fn abort(&mut self, _reason: &Error) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tar_stream_puts_the_manifest_before_the_end_blocks() {
+        let base = ArchiveInfo {
+            name: "base.tar".into(),
+            tablespace: Tablespace {
+                oid: None,
+                location: None,
+                size_estimate: None,
+            },
+            compression: None,
+        };
+        let mut member = tar::Header::new_ustar();
+        member.set_path("PG_VERSION").unwrap();
+        member.set_size(3);
+        member.set_cksum();
+        let mut stream = member.as_bytes().to_vec();
+        stream.extend_from_slice(b"15\n");
+        stream.resize(1024, 0);
+        stream.extend_from_slice(&[0u8; 1024]);
+        let mut sink = TarStreamSink::new(Vec::new());
+        sink.begin_archive(&base).unwrap();
+        // In uneven pieces, as the network delivers them.
+        for piece in stream.chunks(700) {
+            sink.archive_bytes(&Bytes::copy_from_slice(piece)).unwrap();
+        }
+        sink.end_archive(true).unwrap();
+        sink.commit(Some(b"{}")).unwrap();
+        let out = sink.into_inner();
+        let mut archive = tar::Archive::new(out.as_slice());
+        let names: Vec<String> = archive
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["PG_VERSION", "backup_manifest"]);
+        assert!(out.ends_with(&[0u8; 1024]));
+
+        // 13/14 send no end blocks: everything is data.
+        let mut sink = TarStreamSink::new(Vec::new());
+        sink.begin_archive(&base).unwrap();
+        sink.archive_bytes(&Bytes::copy_from_slice(&stream[..1024]))
+            .unwrap();
+        sink.end_archive(false).unwrap();
+        sink.commit(None).unwrap();
+        assert_eq!(sink.into_inner().len(), 2048);
+    }
 
     #[test]
     fn mapping_parse() {

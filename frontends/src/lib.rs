@@ -8,6 +8,7 @@
 
 pub mod conn;
 pub mod getopt;
+pub mod pg_basebackup;
 pub mod pg_receivewal;
 pub mod pg_verifybackup;
 pub mod report;

@@ -742,8 +742,9 @@ async fn run(
 /// Gives `.partial` segments their final names (recovery reads only those; the rest of
 /// such a file is zeros, which recovery treats as the end of WAL, as with
 /// pg_basebackup's own stream), then checks every segment from the start to the end
-/// position is there.
-fn finish_wal_dir(
+/// position is there. Used by `clone` and by front-ends that stream WAL beside a
+/// backup themselves (`pg_basebackup -X stream`).
+pub fn finish_wal_dir(
     dir: &Path,
     start: Lsn,
     end: Lsn,
