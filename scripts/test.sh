@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need, then runs every test: lints, unit and doc tests once,
-# and the real-server integration tests once per PostgreSQL major version (13-18).
+# the real-server integration tests once per PostgreSQL major version (13-18), and
+# PostgreSQL 15's own TAP suites against our drop-in front-ends.
 #
 #   scripts/test.sh                 # everything, then a benchmark smoke run and a fuzz smoke
 #   PGREPL_TEST_VERSIONS="15 17" scripts/test.sh   # only some server versions
@@ -45,6 +46,11 @@ for version in $versions; do
         failed+=("PostgreSQL $version")
     fi
 done
+
+step "PostgreSQL 15's own TAP suites against our pg_basebackup, pg_receivewal and pg_verifybackup (scripts/pg-tap.sh)"
+if ! scripts/pg-tap.sh; then
+    failed+=("PostgreSQL TAP suites")
+fi
 
 step "benchmark harness smoke run (tiny scale, one round)"
 if ! cargo run --release --locked -p benches --bin compare -- --smoke; then
