@@ -233,12 +233,12 @@ impl TablespaceMapping {
 
     /// Adds a mapping.
     pub fn add(&mut self, old: &str, new: impl Into<PathBuf>) {
-        self.0.push((canonical(old), new.into()));
+        self.0.push((canonical_path(old), new.into()));
     }
 
     /// Where a server tablespace location goes (itself when not mapped).
     pub fn apply(&self, location: &str) -> PathBuf {
-        let c = canonical(location);
+        let c = canonical_path(location);
         self.0
             .iter()
             .find(|(old, _)| *old == c)
@@ -247,8 +247,45 @@ impl TablespaceMapping {
     }
 }
 
-/// Collapses repeated slashes and removes a trailing slash (`canonicalize_path`, simplified).
-fn canonical(path: &str) -> String {
+/// The ustar header of a regular file member `name` of `size` bytes that this client
+/// adds to an archive (`backup_manifest`, `-R`'s files): mode 0600, modified now, owned
+/// like the server's members by this process's user, named postgres.
+///
+/// ```
+/// let header = basebackup::sink::regular_member_header("standby.signal", 0).unwrap();
+/// assert_eq!(header.mode().unwrap(), 0o600);
+/// ```
+pub fn regular_member_header(name: &str, size: u64) -> Result<tar::Header> {
+    let mut header = tar::Header::new_ustar();
+    header
+        .set_path(name)
+        .map_err(|e| Error::io("adding", Path::new(name), e))?;
+    header.set_size(size);
+    header.set_mode(0o600);
+    header.set_mtime(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    );
+    header.set_entry_type(tar::EntryType::Regular);
+    // SAFETY: geteuid and getegid cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    header.set_uid(u64::from(uid));
+    header.set_gid(u64::from(gid));
+    let _ = header.set_username("postgres");
+    let _ = header.set_groupname("postgres");
+    header.set_cksum();
+    Ok(header)
+}
+
+/// Collapses repeated slashes and removes a trailing slash, as PostgreSQL's
+/// `canonicalize_path` does for the comparisons of tablespace paths (simplified: no
+/// `.`/`..` processing).
+///
+/// ```
+/// assert_eq!(basebackup::sink::canonical_path("/srv//ts/"), "/srv/ts");
+/// ```
+pub fn canonical_path(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
     for c in path.chars() {
         if c == '/' && out.ends_with('/') {
@@ -1148,26 +1185,7 @@ impl<W: Write + Send> BackupSink for TarStreamSink<W> {
 
     fn commit(&mut self, manifest: Option<&[u8]>) -> Result<()> {
         if let Some(manifest) = manifest {
-            let mut header = tar::Header::new_ustar();
-            header
-                .set_path("backup_manifest")
-                .map_err(|e| Error::io("writing", Path::new("backup_manifest"), e))?;
-            header.set_size(manifest.len() as u64);
-            header.set_mode(0o600);
-            header.set_mtime(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-            );
-            header.set_entry_type(tar::EntryType::Regular);
-            // As the server's members: this process's owner, named postgres.
-            // SAFETY: geteuid and getegid cannot fail.
-            let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-            header.set_uid(u64::from(uid));
-            header.set_gid(u64::from(gid));
-            let _ = header.set_username("postgres");
-            let _ = header.set_groupname("postgres");
-            header.set_cksum();
+            let header = regular_member_header("backup_manifest", manifest.len() as u64)?;
             self.put(header.as_bytes())?;
             self.put(manifest)?;
             let padding = (512 - manifest.len() % 512) % 512;

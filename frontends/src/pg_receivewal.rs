@@ -26,9 +26,6 @@ use crate::conn::ConnOptions;
 use crate::getopt::{self, HasArg, Opt};
 use crate::report;
 
-/// The version `--version` reports.
-pub const PG_VERSION: &str = "17.6";
-
 /// Seconds between reconnection attempts without `--no-loop`, as pg_receivewal.
 const RECONNECT_SLEEP: u64 = 5;
 
@@ -408,7 +405,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             return 0;
         }
         Ok(Command::Version) => {
-            println!("pg_receivewal (PostgreSQL) {PG_VERSION}");
+            println!("{}", report::version_line(&prog));
             return 0;
         }
         Ok(Command::Run(o)) => o,

@@ -18,6 +18,23 @@ pub fn progname(argv0: impl AsRef<OsStr>) -> String {
     name.strip_suffix(".exe").map(str::to_owned).unwrap_or(name)
 }
 
+/// The newest server major version the front-ends know.
+pub const NEWEST_MAJOR: u32 = 18;
+
+/// `--version` output: the `<prog> (PostgreSQL) N` shape that scripts parse, with this
+/// implementation named after it.
+///
+/// ```
+/// let line = pg_frontends::report::version_line("pg_receivewal");
+/// assert!(line.starts_with("pg_receivewal (PostgreSQL) 18 (pgrepl "));
+/// ```
+pub fn version_line(prog: &str) -> String {
+    format!(
+        "{prog} (PostgreSQL) {NEWEST_MAJOR} (pgrepl {})",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
 /// Prints `<prog>: error: <message>` to standard error.
 pub fn error(prog: &str, message: impl std::fmt::Display) {
     eprintln!("{prog}: error: {message}");

@@ -51,18 +51,6 @@ use crate::getopt::{self, HasArg, Opt};
 use crate::report;
 use spec::{Algorithm, Location};
 
-/// The newest server major version this front-end knows.
-const NEWEST_MAJOR: u32 = 18;
-
-/// `--version` output: the `pg_basebackup (PostgreSQL) N` shape that scripts parse,
-/// with this implementation named after it.
-pub fn version_line(progname: &str) -> String {
-    format!(
-        "{progname} (PostgreSQL) {NEWEST_MAJOR} (pgrepl {})",
-        env!("CARGO_PKG_VERSION")
-    )
-}
-
 fn options() -> Vec<Opt> {
     use HasArg::{No, Required};
     vec![
@@ -257,7 +245,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some("--version" | "-V") => {
-            println!("{}", version_line(&prog));
+            println!("{}", report::version_line(&prog));
             return ExitCode::SUCCESS;
         }
         _ => {}
@@ -377,7 +365,7 @@ fn parse_args(prog: &str, argv0: &str, words: &[String]) -> Result<Args, Exit> {
                     )),
                 }
             }
-            "waldir" => args.waldir = Some(PathBuf::from(canonicalize(v))),
+            "waldir" => args.waldir = Some(PathBuf::from(basebackup::sink::canonical_path(v))),
             "label" => args.label = v.to_string(),
             "no-clean" => args.no_clean = true,
             "no-sync" => args.sync = false,
@@ -682,7 +670,10 @@ fn parse_mapping(prog: &str, arg: &str, mapping: &mut TablespaceMapping) -> Resu
             format_args!("invalid tablespace mapping format \"{arg}\", must be \"OLDDIR=NEWDIR\""),
         ));
     }
-    let (old, new) = (canonicalize(&old), canonicalize(&new));
+    let (old, new) = (
+        basebackup::sink::canonical_path(&old),
+        basebackup::sink::canonical_path(&new),
+    );
     if !old.starts_with('/') {
         return Err(fail(
             prog,
@@ -697,22 +688,6 @@ fn parse_mapping(prog: &str, arg: &str, mapping: &mut TablespaceMapping) -> Resu
     }
     mapping.add(&old, new);
     Ok(())
-}
-
-/// Collapses repeated slashes and drops a trailing one (`canonicalize_path`, enough for
-/// the comparisons made here).
-fn canonicalize(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
-    for c in path.chars() {
-        if c == '/' && out.ends_with('/') {
-            continue;
-        }
-        out.push(c);
-    }
-    while out.len() > 1 && out.ends_with('/') {
-        out.pop();
-    }
-    out
 }
 
 /// Prints a server notice as libpq's default notice processor does.
@@ -901,7 +876,7 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
         .await
         .map_err(|e| fail(prog, e))?;
     let major = client.server_major();
-    if major > NEWEST_MAJOR {
+    if major > report::NEWEST_MAJOR {
         return Err(fail(
             prog,
             format_args!("incompatible server version {major}"),
@@ -1447,25 +1422,7 @@ impl RecoveryInjector {
             ("postgresql.auto.conf", conf.as_slice()),
             ("standby.signal", &[][..]),
         ] {
-            let mut header = tar::Header::new_ustar();
-            header
-                .set_path(name)
-                .map_err(|e| basebackup::Error::io("adding", Path::new(name), e))?;
-            header.set_size(data.len() as u64);
-            header.set_mode(0o600);
-            header.set_mtime(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-            );
-            header.set_entry_type(tar::EntryType::Regular);
-            // SAFETY: geteuid and getegid cannot fail.
-            let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-            header.set_uid(u64::from(uid));
-            header.set_gid(u64::from(gid));
-            let _ = header.set_username("postgres");
-            let _ = header.set_groupname("postgres");
-            header.set_cksum();
+            let header = basebackup::sink::regular_member_header(name, data.len() as u64)?;
             out.extend_from_slice(header.as_bytes());
             out.extend_from_slice(data);
             out.resize(out.len() + (512 - data.len() % 512) % 512, 0);
@@ -1994,7 +1951,7 @@ mod tests {
 
     #[test]
     fn version_keeps_the_shape_scripts_parse() {
-        let line = version_line("pg_basebackup");
+        let line = report::version_line("pg_basebackup");
         assert!(line.starts_with("pg_basebackup (PostgreSQL) 18 "), "{line}");
     }
 }

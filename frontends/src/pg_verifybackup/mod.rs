@@ -31,9 +31,6 @@ use basebackup::ChecksumAlgorithm;
 use crate::getopt::{self, HasArg, Opt};
 use crate::report;
 
-/// The version `--version` reports: the PostgreSQL release whose behaviour this follows.
-pub const PG_VERSION: &str = "17.6";
-
 const OPTIONS: [Opt; 9] = [
     Opt::both('e', "exit-on-error", HasArg::No),
     Opt::both('i', "ignore", HasArg::Required),
@@ -211,7 +208,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             return 0;
         }
         Ok(Command::Version) => {
-            println!("pg_verifybackup (PostgreSQL) {PG_VERSION}");
+            println!("{}", report::version_line(&prog));
             return 0;
         }
         Ok(Command::Verify(o)) => o,
