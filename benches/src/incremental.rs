@@ -209,6 +209,9 @@ pub struct RoundChange {
     /// Distinct blocks the WAL summaries list from before the full backups to after the
     /// change and its checkpoint (every block either incremental backup may send).
     pub changed_blocks: u64,
+    /// /proc/loadavg (1, 5, 15 minutes) at the start of the round: other work on the
+    /// machine.
+    pub load_average: String,
 }
 
 /// Summary of one step and tool.
@@ -840,6 +843,7 @@ impl IncrementalBench<'_> {
         if round > 0 {
             self.settle(cluster)?;
         }
+        let load_average = crate::machine::load_average();
         let database_blocks = Self::database_blocks(cluster);
         let from = cluster
             .sql_value("SELECT pg_current_wal_lsn()")?
@@ -875,6 +879,7 @@ impl IncrementalBench<'_> {
             round,
             database_blocks,
             changed_blocks,
+            load_average,
         });
         for &tool in &order {
             run_step(runs, Step::IncrementalBackup, tool);
@@ -1118,7 +1123,7 @@ pub fn markdown(report: &IncrementalReport) -> String {
     );
     let _ = writeln!(
         out,
-        "| round | database blocks | changed blocks (WAL summaries) | ours full s / MB | ours incr s / MB | pg_basebackup full s / MB | pg_basebackup incr s / MB | ours restore s | pg_combinebackup s + cp -a s |"
+        "| round (load average) | database blocks | changed blocks (WAL summaries) | ours full s / MB | ours incr s / MB | pg_basebackup full s / MB | pg_basebackup incr s / MB | ours restore s | pg_combinebackup s + cp -a s |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     let find = |round: u32, step: Step, tool: Tool| {
@@ -1151,8 +1156,9 @@ pub fn markdown(report: &IncrementalReport) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} ({:.2} %) | {} | {} | {} | {} | {} | {} |",
+            "| {} ({}) | {} | {} ({:.2} %) | {} | {} | {} | {} | {} | {} |",
             round + 1,
+            ch.load_average,
             ch.database_blocks,
             ch.changed_blocks,
             100.0 * ch.changed_blocks as f64 / ch.database_blocks.max(1) as f64,
