@@ -1123,51 +1123,71 @@ pub fn markdown(report: &IncrementalReport) -> String {
     );
     let _ = writeln!(
         out,
-        "| round (load average) | database blocks | changed blocks (WAL summaries) | ours full s / MB | ours incr s / MB | pg_basebackup full s / MB | pg_basebackup incr s / MB | ours restore s | pg_combinebackup s + cp -a s |"
+        "| round (load average) | changed blocks of the database (WAL summaries) | ours full s / MB | ours incr s / MB | ours incr ÷ full: wall / bytes | pg_basebackup full s / MB | pg_basebackup incr s / MB | pg_basebackup incr ÷ full: wall / bytes | ours restore s | pg_combinebackup s + cp -a s | restore ours ÷ reference |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     let find = |round: u32, step: Step, tool: Tool| {
         report
             .runs
             .iter()
-            .find(|r| r.round == round && r.step == step && r.tool == tool)
+            .find(|r| r.round == round && r.step == step && r.tool == tool && r.ok)
     };
-    let cell = |r: Option<&IncrRun>| match r {
-        Some(r) if r.ok => format!("{:.2} / {:.1}", r.usage.wall_s, r.bytes as f64 / 1e6),
-        Some(_) => "failed".into(),
-        None => "–".into(),
+    let cell = |r: Option<&IncrRun>| {
+        r.map_or("–".into(), |r| {
+            format!("{:.2} / {:.1}", r.usage.wall_s, r.bytes as f64 / 1e6)
+        })
+    };
+    let ratio = |a: Option<&IncrRun>, b: Option<&IncrRun>, bytes: bool| match (a, b) {
+        (Some(a), Some(b)) if b.usage.wall_s > 0.0 => {
+            let wall = format!("{:.3}", a.usage.wall_s / b.usage.wall_s);
+            if bytes {
+                format!("{wall} / {:.3}", a.bytes as f64 / b.bytes.max(1) as f64)
+            } else {
+                wall
+            }
+        }
+        _ => "–".into(),
     };
     for ch in &report.changes {
         let round = ch.round;
-        let restore_ours = match find(round, Step::ChainRestore, Tool::Ours) {
-            Some(r) if r.ok => format!("{:.2}", r.usage.wall_s),
-            Some(_) => "failed".into(),
-            None => "–".into(),
-        };
-        let restore_ref = match find(round, Step::ChainRestore, Tool::Reference) {
-            Some(r) if r.ok => r
-                .parts
+        let step = |step: Step, tool: Tool| find(round, step, tool);
+        let restore_ref = step(Step::ChainRestore, Tool::Reference).map_or("–".into(), |r| {
+            r.parts
                 .iter()
                 .map(|(_, u)| format!("{:.2}", u.wall_s))
                 .collect::<Vec<_>>()
-                .join(" + "),
-            Some(_) => "failed".into(),
-            None => "–".into(),
-        };
+                .join(" + ")
+        });
         let _ = writeln!(
             out,
-            "| {} ({}) | {} | {} ({:.2} %) | {} | {} | {} | {} | {} | {} |",
+            "| {} ({}) | {} of {} ({:.2} %) | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             round + 1,
             ch.load_average,
-            ch.database_blocks,
             ch.changed_blocks,
+            ch.database_blocks,
             100.0 * ch.changed_blocks as f64 / ch.database_blocks.max(1) as f64,
-            cell(find(round, Step::FullBackup, Tool::Ours)),
-            cell(find(round, Step::IncrementalBackup, Tool::Ours)),
-            cell(find(round, Step::FullBackup, Tool::Reference)),
-            cell(find(round, Step::IncrementalBackup, Tool::Reference)),
-            restore_ours,
+            cell(step(Step::FullBackup, Tool::Ours)),
+            cell(step(Step::IncrementalBackup, Tool::Ours)),
+            ratio(
+                step(Step::IncrementalBackup, Tool::Ours),
+                step(Step::FullBackup, Tool::Ours),
+                true
+            ),
+            cell(step(Step::FullBackup, Tool::Reference)),
+            cell(step(Step::IncrementalBackup, Tool::Reference)),
+            ratio(
+                step(Step::IncrementalBackup, Tool::Reference),
+                step(Step::FullBackup, Tool::Reference),
+                true
+            ),
+            step(Step::ChainRestore, Tool::Ours)
+                .map_or("–".into(), |r| format!("{:.2}", r.usage.wall_s)),
             restore_ref,
+            ratio(
+                step(Step::ChainRestore, Tool::Ours),
+                step(Step::ChainRestore, Tool::Reference),
+                false
+            ),
         );
     }
     let _ = writeln!(
