@@ -76,6 +76,13 @@ pub struct ClusterOptions {
     /// `archive_command = '/bin/true'` until a peer's run sets its own),
     /// `autovacuum = off`, `wal_recycle = off`.
     pub object_store: bool,
+    /// The incremental-backup variant (`…-walsum`, PostgreSQL 17+): `summarize_wal = on`,
+    /// `autovacuum = off` (so that nothing but the benchmark's own change lands in an
+    /// incremental backup).
+    pub summarize_wal: bool,
+    /// The directory of the client tools (`pgbench`) when `bin_dir` has only the server
+    /// (the PostgreSQL 18 build of `scripts/install-postgres.sh`); `None`: `bin_dir`.
+    pub client_bin_dir: Option<PathBuf>,
 }
 
 impl ClusterOptions {
@@ -87,6 +94,9 @@ impl ClusterOptions {
         }
         if self.object_store {
             name.push_str("-objstore");
+        }
+        if self.summarize_wal {
+            name.push_str("-walsum");
         }
         name
     }
@@ -111,6 +121,10 @@ pub struct SourceCluster {
     pub random_text_pct: u32,
     /// The object-storage variant.
     pub object_store: bool,
+    /// The incremental-backup variant (`summarize_wal = on`).
+    pub summarize_wal: bool,
+    /// The directory of `pgbench` (and the other client tools).
+    pub client_bin_dir: PathBuf,
     user: Option<OsUser>,
     started_here: bool,
     runtime: tokio::runtime::Runtime,
@@ -145,7 +159,7 @@ pub fn postgres_version(bin_dir: &Path) -> Result<String> {
     .map(|s| s.trim().to_string())
 }
 
-fn major_of(version: &str) -> u32 {
+pub(crate) fn major_of(version: &str) -> u32 {
     version
         .split_once("(PostgreSQL)")
         .map(|(_, rest)| rest)
@@ -171,6 +185,11 @@ impl SourceCluster {
             .build()
             .map_err(|e| format!("tokio runtime: {e}"))?;
         let mut cluster = SourceCluster {
+            client_bin_dir: opts
+                .client_bin_dir
+                .clone()
+                .unwrap_or_else(|| opts.bin_dir.clone()),
+            summarize_wal: opts.summarize_wal,
             bin_dir: opts.bin_dir.clone(),
             data: base.join("data"),
             base,
@@ -201,8 +220,8 @@ impl SourceCluster {
         std::fs::write(
             &ready,
             format!(
-                "scale {}\nrandom text {} %\nobject store variant {}\n",
-                cluster.scale, cluster.random_text_pct, cluster.object_store
+                "scale {}\nrandom text {} %\nobject store variant {}\nsummarize_wal {}\n",
+                cluster.scale, cluster.random_text_pct, cluster.object_store, cluster.summarize_wal
             ),
         )
         .map_err(|e| format!("writing {}: {e}", ready.display()))?;
@@ -282,6 +301,12 @@ impl SourceCluster {
                  wal_recycle = off\n",
             )?;
         }
+        if self.summarize_wal {
+            append(
+                &self.data.join("postgresql.conf"),
+                "summarize_wal = on\nautovacuum = off\n",
+            )?;
+        }
         std::fs::write(
             self.data.join("pg_hba.conf"),
             "local all all trust\nlocal replication all trust\n\
@@ -296,7 +321,7 @@ impl SourceCluster {
         ));
         let started = std::time::Instant::now();
         run_ok(
-            Command::new(self.bin_dir.join("pgbench"))
+            Command::new(self.client_bin_dir.join("pgbench"))
                 .args(["-i", "-q", "-s", &self.scale.to_string()])
                 .args(self.client_args())
                 .arg("postgres"),
@@ -386,6 +411,55 @@ impl SourceCluster {
         .map_err(|e| format!("{e} (see {})", log_file.display()))?;
         self.started_here = true;
         Ok(())
+    }
+
+    /// Starts a server on a restored data directory `data` (a backup: it recovers to
+    /// the end of its WAL and opens), listening on 127.0.0.1:`port`, with its log in
+    /// `base`. The directory is handed to the server's OS user first. The server is
+    /// stopped when the value is dropped.
+    pub fn start_restored(
+        bin_dir: &Path,
+        base: &Path,
+        data: &Path,
+        port: u16,
+    ) -> Result<SourceCluster> {
+        let version = postgres_version(bin_dir)?;
+        let user = server_user()?;
+        if let Some(u) = user {
+            run_ok(
+                Command::new("chown")
+                    .arg("-R")
+                    .arg(format!("{}:{}", u.uid, u.gid))
+                    .arg(data)
+                    .arg(base),
+                "chown -R (restored directory)",
+            )?;
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio runtime: {e}"))?;
+        let mut server = SourceCluster {
+            bin_dir: bin_dir.to_path_buf(),
+            base: base.to_path_buf(),
+            data: data.to_path_buf(),
+            port,
+            scale: 0,
+            version,
+            random_text_pct: 0,
+            object_store: false,
+            summarize_wal: false,
+            client_bin_dir: bin_dir.to_path_buf(),
+            user,
+            started_here: false,
+            runtime,
+        };
+        if let Err(e) = server.start() {
+            // pg_ctl may have given up waiting on a server that did start: stop it on drop.
+            server.started_here = true;
+            return Err(e);
+        }
+        Ok(server)
     }
 
     /// Stops the server if this process started it.
@@ -493,11 +567,17 @@ mod tests {
             port: 1,
             random_text_pct: 0,
             object_store: false,
+            summarize_wal: false,
+            client_bin_dir: None,
         };
         assert_eq!(opts.dir_name(15), "pg15-scale-10");
         opts.random_text_pct = 30;
         opts.object_store = true;
         assert_eq!(opts.dir_name(15), "pg15-scale-10-text30-objstore");
+        opts.random_text_pct = 0;
+        opts.object_store = false;
+        opts.summarize_wal = true;
+        assert_eq!(opts.dir_name(18), "pg18-scale-10-walsum");
     }
 
     #[test]

@@ -39,6 +39,11 @@ pub enum Case {
     /// Commit latency with a synchronous standby: ours into Garage against
     /// pg_receivewal --synchronous and no synchronous standby.
     SyncCommit,
+    /// Incremental backup on PostgreSQL 18 (full, then incremental after changing about
+    /// 5 % of the blocks) into Garage, and the chain restored in one pass, against
+    /// pg_basebackup --incremental and pg_combinebackup + a copy (see
+    /// `crate::incremental`).
+    Incremental,
 }
 
 impl Case {
@@ -56,6 +61,12 @@ impl Case {
         matches!(self, Case::WalArchive | Case::SyncCommit)
     }
 
+    /// True for the cases that run on the source cluster of `--pg-bin` (every case but
+    /// the incremental one, which has a PostgreSQL 18 cluster of its own).
+    pub fn uses_main_cluster(self) -> bool {
+        self != Case::Incremental
+    }
+
     /// A short identifier (file names, JSON).
     pub fn id(self) -> &'static str {
         match self {
@@ -68,6 +79,7 @@ impl Case {
             Case::RepoRestore => "repo-restore",
             Case::WalArchive => "wal-archive",
             Case::SyncCommit => "sync-commit",
+            Case::Incremental => "incremental",
         }
     }
 
@@ -83,13 +95,14 @@ impl Case {
             Case::RepoRestore => "restore from S3 object storage",
             Case::WalArchive => "WAL catch-up into S3 object storage",
             Case::SyncCommit => "commit latency with a synchronous WAL receiver",
+            Case::Incremental => "incremental backup and chain restore (PostgreSQL 18)",
         }
     }
 
     fn ours_subcommand(self) -> &'static str {
         match self {
             Case::Wal | Case::WalArchive | Case::SyncCommit => "receive-wal",
-            Case::RepoBackup => "backup",
+            Case::RepoBackup | Case::Incremental => "backup",
             Case::RepoRestore => "restore",
             _ => "clone",
         }
@@ -107,7 +120,8 @@ pub enum Tool {
 }
 
 impl Tool {
-    fn id(self) -> &'static str {
+    /// `ours` or `reference` (file names, JSON).
+    pub fn id(self) -> &'static str {
         match self {
             Tool::Ours => "ours",
             Tool::Reference => "reference",
@@ -184,6 +198,24 @@ impl OursTool {
             }
         }
         tool
+    }
+
+    /// Why `subcommand option` cannot run with this binary (not built, or the option is
+    /// not in the subcommand's `--help`), if it cannot.
+    pub fn missing_option(&self, subcommand: &str, option: &str) -> Option<String> {
+        if let Some(why) = &self.unavailable {
+            return Some(why.clone());
+        }
+        let help = Command::new(&self.path)
+            .args([subcommand, "--help"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        if help.contains(option) {
+            None
+        } else {
+            Some(format!("clone-standby has no {subcommand} {option} yet"))
+        }
     }
 
     /// Why `case` cannot run with this binary, if it cannot.
@@ -357,6 +389,10 @@ pub struct Report {
     pub wal_store: Option<crate::walbench::WalBenchReport>,
     /// Why the WAL-archive cases could not run at all.
     pub wal_store_error: Option<String>,
+    /// The incremental case, when it ran.
+    pub incremental: Option<crate::incremental::IncrementalReport>,
+    /// Why the incremental case could not run at all.
+    pub incremental_error: Option<String>,
     /// Number of failed runs.
     pub failed_runs: usize,
     /// /proc/loadavg after the rounds.
@@ -662,20 +698,11 @@ impl Harness<'_> {
             .env_remove("PGPASSWORD")
             .env("LC_ALL", "C");
         let _ = std::fs::write(&log, format!("$ {}\n", display_command(&program, &args)));
-        match measure::run_measured(&mut cmd, &log, Duration::from_secs(self.settings.timeout_s)) {
-            Ok(usage) => {
-                record.ok = usage.success();
-                if !record.ok {
-                    record.error = Some(if usage.timed_out {
-                        format!("timed out after {} s", self.settings.timeout_s)
-                    } else {
-                        measure::last_line(&log)
-                    });
-                }
-                record.usage = usage;
-            }
-            Err(e) => record.error = Some(format!("could not run {}: {e}", program.display())),
-        }
+        let (usage, error) =
+            measure::run_logged(&mut cmd, &log, Duration::from_secs(self.settings.timeout_s));
+        record.ok = error.is_none();
+        record.error = error;
+        record.usage = usage;
         record.output_bytes = measure::tree_size(&target);
         if record.ok && round == 0 {
             if case == Case::Plain && self.settings.verify {
@@ -969,9 +996,11 @@ impl Harness<'_> {
                     (None, None) => (None, "not measured".into()),
                 }
             }
-            Case::RepoBackup | Case::RepoRestore | Case::WalArchive | Case::SyncCommit => {
-                (None, "not measured".into())
-            }
+            Case::RepoBackup
+            | Case::RepoRestore
+            | Case::WalArchive
+            | Case::SyncCommit
+            | Case::Incremental => (None, "not measured".into()),
         };
         if case == Case::Wal {
             checks = compare_wal_checks(checks);

@@ -10,9 +10,14 @@
 //! and restore from a local Garage S3 store, ours against pgBackRest and barman-cloud.
 //! The WAL-archive cases ([`walbench`], `--cases wal-archive,sync-commit`) catch WAL up
 //! into that store and measure commit latency with a synchronous receiver.
+//!
+//! The incremental case ([`incremental`], `--cases incremental`) takes a full and an
+//! incremental backup of a PostgreSQL 18 cluster into Garage and restores the chain,
+//! against pg_basebackup --incremental and pg_combinebackup followed by a copy.
 
 pub mod cluster;
 pub mod harness;
+pub mod incremental;
 pub mod limits;
 pub mod machine;
 pub mod measure;

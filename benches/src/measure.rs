@@ -114,6 +114,30 @@ pub fn run_measured(cmd: &mut Command, log: &Path, timeout: Duration) -> std::io
     })
 }
 
+/// [`run_measured`], with the outcome in one line: the usage, and why the run failed
+/// when it did not exit 0 within `timeout` (the log's last line, the time limit, or the
+/// failure to start).
+pub fn run_logged(cmd: &mut Command, log: &Path, timeout: Duration) -> (Usage, Option<String>) {
+    match run_measured(cmd, log, timeout) {
+        Ok(usage) if usage.success() => (usage, None),
+        Ok(usage) => {
+            let why = if usage.timed_out {
+                format!("timed out after {} s", timeout.as_secs())
+            } else {
+                last_line(log)
+            };
+            (usage, Some(why))
+        }
+        Err(e) => (
+            Usage::default(),
+            Some(format!(
+                "could not run {}: {e}",
+                Path::new(cmd.get_program()).display()
+            )),
+        ),
+    }
+}
+
 /// The total size in bytes of the regular files under `path` (symlinks not followed).
 pub fn tree_size(path: &Path) -> u64 {
     let Ok(meta) = std::fs::symlink_metadata(path) else {

@@ -358,6 +358,8 @@ pub struct Garage {
     /// (`data_fsync`, `metadata_fsync`; both off by default in Garage).
     pub fsync: bool,
     dir: PathBuf,
+    admin_port: u16,
+    admin_token: String,
 }
 
 impl Garage {
@@ -389,6 +391,7 @@ impl Garage {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let config = dir.join("garage.toml");
         let (s3_port, rpc_port, admin_port) = (base_port, base_port + 1, base_port + 3);
+        let admin_token = random_hex(16)?;
         let text = format!(
             "metadata_dir = \"{dir}/meta\"\n\
              data_dir = \"{dir}/data\"\n\
@@ -409,7 +412,7 @@ impl Garage {
              admin_token = \"{token}\"\n",
             dir = dir.display(),
             secret = random_hex(32)?,
-            token = random_hex(16)?,
+            token = admin_token,
         );
         write_private(&config, &text, None)?;
         let server_log = dir.join("garage.log");
@@ -491,7 +494,57 @@ impl Garage {
             nodelay: nodelay.is_some(),
             fsync,
             dir: dir.to_path_buf(),
+            admin_port,
+            admin_token,
         })
+    }
+
+    /// Sets the S3 credentials and endpoint of this store (`AWS_*`) on `cmd`.
+    pub fn s3_env(&self, cmd: &mut Command) {
+        cmd.env("AWS_ACCESS_KEY_ID", &self.key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
+            .env("AWS_REGION", REGION)
+            .env("AWS_DEFAULT_REGION", REGION)
+            .env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("AWS_ALLOW_HTTP", "true");
+    }
+
+    /// The bytes and objects [`BUCKET`] holds, from Garage's own counters (admin API
+    /// `GetBucketInfo`; exact and current on a single node).
+    pub fn bucket_usage(&self) -> Result<(u64, u64)> {
+        use std::io::{Read, Write};
+        let what = "Garage admin API GetBucketInfo";
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.admin_port))
+            .map_err(|e| format!("{what}: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| format!("{what}: {e}"))?;
+        write!(
+            stream,
+            "GET /v2/GetBucketInfo?globalAlias={BUCKET} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Authorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            self.admin_token
+        )
+        .map_err(|e| format!("{what}: {e}"))?;
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .map_err(|e| format!("{what}: {e}"))?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| format!("{what}: no HTTP body in {response:?}"))?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(format!("{what}: {}", head.lines().next().unwrap_or("")));
+        }
+        // Garage answers with a length, not chunks; tolerate chunks all the same.
+        let json =
+            &body[body.find('{').unwrap_or(0)..body.rfind('}').map_or(body.len(), |i| i + 1)];
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| format!("{what}: {e}: {body:?}"))?;
+        match (value["bytes"].as_u64(), value["objects"].as_u64()) {
+            (Some(bytes), Some(objects)) => Ok((bytes, objects)),
+            _ => Err(format!("{what}: no bytes or objects in {json}")),
+        }
     }
 
     /// Stops the store and deletes its directory.
@@ -906,12 +959,7 @@ impl RepoBench<'_> {
     }
 
     fn s3_env(&self, store: &Store, cmd: &mut Command) {
-        cmd.env("AWS_ACCESS_KEY_ID", &store.garage.key_id)
-            .env("AWS_SECRET_ACCESS_KEY", &store.garage.secret)
-            .env("AWS_REGION", REGION)
-            .env("AWS_DEFAULT_REGION", REGION)
-            .env("AWS_ENDPOINT_URL", &store.garage.endpoint)
-            .env("AWS_ALLOW_HTTP", "true");
+        store.garage.s3_env(cmd);
     }
 
     fn as_server_user(&self, store: &Store, cmd: &mut Command) {
@@ -1223,20 +1271,11 @@ impl RepoBench<'_> {
         let _ = std::fs::write(&log, format!("$ {}\n", display_command(&program, &args)));
         // SAFETY: sync has no preconditions.
         unsafe { libc::sync() };
-        match measure::run_measured(&mut cmd, &log, Duration::from_secs(self.timeout_s)) {
-            Ok(usage) => {
-                run.ok = usage.success();
-                if !run.ok {
-                    run.error = Some(if usage.timed_out {
-                        format!("timed out after {} s", self.timeout_s)
-                    } else {
-                        measure::last_line(&log)
-                    });
-                }
-                run.usage = usage;
-            }
-            Err(e) => run.error = Some(format!("could not run {}: {e}", program.display())),
-        }
+        let (usage, error) =
+            measure::run_logged(&mut cmd, &log, Duration::from_secs(self.timeout_s));
+        run.ok = error.is_none();
+        run.error = error;
+        run.usage = usage;
         run
     }
 

@@ -5,7 +5,9 @@ use std::fmt::Write;
 use crate::harness::{transfer_summary, Case, CaseReport, Report, ToolSummary};
 use crate::stats::Summary;
 
-fn med_range(s: Option<Summary>, digits: usize) -> String {
+/// `median (min–max)` with `digits` decimals; the median alone for one sample, `–` for
+/// none.
+pub(crate) fn med_range(s: Option<Summary>, digits: usize) -> String {
     match s {
         Some(s) if s.n > 1 => format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max, d = digits),
         Some(s) => format!("{:.d$}", s.median, d = digits),
@@ -272,6 +274,16 @@ fn repo_section(out: &mut String, report: &Report) {
         let _ = writeln!(
             out,
             "\n### WAL archive in object storage\n\nThe WAL-archive cases could not run: {e}"
+        );
+    }
+    if let Some(incremental) = &report.incremental {
+        let _ = writeln!(out);
+        out.push_str(&crate::incremental::markdown(incremental));
+    }
+    if let Some(e) = &report.incremental_error {
+        let _ = writeln!(
+            out,
+            "\n### Incremental backup and chain restore\n\nThe incremental case could not run: {e}"
         );
     }
 }

