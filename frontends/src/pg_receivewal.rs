@@ -409,17 +409,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             return 0;
         }
         Ok(Command::Run(o)) => o,
-        Err(e) => {
-            if e.from_getopt {
-                eprintln!("{}", e.message);
-            } else {
-                report::error(&prog, &e.message);
-            }
-            if e.hint {
-                report::try_help(&prog);
-            }
-            return 1;
-        }
+        Err(e) => return report::usage_failed(&prog, &e.message, e.from_getopt, e.hint),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -50,6 +50,21 @@ pub fn hint(prog: &str, message: impl std::fmt::Display) {
     eprintln!("{prog}: hint: {message}");
 }
 
+/// Reports a command-line mistake and returns the exit status 1: getopt's own complaint
+/// (which carries glibc's prefix) as is, any other as `<prog>: error: …`, then the
+/// `Try "<prog> --help"` hint when `hint` is set.
+pub fn usage_failed(prog: &str, message: &str, from_getopt: bool, hint: bool) -> i32 {
+    if from_getopt {
+        eprintln!("{message}");
+    } else {
+        error(prog, message);
+    }
+    if hint {
+        try_help(prog);
+    }
+    1
+}
+
 /// Prints the usual hint after a command-line mistake: `Try "<prog> --help" for more
 /// information.`
 pub fn try_help(prog: &str) {

@@ -672,7 +672,13 @@ impl SegmentWriter {
                 dir.sync_file(&seg.file, &seg.path)?;
                 let target = dir.segment_path(self.timeline, seg.segno, ZSTD);
                 let tmp = dir.segment_path(self.timeline, seg.segno, ".zst.tmp");
-                let out = compress_segment(&seg.file, &seg.path, &tmp, level, dir.segment_size)?;
+                let out = compress_file(
+                    &seg.file,
+                    &seg.path,
+                    &tmp,
+                    Compression::Zstd { level },
+                    dir.segment_size.bytes(),
+                )?;
                 dir.durable_rename(&out, &tmp, &target)?;
                 fs::remove_file(&seg.path).map_err(|e| Error::file("removing", &seg.path, e))?;
                 dir.sync_dir()?;
@@ -703,7 +709,8 @@ impl SegmentWriter {
     }
 }
 
-/// Compresses the first `len` bytes of `source` into `tmp` with gzip or LZ4.
+/// Compresses the first `len` bytes of `source` into `tmp` (`Compression::None` copies
+/// them). A zstd frame records `len` in its header, which the resume scan checks.
 fn compress_file(
     source: &File,
     source_path: &Path,
@@ -711,6 +718,12 @@ fn compress_file(
     compression: Compression,
     len: u64,
 ) -> Result<File> {
+    enum Encoder<'a> {
+        Plain(&'a File),
+        Zstd(zstd::Encoder<'static, &'a File>),
+        Gzip(flate2::write::GzEncoder<&'a File>),
+        Lz4(lz4_flex::frame::FrameEncoder<&'a File>),
+    }
     let out = OpenOptions::new()
         .write(true)
         .create(true)
@@ -719,77 +732,49 @@ fn compress_file(
         .open(tmp)
         .map_err(|e| Error::file("creating", tmp, e))?;
     let failed = |e| Error::file("compressing into", tmp, e);
-    enum Sink {
-        Gzip(flate2::write::GzEncoder<File>),
-        Lz4(lz4_flex::frame::FrameEncoder<File>),
-    }
-    let inner = out.try_clone().map_err(failed)?;
-    let mut sink = match compression {
-        Compression::Gzip { level } => Sink::Gzip(flate2::write::GzEncoder::new(
-            inner,
-            flate2::Compression::new(level),
-        )),
-        _ => Sink::Lz4(lz4_flex::frame::FrameEncoder::new(inner)),
-    };
-    let mut buf = vec![0u8; 1 << 20];
-    let mut offset = 0u64;
-    while offset < len {
-        let n = buf.len().min((len - offset) as usize);
-        source
-            .read_exact_at(&mut buf[..n], offset)
-            .map_err(|e| Error::file("reading", source_path, e))?;
-        match &mut sink {
-            Sink::Gzip(w) => w.write_all(&buf[..n]),
-            Sink::Lz4(w) => w.write_all(&buf[..n]),
+    {
+        let mut encoder = match compression {
+            Compression::None => Encoder::Plain(&out),
+            Compression::Zstd { level } => {
+                let mut encoder = zstd::Encoder::new(&out, level).map_err(failed)?;
+                encoder.set_pledged_src_size(Some(len)).map_err(failed)?;
+                Encoder::Zstd(encoder)
+            }
+            Compression::Gzip { level } => Encoder::Gzip(flate2::write::GzEncoder::new(
+                &out,
+                flate2::Compression::new(level),
+            )),
+            Compression::Lz4 => Encoder::Lz4(lz4_flex::frame::FrameEncoder::new(&out)),
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        let mut offset = 0u64;
+        while offset < len {
+            let n = buf.len().min((len - offset) as usize);
+            source
+                .read_exact_at(&mut buf[..n], offset)
+                .map_err(|e| Error::file("reading", source_path, e))?;
+            match &mut encoder {
+                Encoder::Plain(w) => w.write_all(&buf[..n]),
+                Encoder::Zstd(w) => w.write_all(&buf[..n]),
+                Encoder::Gzip(w) => w.write_all(&buf[..n]),
+                Encoder::Lz4(w) => w.write_all(&buf[..n]),
+            }
+            .map_err(failed)?;
+            offset += n as u64;
         }
-        .map_err(failed)?;
-        offset += n as u64;
+        match encoder {
+            Encoder::Plain(_) => {}
+            Encoder::Zstd(w) => {
+                w.finish().map_err(failed)?;
+            }
+            Encoder::Gzip(w) => {
+                w.finish().map_err(failed)?;
+            }
+            Encoder::Lz4(w) => {
+                w.finish().map_err(|e| failed(std::io::Error::other(e)))?;
+            }
+        }
     }
-    match sink {
-        Sink::Gzip(w) => w.finish().map(drop).map_err(failed)?,
-        Sink::Lz4(w) => w
-            .finish()
-            .map(drop)
-            .map_err(|e| failed(std::io::Error::other(e)))?,
-    }
-    Ok(out)
-}
-
-fn compress_segment(
-    source: &File,
-    source_path: &Path,
-    tmp: &Path,
-    level: i32,
-    size: WalSegmentSize,
-) -> Result<File> {
-    let out = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(tmp)
-        .map_err(|e| Error::file("creating", tmp, e))?;
-    let mut encoder =
-        zstd::Encoder::new(&out, level).map_err(|e| Error::file("compressing into", tmp, e))?;
-    // Records the segment size in the frame header, which the resume scan checks.
-    encoder
-        .set_pledged_src_size(Some(size.bytes()))
-        .map_err(|e| Error::file("compressing into", tmp, e))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut offset = 0u64;
-    while offset < size.bytes() {
-        let n = buf.len().min((size.bytes() - offset) as usize);
-        source
-            .read_exact_at(&mut buf[..n], offset)
-            .map_err(|e| Error::file("reading", source_path, e))?;
-        encoder
-            .write_all(&buf[..n])
-            .map_err(|e| Error::file("compressing into", tmp, e))?;
-        offset += n as u64;
-    }
-    encoder
-        .finish()
-        .map_err(|e| Error::file("compressing into", tmp, e))?;
     Ok(out)
 }
 

@@ -212,15 +212,7 @@ pub fn main(argv: Vec<OsString>) -> i32 {
             return 0;
         }
         Ok(Command::Verify(o)) => o,
-        Err(e) => {
-            if e.from_getopt {
-                eprintln!("{}", e.message);
-            } else {
-                report::error(&prog, &e.message);
-            }
-            report::try_help(&prog);
-            return 1;
-        }
+        Err(e) => return report::usage_failed(&prog, &e.message, e.from_getopt, true),
     };
     let tar = options
         .tar_format
