@@ -704,6 +704,13 @@ impl SegmentWriter {
             }
         }
         self.completed += 1;
+        // The segment is now fsynced under its final name (durable_rename syncs the file
+        // and the directory): it counts as flushed, as pg_receivewal reports a segment
+        // it has closed, so that a slot follows every completed segment without waiting
+        // for an explicit flush.
+        self.flushed = self
+            .flushed
+            .max(Lsn((seg.segno + 1) * dir.segment_size.bytes()));
         tracing::debug!(segment = %wal_file_name(self.timeline, seg.segno, dir.segment_size), "segment complete");
         Ok(())
     }
@@ -831,6 +838,9 @@ mod tests {
                 "000000010000000000000002.partial"
             ]
         );
+        // The completed segment is durable without a flush: it counts as flushed at
+        // once, as pg_receivewal reports a segment it closed.
+        assert_eq!(w.flushed(), Lsn(2 * MB));
         assert_eq!(w.close().unwrap(), Lsn(2 * MB + 4));
         let data = fs::read(d.path().join("000000010000000000000001")).unwrap();
         assert!(data[..1000].iter().all(|&b| b == 7));
