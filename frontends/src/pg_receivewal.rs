@@ -467,6 +467,30 @@ async fn run(prog: &str, o: Options) -> i32 {
             WalCompression::Lz4(_) => Compression::Lz4,
         },
     };
+    // Lost connections are retried inside the receiver, every RECONNECT_SLEEP seconds
+    // as pg_receivewal does, with its messages; the loop below retries what the
+    // receiver returns (a refused password, a missing slot, …), as pg_receivewal
+    // retries every failure.
+    options.reconnect = walstream::ReconnectPolicy::default()
+        .first_delay(Duration::from_secs(RECONNECT_SLEEP))
+        .interval(Duration::from_secs(RECONNECT_SLEEP))
+        .retry_forever();
+    {
+        let prog = prog.to_string();
+        options.on_event(move |event| match event {
+            walstream::ReceiverEvent::Disconnected { error: Some(error) } => {
+                print_error(&prog, error)
+            }
+            walstream::ReceiverEvent::Retrying { delay, .. } => report_info(
+                &prog,
+                format_args!(
+                    "disconnected; waiting {} seconds to try again",
+                    delay.as_secs()
+                ),
+            ),
+            _ => {}
+        });
+    }
     loop {
         // Connect once here for the password prompt (-W, or a server asking); the
         // receiver then connects with the password found.
@@ -493,6 +517,7 @@ async fn run(prog: &str, o: Options) -> i32 {
                 };
                 let destination = Verbose {
                     inner: LocalDir::new(&directory, options.dir_options),
+                    suffix: options.dir_options.compression.suffix(),
                     prog: prog.to_string(),
                     verbose: o.verbose,
                     segment_size: None,
@@ -615,6 +640,8 @@ fn history_switch_point(history: &str) -> Option<Lsn> {
 /// segments finished, timeline switches) as the receiver reaches them.
 struct Verbose {
     inner: LocalDir,
+    /// The compression suffix of segment files.
+    suffix: &'static str,
     prog: String,
     verbose: bool,
     segment_size: Option<WalSegmentSize>,
@@ -682,6 +709,7 @@ impl WalDestination for Verbose {
         self.last_timeline = Some(timeline);
         Ok(VerboseWriter {
             inner: self.inner.writer(timeline, start).await?,
+            suffix: self.suffix,
             prog: self.prog.clone(),
             verbose: self.verbose,
             segment_size: self.segment_size,
@@ -693,6 +721,7 @@ impl WalDestination for Verbose {
 /// The writer of [`Verbose`].
 struct VerboseWriter {
     inner: <LocalDir as WalDestination>::Writer,
+    suffix: &'static str,
     prog: String,
     verbose: bool,
     segment_size: Option<WalSegmentSize>,
@@ -736,8 +765,35 @@ impl WalWriter for VerboseWriter {
     }
 
     async fn close(self) -> walstream::Result<WriterTotals> {
-        self.inner.close().await
+        let totals = self.inner.close().await?;
+        if let Some(size) = self.segment_size {
+            if let Some(segno) = partial_segment(&totals, size) {
+                // pg_receivewal says so whenever it closes a segment it has not
+                // completed (at a disconnect, a stop, the end position).
+                report_info(
+                    &self.prog,
+                    format_args!(
+                        "not renaming \"{}{}.partial\", segment is not complete",
+                        pgwire_repl::types::wal_file_name(self.timeline, segno, size),
+                        self.suffix
+                    ),
+                );
+            }
+        }
+        Ok(totals)
     }
+}
+
+/// The segment a closed writer left `.partial`: the one holding its last byte, unless
+/// that segment was completed.
+fn partial_segment(totals: &WriterTotals, size: WalSegmentSize) -> Option<u64> {
+    let written = totals.written;
+    if written.0 == 0 {
+        return None;
+    }
+    let last = Lsn(written.0 - 1).segment_number(size);
+    let completed = written.segment_offset(size) == 0 && totals.durable >= written;
+    (!completed).then_some(last)
 }
 
 #[cfg(test)]

@@ -158,3 +158,72 @@ async fn sigterm_stops_cleanly_and_the_partial_is_completed_later() {
         names(dir.path())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_is_reported_as_pg_receivewal_does_and_streaming_resumes() {
+    let mut cluster = Cluster::start(ClusterOptions::new());
+    cluster.execute("CREATE TABLE t (x int)").await;
+    let dir = scratch();
+    let wal = dir.path().join("wal");
+    std::fs::create_dir(&wal).unwrap();
+    let log = dir.path().join("stderr");
+    let conninfo = cluster.unix_conninfo("postgres");
+    let mut child = Command::new(ours())
+        .args(["-d", &conninfo, "-D"])
+        .arg(&wal)
+        .args(["--no-sync", "-s", "1"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !names(&wal).iter().any(|n| n.ends_with(".partial")) {
+        assert!(Instant::now() < deadline, "no .partial appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let partial = names(&wal)
+        .into_iter()
+        .find(|n| n.ends_with(".partial"))
+        .unwrap();
+    cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart();
+        cluster
+    })
+    .await
+    .unwrap();
+    // PostgreSQL's messages, which scripts and log alerts look for.
+    let expected = [
+        format!("pg_receivewal: not renaming \"{partial}\", segment is not complete"),
+        "pg_receivewal: disconnected; waiting 5 seconds to try again".to_string(),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if expected.iter().all(|line| text.lines().any(|l| l == line)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {expected:?} in:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // It comes back by itself and completes the segment it had left partial.
+    let base = partial.strip_suffix(".partial").unwrap().to_string();
+    cluster.execute("INSERT INTO t VALUES (2)").await;
+    cluster.execute("SELECT pg_switch_wal()").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !names(&wal).contains(&base) {
+        assert!(
+            Instant::now() < deadline,
+            "{base} was not completed after the reconnect: {:?}\n{}",
+            names(&wal),
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

@@ -117,6 +117,7 @@ struct Inner {
     verify: Option<WalVerifyError>,
     source: Option<std::io::Error>,
     retryable: bool,
+    missing_slot: bool,
 }
 
 impl Error {
@@ -130,7 +131,26 @@ impl Error {
             verify: None,
             source: None,
             retryable: false,
+            missing_slot: false,
         }))
+    }
+
+    /// The replication slot `slot` does not exist on `server` (as
+    /// `READ_REPLICATION_SLOT` found). See [`Error::is_missing_slot`].
+    ///
+    /// ```
+    /// let err = walstream::Error::missing_slot("archive", "db1:5432");
+    /// assert!(err.is_missing_slot());
+    /// assert_eq!(err.kind(), walstream::ErrorKind::State);
+    /// ```
+    pub fn missing_slot(slot: &str, server: &str) -> Error {
+        let mut error = Error::new(
+            ErrorKind::State,
+            format!("replication slot \"{slot}\" does not exist on {server}"),
+            Some("create it (CREATE_REPLICATION_SLOT, or let the receiver create it), or fix the name; in an HA stack, declare it permanent so that the HA manager creates it on every new leader".into()),
+        );
+        error.0.missing_slot = true;
+        error
     }
 
     /// A destination's failure (an object store, say): `retryable` when streaming again
@@ -281,6 +301,17 @@ impl Error {
             Some(conn) => conn.advice(),
             None => self.0.advice.as_deref(),
         }
+    }
+
+    /// True when the replication slot streamed from does not exist: the server said so
+    /// (SQLSTATE 42704 from `START_REPLICATION`) or `READ_REPLICATION_SLOT` found none.
+    ///
+    /// Right after a failover this is transient (an HA manager such as Patroni creates
+    /// its permanent slots on the new leader a moment after promoting it), so
+    /// [`receive_wal_into`](crate::receive_wal_into) keeps retrying through its
+    /// [`ReconnectPolicy`](crate::ReconnectPolicy) instead of returning it.
+    pub fn is_missing_slot(&self) -> bool {
+        self.0.missing_slot || self.sqlstate() == Some("42704")
     }
 
     /// True when a new connection may succeed where this one failed.

@@ -8,7 +8,8 @@
 //!   files, durable renames, `.history` files, resume).
 //! * [`receive_wal`]: the whole receiver (what `pg_receivewal` does): resume from the
 //!   directory, verify every byte with [`decode::WalVerifier`], follow timeline
-//!   switches, reconnect after a lost connection.
+//!   switches, reconnect after a lost connection as a [`ReconnectPolicy`] says, and
+//!   report each step as a [`ReceiverEvent`].
 //! * [`receive_wal_into`] and [`WalDestination`]: the same receiver writing anywhere:
 //!   [`LocalDir`] (what `receive_wal` uses), [`MemoryWal`], or a destination of your own.
 //! * [`slot`]: create and drop physical replication slots.
@@ -39,6 +40,7 @@ mod error;
 pub mod memory;
 pub mod protocol;
 pub mod receive;
+pub mod reconnect;
 pub mod slot;
 mod stream;
 pub mod waldir;
@@ -53,6 +55,9 @@ pub use pgwire_repl::proto::replication::{HotStandbyFeedback, PrimaryKeepalive, 
 pub use pgwire_repl::{Lsn, SystemId, TimelineId, WalSegmentSize};
 pub use protocol::StreamEvent;
 pub use receive::{receive_wal, receive_wal_into, EndReason, ReceiveOptions, ReceiveSummary};
+pub use reconnect::{
+    EventHandler, ReceiverEvent, ReconnectPolicy, DEFAULT_GIVE_UP_AFTER, DEFAULT_RECONNECT_INTERVAL,
+};
 pub use stream::{
     EventStream, Feedback, StopHandle, StreamOptions, WalStream, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_STATUS_INTERVAL,

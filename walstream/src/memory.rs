@@ -285,7 +285,9 @@ impl WalWriter for MemoryWriter {
     }
 
     async fn flush(&mut self) -> Result<Lsn> {
-        self.durable = self.written;
+        // Memory holds what was written at once, but only verified WAL counts (the
+        // rule of every destination): an unverified tail is never reported.
+        self.durable = self.durable.max(self.written.min(self.verified));
         Ok(self.durable)
     }
 

@@ -6,8 +6,26 @@
 //! [`WalStream`], verifies every byte with [`WalVerifier`] before it is written, hands
 //! it to the destination's [`WalWriter`] (the local directory writes on a dedicated
 //! thread, so the network side never waits for the disk), reports what the destination
-//! holds durably as the flush position, follows timeline switches and reconnects with
-//! exponential backoff after a lost connection.
+//! holds durably as the flush position, follows timeline switches and reconnects after
+//! a lost connection as its [`ReconnectPolicy`] says, reporting each step as a
+//! [`ReceiverEvent`].
+//!
+//! # What is reported as flushed
+//!
+//! The flush position of every status update is [`WalWriter::durable`]: WAL the
+//! destination holds durably, verified record by record. It moves a slot's
+//! `restart_lsn`, so the server keeps everything after it.
+//!
+//! - A local directory ([`LocalDir`]) counts a segment as durable once it is complete:
+//!   every byte written and verified, fsynced and renamed to its final name (the rename
+//!   and the directory fsynced too). With `synchronous` every write is fsynced and
+//!   reported at once. This is what pg_receivewal reports (its position at the last
+//!   closed segment, or at each fsync with `--synchronous`), so a slot stays at most one
+//!   segment behind what the directory holds, whatever the load, and moves with the next
+//!   status update (every `status_interval`, 10 s by default) without a reconnect.
+//! - An object store destination counts what its uploads have finished.
+//! - Without a slot and outside synchronous mode, the flush position sent is 0 (as
+//!   pg_receivewal), so the receiver never counts as a synchronous standby by accident.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -19,6 +37,7 @@ use pgwire_repl::{Config, Lsn, ReplicationClient, SystemId, TimelineId, WalSegme
 use crate::decode::{VerifierConfig, WalVerifier};
 use crate::destination::{LocalDir, WalDestination, WalWriter};
 use crate::error::{Error, Result};
+use crate::reconnect::{EventHandler, ReceiverEvent, ReconnectPolicy};
 use crate::stream::{StreamOptions, WalStream, DEFAULT_IDLE_TIMEOUT, DEFAULT_STATUS_INTERVAL};
 use crate::waldir::WalDirOptions;
 use crate::StreamEvent;
@@ -48,7 +67,12 @@ pub struct ReceiveOptions {
     /// Create the slot (with RESERVE_WAL) if it does not exist.
     pub create_slot: bool,
     /// Stop once everything up to here is written and flushed (pg_receivewal
-    /// `--endpos`). The segment holding it stays `.partial`.
+    /// `--endpos`). As pg_receivewal, nothing past the end of the segment holding it is
+    /// written: a segment that ends at or after it is completed (once its last record is
+    /// verified, which may take WAL from the next segment, read but not written), and a
+    /// segment that reaches it only partly stays `.partial`. A timeline switch before it
+    /// is followed, as pg_receivewal does; for `endpos_updates` (a base backup's end, on
+    /// the backup's timeline) it is an error.
     pub endpos: Option<Lsn>,
     /// fsync and report the flush position after every write (pg_receivewal
     /// `--synchronous`); needed to act as a synchronous standby.
@@ -62,16 +86,25 @@ pub struct ReceiveOptions {
     pub report_flush: Option<bool>,
     /// Periodic status updates (default 10 s).
     pub status_interval: Option<Duration>,
-    /// Fail (and reconnect) when the server sends nothing for this long (default 60 s).
+    /// The dead-peer bound, as PostgreSQL's `wal_receiver_timeout` (default 60 s): when
+    /// the server has sent nothing for half of it, a status update asks for an immediate
+    /// reply (a live walsender answers with a keepalive, idle or not); only when that
+    /// request stays unanswered for the other half is the connection taken as dead, and
+    /// the receiver reconnects. `None` waits forever (TCP keepalives, set in the
+    /// connection string as in libpq, still apply).
     pub idle_timeout: Option<Duration>,
     /// Return instead of reconnecting when the connection is lost or the server shuts
     /// down (pg_receivewal `--no-loop`).
     pub no_loop: bool,
+    /// When to reconnect after a lost connection and when to give up (default: at once,
+    /// then every 5 s, giving up after 5 minutes without a streaming connection).
+    pub reconnect: ReconnectPolicy,
+    /// Receives the connection events (streaming, disconnected, retrying, given up,
+    /// timeline switches); see [`ReceiveOptions::on_event`].
+    pub events: Option<EventHandler>,
     /// Decode and CRC-check every record (default true). Off, WAL is only checked for
     /// continuity.
     pub verify_records: bool,
-    /// The first reconnection delay (default 1 s), doubled after each failure.
-    pub reconnect_delay: Duration,
     /// Where to start when the directory holds no segment, instead of the slot's
     /// restart_lsn or the server's position (rounded down to a segment start). A base
     /// backup's start LSN, for example; PostgreSQL 13/14 cannot read a slot's position.
@@ -82,8 +115,6 @@ pub struct ReceiveOptions {
     /// An end position that becomes known while streaming (a base backup's end LSN):
     /// once the channel holds `Some(lsn)`, it acts as `endpos`.
     pub endpos_updates: Option<tokio::sync::watch::Receiver<Option<Lsn>>>,
-    /// The longest reconnection delay (default 60 s).
-    pub max_reconnect_delay: Duration,
 }
 
 impl ReceiveOptions {
@@ -101,11 +132,31 @@ impl ReceiveOptions {
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             no_loop: false,
             verify_records: true,
-            reconnect_delay: Duration::from_secs(1),
-            max_reconnect_delay: Duration::from_secs(60),
+            reconnect: ReconnectPolicy::default(),
+            events: None,
             start_position: None,
             temporary_slot: false,
             endpos_updates: None,
+        }
+    }
+
+    /// Sets the callback that receives the connection events.
+    ///
+    /// ```
+    /// let mut options = walstream::ReceiveOptions::new("/var/lib/wal-archive");
+    /// options.on_event(|event| eprintln!("wal receiver: {event}"));
+    /// ```
+    pub fn on_event(
+        &mut self,
+        callback: impl Fn(&ReceiverEvent<'_>) + Send + Sync + 'static,
+    ) -> &mut Self {
+        self.events = Some(EventHandler::new(callback));
+        self
+    }
+
+    fn emit(&self, event: ReceiverEvent<'_>) {
+        if let Some(handler) = &self.events {
+            handler.emit(&event);
         }
     }
 
@@ -186,11 +237,13 @@ pub struct ReceiveSummary {
 /// [`EndReason::Shutdown`]. Pass `std::future::pending()` to run until the end
 /// position, or e.g. `async { tokio::signal::ctrl_c().await.ok(); }`.
 ///
-/// Retryable failures ([`crate::Error::is_retryable`]: a lost connection, a timeout, a
-/// server shutting down) lead to a new connection after a delay that doubles up to
-/// `max_reconnect_delay`, resuming from the directory without a gap. Other failures
-/// (server errors such as a missing slot, a refused certificate or password,
-/// verification errors, local I/O errors) are returned.
+/// Retryable failures ([`crate::Error::is_retryable`]: a lost connection, a dead peer, a
+/// server shutting down) and a missing slot ([`crate::Error::is_missing_slot`], which an
+/// HA manager recreates on a new leader) lead to a new connection as
+/// `options.reconnect` says (at once, then every 5 s, by default), resuming from the
+/// directory without a gap; each step is reported to `options.events`. Other failures
+/// (a refused certificate or password, other server errors, verification errors, local
+/// I/O errors) are returned, and so is the last failure once the policy gives up.
 ///
 /// # Cancel safety
 ///
@@ -265,6 +318,7 @@ pub async fn receive_wal_into<D: WalDestination>(
         shutdown,
         system_id: None,
         slot_checked: false,
+        streamed: false,
         summary: ReceiveSummary {
             end_reason: EndReason::Shutdown,
             timeline: TimelineId(1),
@@ -276,29 +330,78 @@ pub async fn receive_wal_into<D: WalDestination>(
             reconnects: 0,
         },
     };
-    let mut delay = options.reconnect_delay;
+    let policy = options.reconnect;
+    // Attempts since the last connection that streamed, and since when they fail.
+    let mut attempt: u32 = 0;
+    let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
-        let received_before = receiver.summary.bytes_received;
+        receiver.streamed = false;
         let error = match receiver.session().await {
-            Ok(EndReason::ServerShutdown) if !options.no_loop => {
-                tracing::info!("the server shut down; reconnecting");
-                None
-            }
+            Ok(EndReason::ServerShutdown) if !options.no_loop => None,
             Ok(reason) => {
                 receiver.summary.end_reason = reason;
                 return Ok(receiver.summary);
             }
-            Err(err) if err.is_retryable() && !options.no_loop => Some(err),
+            // A missing slot is transient in an HA stack: the manager creates its
+            // permanent slots on a new leader a moment after promoting it.
+            Err(err) if !options.no_loop && (err.is_retryable() || err.is_missing_slot()) => {
+                Some(err)
+            }
             Err(err) => return Err(err),
         };
-        if receiver.summary.bytes_received > received_before {
-            delay = options.reconnect_delay;
+        if receiver.streamed {
+            attempt = 0;
+            failing_since = None;
         }
-        match &error {
-            Some(err) => {
-                tracing::warn!(error = %err, delay_ms = delay.as_millis() as u64, "streaming failed; reconnecting")
+        attempt += 1;
+        options.emit(ReceiverEvent::Disconnected {
+            error: error.as_ref(),
+        });
+        let now = tokio::time::Instant::now();
+        let since = *failing_since.get_or_insert(now);
+        let failing_for = now.duration_since(since);
+        let error = match error {
+            Some(err)
+                if policy
+                    .give_up_after_time()
+                    .is_some_and(|limit| failing_for >= limit) =>
+            {
+                options.emit(ReceiverEvent::GaveUp {
+                    error: &err,
+                    after: failing_for,
+                });
+                tracing::error!(error = %err, "no connection streamed for {} s; giving up", failing_for.as_secs());
+                return Err(err);
             }
-            None => tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting"),
+            other => other,
+        };
+        let delay = policy.delay_before(attempt);
+        let waiting_for = match (&error, &options.slot) {
+            (Some(err), Some(slot)) if err.is_missing_slot() => Some(format!(
+                "replication slot \"{slot}\" to exist (an HA manager creates permanent slots on a new leader)"
+            )),
+            _ => None,
+        };
+        options.emit(ReceiverEvent::Retrying {
+            attempt,
+            delay,
+            waiting_for: waiting_for.as_deref(),
+        });
+        match &error {
+            // An event handler takes over reporting; the log keeps a debug line.
+            Some(err) if options.events.is_none() => tracing::warn!(
+                error = %err,
+                delay_ms = delay.as_millis() as u64,
+                waiting_for = waiting_for.as_deref().unwrap_or(""),
+                "streaming failed; reconnecting"
+            ),
+            Some(err) => {
+                tracing::debug!(error = %err, delay_ms = delay.as_millis() as u64, "streaming failed; reconnecting")
+            }
+            None => tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "the server shut down; reconnecting"
+            ),
         }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
@@ -307,7 +410,6 @@ pub async fn receive_wal_into<D: WalDestination>(
                 return Ok(receiver.summary);
             }
         }
-        delay = (delay * 2).min(options.max_reconnect_delay);
         receiver.summary.reconnects += 1;
     }
 }
@@ -319,6 +421,8 @@ struct Receiver<'a, F: Future<Output = ()>, D> {
     shutdown: Pin<&'a mut F>,
     system_id: Option<SystemId>,
     slot_checked: bool,
+    /// The current session reached streaming.
+    streamed: bool,
     summary: ReceiveSummary,
 }
 
@@ -436,6 +540,23 @@ impl<F: Future<Output = ()>, D: WalDestination> Receiver<'_, F, D> {
                     next_start,
                 } => {
                     tracing::info!(%timeline, %next_timeline, %next_start, "timeline switch");
+                    if let (None, Some(end)) = (options.endpos, options.current_endpos()) {
+                        // A base backup's end lies on the backup's timeline: WAL of
+                        // another timeline cannot complete it.
+                        if next_start < end {
+                            return Err(Error::state(
+                                format!(
+                                    "the server switched from timeline {timeline} to {next_timeline} at {next_start}, before the end position {end}, which lies on timeline {timeline}"
+                                ),
+                                "the end position cannot be reached on this timeline (the server was promoted meanwhile); take the backup again",
+                            ));
+                        }
+                    }
+                    options.emit(ReceiverEvent::TimelineSwitch {
+                        from: timeline,
+                        to: next_timeline,
+                        at: next_start,
+                    });
                     self.summary.timeline_switches += 1;
                     timeline = next_timeline;
                     start = next_start.segment_start(segment_size);
@@ -461,10 +582,7 @@ impl<F: Future<Output = ()>, D: WalDestination> Receiver<'_, F, D> {
         if let Some(slot) = &self.options.slot {
             if client.server_major() >= 15 {
                 match client.read_replication_slot(slot).await? {
-                    None => return Err(Error::state(
-                        format!("replication slot {slot:?} does not exist"),
-                        "create it (set create_slot, or CREATE_REPLICATION_SLOT) or fix the name",
-                    )),
+                    None => return Err(Error::missing_slot(slot, client.connection().target())),
                     Some(info) if info.slot_type != "physical" => {
                         return Err(Error::state(
                             format!(
@@ -515,6 +633,12 @@ impl<F: Future<Output = ()>, D: WalDestination> Receiver<'_, F, D> {
         }
         tracing::info!(%start, %timeline, "starting to stream WAL");
         let mut stream = WalStream::start(client, stream_options).await?;
+        self.streamed = true;
+        options.emit(ReceiverEvent::Streaming {
+            server: stream.target(),
+            timeline,
+            start,
+        });
         if !options.synchronous {
             // Catching up is the bulk of the work; a synchronous standby must not add
             // latency to the primary's commits.
@@ -527,7 +651,13 @@ impl<F: Future<Output = ()>, D: WalDestination> Receiver<'_, F, D> {
             feedback.set_flush(start);
         }
         let result = self
-            .pump(&mut stream, &mut writer, &mut verifier, report_flush)
+            .pump(
+                &mut stream,
+                &mut writer,
+                &mut verifier,
+                report_flush,
+                server.segment_size,
+            )
             .await;
         // Whatever happened, flush what was written; segments not complete stay partial.
         let closed = writer.close().await;
@@ -574,22 +704,42 @@ impl<F: Future<Output = ()>, D: WalDestination> Receiver<'_, F, D> {
         writer: &mut W,
         verifier: &mut WalVerifier,
         report_flush: bool,
+        segment_size: WalSegmentSize,
     ) -> Result<TimelineOutcome> {
         let options = self.options;
         let feedback = stream.feedback().clone();
         let mut endpos_updates = options.endpos_updates.clone();
+        // Asked the server for its position while waiting to verify the record that
+        // crosses the end of the last segment before the end position.
+        let mut asked_for_position = false;
+        // The end of what was handed to the writer (its own `written` may lag behind,
+        // when it writes on a thread).
+        let mut handed = writer.written();
         loop {
             // An end position that arrived while WAL was already past it ends here.
-            if let Some(endpos) = options.current_endpos() {
-                if writer.written() >= endpos {
+            let endpos = options.current_endpos();
+            match end_state(endpos, handed, verifier, segment_size) {
+                EndState::Reached => {
                     let flushed = writer.flush().await?;
                     feedback.set_write(writer.written());
                     if report_flush {
                         feedback.set_flush(flushed);
                     }
-                    stream.stop().await?;
+                    if let Some(StreamEvent::EndOfTimeline {
+                        next_timeline,
+                        next_start,
+                    }) = stream.stop().await?
+                    {
+                        tracing::debug!(%next_timeline, %next_start, "the timeline ended while stopping at endpos");
+                    }
                     return Ok(TimelineOutcome::Ended(EndReason::EndPos));
                 }
+                EndState::Verifying if !asked_for_position => {
+                    // The reply (a keepalive) says how far the server's WAL goes.
+                    stream.send_status(true).await?;
+                    asked_for_position = true;
+                }
+                EndState::Verifying | EndState::Streaming => {}
             }
             let event = tokio::select! {
                 biased;
@@ -636,34 +786,39 @@ impl<F: Future<Output = ()>, D: WalDestination> Receiver<'_, F, D> {
                         return Err(Error::verify(bad, context));
                     }
                     self.summary.bytes_received += len;
-                    let end = Lsn(x.wal_start.0 + len);
+                    // As pg_receivewal, nothing past the end of the segment holding the
+                    // end position is written; what lies beyond only serves to verify
+                    // the record crossing into it.
+                    let mut data = x.data;
+                    if let Some(limit) =
+                        endpos.map(|end| segment_end_at_or_after(end, segment_size))
+                    {
+                        let room = limit.0.saturating_sub(handed.0) as usize;
+                        data.truncate(room);
+                    }
+                    let lsn = handed;
+                    handed = Lsn(lsn.0 + data.len() as u64);
                     writer
-                        .write(x.wal_start, x.data, verifier.verified_up_to())
+                        .write(lsn, data, verifier.verified_up_to().min(handed))
                         .await?;
-                    let at_end = options.current_endpos().is_some_and(|endpos| end >= endpos);
+                    let at_end = !matches!(
+                        end_state(endpos, handed, verifier, segment_size),
+                        EndState::Streaming
+                    );
                     if options.synchronous && !at_end && writer.flushes_in_background() {
                         // The writer stores it on its own; tell the primary what was
                         // received now and what is durable when the upload is done.
                         feedback.set_write(writer.written());
                         stream.send_status(false).await?;
-                    } else if options.synchronous || at_end {
+                    } else if options.synchronous && !at_end {
                         let flushed = writer.flush().await?;
                         feedback.set_write(writer.written());
                         if report_flush {
                             feedback.set_flush(flushed);
                         }
-                        if at_end {
-                            if let Some(StreamEvent::EndOfTimeline {
-                                next_timeline,
-                                next_start,
-                            }) = stream.stop().await?
-                            {
-                                tracing::debug!(%next_timeline, %next_start, "the timeline ended while stopping at endpos");
-                            }
-                            return Ok(TimelineOutcome::Ended(EndReason::EndPos));
-                        }
                         stream.send_status(false).await?;
                     }
+                    // At the end position, the top of the loop flushes and stops.
                 }
                 Some(StreamEvent::Keepalive(k)) => {
                     if k.reply_requested && report_flush {
@@ -671,6 +826,22 @@ impl<F: Future<Output = ()>, D: WalDestination> Receiver<'_, F, D> {
                         let flushed = writer.flush().await?;
                         feedback.set_flush(flushed);
                         feedback.set_write(writer.written());
+                    }
+                    if asked_for_position && k.wal_end <= verifier.position() {
+                        // The server has sent all the WAL it has, and the last record
+                        // before the end position is not whole yet: stop without
+                        // completing the segment, which cannot be verified.
+                        tracing::info!(
+                            position = %verifier.position(),
+                            verified = %verifier.verified_up_to(),
+                            "the record crossing the end of the last segment is not complete on the server; the segment stays partial"
+                        );
+                        let flushed = writer.flush().await?;
+                        if report_flush {
+                            feedback.set_flush(flushed);
+                        }
+                        stream.stop().await?;
+                        return Ok(TimelineOutcome::Ended(EndReason::EndPos));
                     }
                 }
                 Some(StreamEvent::EndOfTimeline {
@@ -688,6 +859,43 @@ impl<F: Future<Output = ()>, D: WalDestination> Receiver<'_, F, D> {
             }
         }
     }
+}
+
+/// Where a receiver stands against its end position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndState {
+    /// No end position, or not reached.
+    Streaming,
+    /// Written up to the end of the last segment, whose last record is not verified
+    /// yet: WAL of the next segment is read, not written, to verify it.
+    Verifying,
+    /// Done: flush and stop.
+    Reached,
+}
+
+fn end_state(
+    endpos: Option<Lsn>,
+    written: Lsn,
+    verifier: &WalVerifier,
+    segment_size: WalSegmentSize,
+) -> EndState {
+    match endpos {
+        Some(end) if written >= end => {
+            let ends_segment = written.segment_offset(segment_size) == 0;
+            if ends_segment && verifier.verified_up_to() < written {
+                EndState::Verifying
+            } else {
+                EndState::Reached
+            }
+        }
+        _ => EndState::Streaming,
+    }
+}
+
+/// The first segment boundary at or after `lsn`.
+fn segment_end_at_or_after(lsn: Lsn, segment_size: WalSegmentSize) -> Lsn {
+    let size = segment_size.bytes();
+    Lsn(lsn.0.div_ceil(size).saturating_mul(size))
 }
 
 /// Waits for a new end position; pends forever without a channel.

@@ -22,8 +22,8 @@ use crate::protocol::{CopyBoth, StatusSchedule, Step, StreamEvent};
 /// `--status-interval` default).
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The default limit on silence from the server (PostgreSQL's default
-/// `wal_sender_timeout`).
+/// The default dead-peer bound (PostgreSQL's default `wal_receiver_timeout`); see
+/// [`StreamOptions::idle_timeout`].
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How to start streaming.
@@ -81,10 +81,14 @@ impl StreamOptions {
         self
     }
 
-    /// Fail with [`crate::ErrorKind::Timeout`] when the server sends nothing for this
-    /// long (default 60 s; `None` waits forever). The server sends keepalives at least
-    /// every `wal_sender_timeout / 2`, so a live but idle server never trips it if this
-    /// is at least `wal_sender_timeout`.
+    /// The dead-peer bound, as PostgreSQL's `wal_receiver_timeout` (default 60 s; `None`
+    /// waits forever). When the server has sent nothing for half of it, a status update
+    /// asks for an immediate reply, which a live walsender answers with a keepalive even
+    /// when it has no WAL to send (it sends keepalives of its own only when it has not
+    /// heard from the client for `wal_sender_timeout / 2`, so a client that reports every
+    /// 10 s would otherwise get none). Only when that request stays unanswered for the
+    /// other half does the stream fail with [`crate::ErrorKind::Timeout`]. Before
+    /// streaming starts, no request can be sent: silence for the whole bound fails.
     pub fn idle_timeout(mut self, timeout: Option<Duration>) -> StreamOptions {
         self.idle_timeout = timeout;
         self
@@ -215,6 +219,9 @@ pub struct WalStream {
     hot_standby: Option<HotStandbyFeedback>,
     idle_timeout: Option<Duration>,
     last_received: Instant,
+    /// When a status update asking for a reply went out because the server was silent
+    /// (cleared by anything the server sends).
+    probe_sent: Option<Instant>,
     pending: Option<StreamEvent>,
     status_buf: BytesMut,
     /// A status update is in the send buffer, not yet sent in full (its send was
@@ -318,6 +325,7 @@ impl WalStream {
             hot_standby: None,
             idle_timeout: options.idle_timeout,
             last_received: now,
+            probe_sent: None,
             pending: None,
             status_buf: BytesMut::with_capacity(64),
             status_queued: false,
@@ -583,16 +591,17 @@ impl WalStream {
             self.send().await?;
         }
         loop {
-            let status_at = if self.machine.is_streaming() {
+            let streaming = self.machine.is_streaming();
+            let status_at = if streaming {
                 self.schedule.next_periodic().map(Instant::from_std)
             } else {
                 None
             };
-            let idle_at = self.idle_timeout.map(|t| self.last_received + t);
-            let wake_at = match (status_at, idle_at) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let silence = self.silence_deadlines(streaming);
+            let wake_at = [status_at, silence.probe_at, silence.dead_at]
+                .into_iter()
+                .flatten()
+                .min();
             let read = self.conn.read_message();
             let message = match wake_at {
                 None => read.await,
@@ -601,10 +610,14 @@ impl WalStream {
                     Ok(message) => message,
                     Err(_) => {
                         let now = Instant::now();
-                        if idle_at.is_some_and(|at| now >= at) {
+                        if silence.dead_at.is_some_and(|at| now >= at) {
                             return Err(self.idle_error());
                         }
-                        if self.machine.is_streaming() && self.schedule.due(now.into_std()) {
+                        if silence.probe_at.is_some_and(|at| now >= at) {
+                            tracing::debug!(target = %self.conn.target(), "the server is silent; asking it for a reply");
+                            self.send_status(true).await?;
+                            self.probe_sent = Some(now);
+                        } else if streaming && self.schedule.due(now.into_std()) {
                             self.send_status(false).await?;
                         }
                         continue;
@@ -614,6 +627,7 @@ impl WalStream {
             return match message {
                 Ok(message) => {
                     self.last_received = Instant::now();
+                    self.probe_sent = None;
                     Ok(message)
                 }
                 Err(err) => Err(self.read_error(err)),
@@ -621,15 +635,48 @@ impl WalStream {
         }
     }
 
+    /// When to ask a silent server for a reply, and when silence means a dead peer.
+    fn silence_deadlines(&self, streaming: bool) -> Silence {
+        let Some(limit) = self.idle_timeout else {
+            return Silence::default();
+        };
+        if !streaming {
+            // No status update can ask for a reply outside CopyBoth.
+            return Silence {
+                probe_at: None,
+                dead_at: Some(self.last_received + limit),
+            };
+        }
+        let half = limit / 2;
+        match self.probe_sent {
+            None => Silence {
+                probe_at: Some(self.last_received + half),
+                dead_at: None,
+            },
+            Some(sent) => Silence {
+                probe_at: None,
+                dead_at: Some(sent + (limit - half)),
+            },
+        }
+    }
+
     fn idle_error(&self) -> Error {
         // Fractional seconds: a sub-second timeout would otherwise read "0 s".
-        let secs = self.idle_timeout.map_or(0.0, |t| t.as_secs_f64());
-        Error::timeout(
-            format!(
-                "{} sent nothing for {secs} s while streaming WAL",
+        let silent = self.last_received.elapsed().as_secs_f64();
+        let message = match self.probe_sent {
+            Some(sent) => format!(
+                "{} sent nothing for {silent:.1} s and did not answer a request for a reply within {:.1} s",
+                self.conn.target(),
+                sent.elapsed().as_secs_f64()
+            ),
+            None => format!(
+                "{} sent nothing for {silent:.1} s before streaming started",
                 self.conn.target()
             ),
-            "the server or the network stalled (a live walsender sends keepalives at least every wal_sender_timeout/2); check the server's log, or raise the idle timeout above the server's wal_sender_timeout",
+        };
+        Error::timeout(
+            message,
+            "the server is stopped or overloaded, or the network between us drops packets (a live walsender answers at once); check the server and its log; raise the timeout if the server is merely slow",
         )
     }
 
@@ -660,6 +707,15 @@ impl WalStream {
         }
         Ok(())
     }
+}
+
+/// Deadlines of [`WalStream::silence_deadlines`].
+#[derive(Debug, Default, Clone, Copy)]
+struct Silence {
+    /// Ask for a reply then.
+    probe_at: Option<Instant>,
+    /// The peer is dead then.
+    dead_at: Option<Instant>,
 }
 
 fn end_event(next: Option<(TimelineId, Lsn)>) -> Result<StreamEvent> {

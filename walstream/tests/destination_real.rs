@@ -42,7 +42,7 @@ async fn memory_destination_resumes_after_cuts_without_gap() {
     options.slot = Some("memory".into());
     options.start_position = Some(start);
     options.endpos = Some(end);
-    options.reconnect_delay = Duration::from_millis(100);
+    options.reconnect = walstream::ReconnectPolicy::default().interval(Duration::from_millis(100));
     let wal = MemoryWal::new();
     let summary = tokio::time::timeout(
         Duration::from_secs(120),

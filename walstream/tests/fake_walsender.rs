@@ -182,6 +182,61 @@ async fn silence_beyond_the_idle_timeout_is_a_timeout() {
 }
 
 #[tokio::test]
+async fn a_silent_server_is_asked_for_a_reply_and_a_live_one_keeps_the_stream() {
+    // An idle walsender sends nothing while the client reports on time; it answers a
+    // status update that requests a reply with a keepalive. Three rounds of that, well
+    // past the 300 ms bound, keep the stream up.
+    let mut script = vec![Action::handshake("17.2"), Action::Expect(b'Q'), copy_both()];
+    for _ in 0..3 {
+        script.push(Action::Expect(b'd'));
+        script.push(keepalive(false));
+    }
+    script.push(Action::GoSilent);
+    let server = FakeServer::start(vec![script]).await;
+    let mut stream = start(
+        &server,
+        StreamOptions::new(Lsn(0x1000000))
+            .status_interval(None)
+            .idle_timeout(Some(Duration::from_millis(300))),
+    )
+    .await;
+    let began = Instant::now();
+    for round in 0..3 {
+        match stream.next_event().await {
+            Ok(Some(StreamEvent::Keepalive(_))) => {}
+            other => panic!(
+                "round {round}: expected the keepalive that answers the request, got {other:?}"
+            ),
+        }
+    }
+    assert!(
+        began.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        began.elapsed()
+    );
+    // Then the server stops answering: dead within the bound.
+    let err = stream.next_event().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(
+        err.to_string()
+            .contains("did not answer a request for a reply"),
+        "{err}"
+    );
+    drop(stream);
+    let received = server.finish().await.remove(0);
+    let updates = status_updates(&received);
+    assert_eq!(
+        updates.len(),
+        3,
+        "one probe per silence, each answered: {updates:?}"
+    );
+    assert!(
+        updates.iter().all(|u| u.reply_requested),
+        "every probe asks for a reply: {updates:?}"
+    );
+}
+
+#[tokio::test]
 async fn an_error_inside_the_copy_is_a_typed_server_error() {
     let server = FakeServer::start(vec![vec![
         Action::handshake("15.18"),

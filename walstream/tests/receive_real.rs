@@ -295,7 +295,7 @@ async fn reconnects_after_a_server_restart_and_continues_without_gap() {
     let dir = tempfile::tempdir().unwrap();
     let wal = dir.path().join("wal");
     let mut options = ReceiveOptions::new(&wal);
-    options.reconnect_delay = Duration::from_millis(200);
+    options.reconnect = walstream::ReconnectPolicy::default().interval(Duration::from_millis(200));
     let (stop, shutdown) = shutdown_pair();
     let receiver = {
         let config = config.clone();

@@ -270,6 +270,8 @@ struct ReceiveWalArgs {
     /// Exit when the connection is lost instead of reconnecting.
     #[arg(long)]
     no_loop: bool,
+    #[command(flatten)]
+    connection: ReceiverConnectionArgs,
     /// Skip every fsync.
     #[arg(long)]
     no_sync: bool,
@@ -826,6 +828,54 @@ async fn run_clone(args: CloneArgs) -> pgwire_repl::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// How `receive-wal` keeps its connection: reconnects and dead-peer detection.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct ReceiverConnectionArgs {
+    /// Seconds between reconnection attempts after the first, which is made at once
+    /// (pg_receivewal waits 5 s). The receiver retries until stopped.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    reconnect_interval: f64,
+    /// Seconds of silence from the server after which the connection is taken as dead,
+    /// as PostgreSQL's wal_receiver_timeout: halfway through, the receiver asks the
+    /// server for a reply, which a live server sends at once. 0 waits forever.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    wal_receiver_timeout: f64,
+}
+
+impl ReceiverConnectionArgs {
+    /// Sets the reconnect policy, the dead-peer bound and a printer of connection
+    /// events on stderr.
+    pub fn apply(&self, options: &mut walstream::ReceiveOptions) -> Result<(), String> {
+        let seconds = |value: f64, option: &str, zero_ok: bool| {
+            if value.is_finite() && (value > 0.0 || (zero_ok && value == 0.0)) {
+                Ok(Duration::from_secs_f64(value))
+            } else {
+                Err(format!(
+                    "{option} {value} is not a {} number of seconds",
+                    if zero_ok { "non-negative" } else { "positive" }
+                ))
+            }
+        };
+        let interval = seconds(self.reconnect_interval, "--reconnect-interval", false)?;
+        let timeout = seconds(self.wal_receiver_timeout, "--wal-receiver-timeout", true)?;
+        options.reconnect = walstream::ReconnectPolicy::default()
+            .interval(interval)
+            .retry_forever();
+        options.idle_timeout = (!timeout.is_zero()).then_some(timeout);
+        options.on_event(|event| eprintln!("clone-standby: {event}"));
+        Ok(())
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM (what systemd sends to stop a service).
+pub async fn interrupted() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => None } } => {}
+    }
+}
+
 impl ReceiveWalArgs {
     fn into_repo_args(self) -> repo::ReceiveWalRepoArgs {
         repo::ReceiveWalRepoArgs {
@@ -838,6 +888,7 @@ impl ReceiveWalArgs {
             synchronous: self.synchronous,
             compress: self.compress,
             no_loop: self.no_loop,
+            connection: self.connection,
             no_verify: self.no_verify,
             flush_interval: self.flush_interval,
             flush_bytes: self.flush_bytes,
@@ -893,10 +944,10 @@ async fn run_receive_wal(args: ReceiveWalArgs) -> pgwire_repl::Result<ExitCode> 
     if let Some(start) = &args.start_lsn {
         options.start_position = Some(start.parse()?);
     }
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match walstream::receive_wal(&source, &options, shutdown).await {
+    if let Err(e) = args.connection.apply(&mut options) {
+        return fail(e);
+    }
+    match walstream::receive_wal(&source, &options, interrupted()).await {
         Ok(summary) => {
             eprintln!(
                 "clone-standby: stopped ({:?}) at {} on timeline {}: {} bytes received, {} segments completed, {} reconnects",

@@ -1009,6 +1009,7 @@ pub struct ReceiveWalRepoArgs {
     pub synchronous: bool,
     pub compress: Option<String>,
     pub no_loop: bool,
+    pub connection: crate::ReceiverConnectionArgs,
     pub no_verify: bool,
     pub flush_interval: f64,
     pub flush_bytes: Option<u64>,
@@ -1083,19 +1084,10 @@ pub async fn run_receive_wal_repo(args: ReceiveWalRepoArgs) -> pgrepo::Result<Ex
     if let Some(start) = &args.start_lsn {
         options.start_position = Some(parse_lsn(start, "--start-lsn")?);
     }
-    let shutdown = async {
-        #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => None } } => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    args.connection
+        .apply(&mut options)
+        .map_err(|e| pgrepo::Error::usage(e, "give a number of seconds, e.g. 5"))?;
+    let shutdown = crate::interrupted();
     let result = walstream::receive_wal_into(&config, &options, archive.clone(), shutdown).await;
     if let Err(e) = archive.release().await {
         eprintln!("clone-standby: could not release the receiver lease (it expires on its own in 30 s): {e}");

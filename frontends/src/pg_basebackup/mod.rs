@@ -1051,7 +1051,6 @@ async fn backup(prog: &str, args: &Args, owned: &mut Vec<OwnedDir>) -> Result<()
         receive.no_loop = true;
         receive.endpos_updates = Some(endpos_rx);
         receive.dir_options.sync = args.sync;
-        receive.reconnect_delay = Duration::from_millis(100);
         if let Some(interval) = args.status_interval {
             receive.status_interval = Some(interval);
         }
