@@ -661,17 +661,20 @@ impl WalStream {
     }
 
     fn idle_error(&self) -> Error {
-        // Fractional seconds: a sub-second timeout would otherwise read "0 s".
-        let silent = self.last_received.elapsed().as_secs_f64();
+        // The configured bound, not the measured silence, so that the message is stable;
+        // fractional seconds, or a sub-second bound would read "0 s".
+        let limit = self.idle_timeout.unwrap_or_default();
         let message = match self.probe_sent {
-            Some(sent) => format!(
-                "{} sent nothing for {silent:.1} s and did not answer a request for a reply within {:.1} s",
+            Some(_) => format!(
+                "{} sent nothing for {} s while streaming WAL and did not answer a request for a reply within {} s",
                 self.conn.target(),
-                sent.elapsed().as_secs_f64()
+                limit.as_secs_f64(),
+                (limit - limit / 2).as_secs_f64()
             ),
             None => format!(
-                "{} sent nothing for {silent:.1} s before streaming started",
-                self.conn.target()
+                "{} sent nothing for {} s before streaming started",
+                self.conn.target(),
+                limit.as_secs_f64()
             ),
         };
         Error::timeout(
