@@ -275,3 +275,146 @@ async fn tar_format_backups() {
         assert_eq!(a.errors, b.errors);
     }
 }
+
+/// PostgreSQL 18's own tool, which `--version` names.
+fn pg18_verifybackup() -> PathBuf {
+    testkit::oracle::tool18("pg_verifybackup").unwrap_or_else(|path| {
+        panic!(
+            "PostgreSQL 18's pg_verifybackup is missing at {}; run scripts/install-test-tools.sh",
+            path.display()
+        )
+    })
+}
+
+/// Every manifest of PostgreSQL 18's `005_bad_manifest.pl`, and more damage of the same
+/// kinds: ours must fail exactly as PostgreSQL 18's tool does (exit status and `error:`
+/// lines). No server is needed: the manifest is read before anything else. (JSON
+/// syntax errors other than a truncated input, such as `Token "x" is invalid.`, are
+/// still reported as `parsing failed`, PostgreSQL 15's words, and are not listed.)
+#[test]
+fn bad_manifests_fail_as_postgres_18s_tool_fails() {
+    let manifests: &[&str] = &[
+        // 005_bad_manifest.pl (PostgreSQL 18).
+        "{\n",
+        "{}\n",
+        "[]\n",
+        "{\"not-expected\": 1}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": \"phooey\"}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 9876599}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": true}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Oops\": 1}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": {}}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [{}]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [\n    {\"Path\": \"x\", \"Encoded-Path\": \"1234\"}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [\n    {\"Oops\": 1}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [\n    {\"Path\": \"x\"}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [\n    {\"Path\": \"x\", \"Size\": \"Oops\"}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [\n    {\"Encoded-Path\": \"123\", \"Size\": 0}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [\n    {\"Path\": \"x\", \"Size\": 0},\n    {\"Path\": \"x\", \"Size\": 0}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [\n    {\"Path\": \"x\", \"Size\": 100, \"Checksum\": \"Oops\"}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [\n    {\"Path\": \"x\", \"Size\": 100, \"Checksum-Algorithm\": \"Oops\", \"Checksum\": \"00\"}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [\n    {\"Path\": \"x\", \"Size\": 100, \"Checksum-Algorithm\": \"CRC32C\", \"Checksum\": \"0\"}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"WAL-Ranges\": [\n    {\"Timeline\": 1}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"WAL-Ranges\": [\n    {\"Timeline\": 1, \"Start-LSN\": \"0/0\"}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"WAL-Ranges\": [\n    {\"Oops\": 1}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"WAL-Ranges\": [\n    {}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"WAL-Ranges\": [\n    {\"Timeline\": 1, \"Start-LSN\": \"0/0\", \"End-LSN\": \"0/0\"}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"WAL-Ranges\": [\n    {\"Timeline\": true, \"Start-LSN\": \"0/0\", \"End-LSN\": \"0/0\"}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"WAL-Ranges\": [\n    {\"Timeline\": 1, \"Start-LSN\": \"oops\", \"End-LSN\": \"0/0\"}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"WAL-Ranges\": [\n    {\"Timeline\": 1, \"Start-LSN\": \"0/0\", \"End-LSN\": \"oops\"}\n]}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [], \"Manifest-Checksum\": null}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1,\n \"Files\": [],\n \"Manifest-Checksum\": null}",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [],\n \"Manifest-Checksum\": \"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567890-\"}\n",
+        // The input ending early, anywhere.
+        "",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\"\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\":\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [{\"Path\": \"x\"\n",
+        // Versions: an integer as strtol reads it, else "not an integer".
+        "{\"PostgreSQL-Backup-Manifest-Version\": 1.5}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": \"2x\"}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": true}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": \"1\"}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": \" 2\"}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": \"\"}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": \" \"}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": \"-\"}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": -1}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 3}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 99999999999999999999}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": 4294967297}\n",
+        "{\"PostgreSQL-Backup-Manifest-Version\": \"+1\"}\n",
+    ];
+    let ours = PathBuf::from(env!("CARGO_BIN_EXE_pg_verifybackup"));
+    let theirs = pg18_verifybackup();
+    let dir = tempfile::tempdir().unwrap();
+    let mut disagreements = Vec::new();
+    for manifest in manifests {
+        std::fs::write(dir.path().join("backup_manifest"), manifest).unwrap();
+        let a = run(&ours, &[], dir.path());
+        let b = run(&theirs, &[], dir.path());
+        assert_eq!(b.status, Some(1), "PostgreSQL 18 accepted {manifest:?}");
+        if (a.status, &a.errors) != (b.status, &b.errors) {
+            disagreements.push(format!(
+                "{manifest:?}:\n  PostgreSQL 18: {:?} {:?}\n  ours:          {:?} {:?}",
+                b.status, b.errors, a.status, a.errors
+            ));
+        }
+    }
+    assert!(
+        disagreements.is_empty(),
+        "{} of {} manifests disagree with PostgreSQL 18:\n{}",
+        disagreements.len(),
+        manifests.len(),
+        disagreements.join("\n")
+    );
+}
+
+/// PostgreSQL 18's `004_options.pl` "does not verify with --format=tar --no-parse-wal":
+/// a plain backup read as a tar-format one fails, naming each directory as not a regular
+/// file (PostgreSQL 18.6's words), with the same exit status and the same `error:` lines as PostgreSQL 18's tool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_backup_read_as_tar_fails_as_postgres_18s_tool_fails() {
+    let cluster = Cluster::start(ClusterOptions::new());
+    let scratch = tempfile::Builder::new()
+        .prefix("fe-verify-astar-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = scratch.path().join("plain");
+    let (oracle, _) = oracle_bin(cluster.major());
+    let out = Command::new(oracle.join("pg_basebackup"))
+        .arg("-d")
+        .arg(cluster.unix_conninfo("postgres"))
+        .arg("-D")
+        .arg(&dir)
+        .args(["-c", "fast", "--no-sync"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ours = PathBuf::from(env!("CARGO_BIN_EXE_pg_verifybackup"));
+    let theirs = pg18_verifybackup();
+    for args in [&["--format=tar", "--no-parse-wal"][..], &["-Ft", "-n"][..]] {
+        let a = run(&ours, args, &dir);
+        let b = run(&theirs, args, &dir);
+        assert_eq!(b.status, Some(1), "{args:?}: {:?}", b.errors);
+        assert!(
+            b.errors.contains(
+                &"pg_verifybackup: error: file \"pg_multixact\" is not a regular file".to_string()
+            ),
+            "{:?}",
+            b.errors
+                .iter()
+                .filter(|e| !e.contains("present in the manifest"))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!((a.status, &a.stdout), (b.status, &b.stdout), "{args:?}");
+        assert_eq!(a.errors, b.errors, "{args:?}");
+    }
+}

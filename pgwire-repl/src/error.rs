@@ -407,17 +407,26 @@ fn between<'a>(haystack: &'a str, start: &str, end: &str) -> Option<&'a str> {
     Some(&haystack[from..from + len])
 }
 
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0.message)?;
+impl Error {
+    /// What failed, with the server's fields or the cause, but without the advice line:
+    /// one failure's own words, for an error that sums up several.
+    pub(crate) fn without_advice(&self) -> String {
+        let mut text = self.0.message.clone();
         if let Some(db) = self.0.db.as_ref().filter(|_| !self.0.db_in_message) {
-            write!(f, ": {db}")?;
+            text.push_str(&format!(": {db}"));
         } else if let Some(source) = &self.0.source {
             // Io errors already include their source in the message.
             if self.0.kind != ErrorKind::Io {
-                write!(f, ": {source}")?;
+                text.push_str(&format!(": {source}"));
             }
         }
+        text
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.without_advice())?;
         if let Some(advice) = &self.0.advice {
             write!(f, "\n  what to do: {advice}")?;
         }

@@ -59,6 +59,8 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, String> {
     match parser.document() {
         Ok(()) => {}
         Err(Fail::Syntax) => return Err(parse_failure("parsing failed")),
+        // PostgreSQL 17+ report the JSON parser's own words (json_errdetail).
+        Err(Fail::Eof) => return Err(parse_failure("The input string ended unexpectedly.")),
         Err(Fail::Message(m)) => return Err(m),
     }
     if sm.state != State::Eof {
@@ -120,7 +122,10 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
 // ------------------------------------------------------------------ JSON events
 
 enum Fail {
+    /// Any other JSON syntax error.
     Syntax,
+    /// The input ended where the JSON needed more (jsonapi's JSON_EXPECTED_MORE).
+    Eof,
     Message(String),
 }
 
@@ -172,12 +177,12 @@ impl Parser<'_, '_> {
                 loop {
                     self.ws();
                     if self.bytes.get(self.pos) != Some(&b'"') {
-                        return Err(Fail::Syntax);
+                        return Err(self.unexpected());
                     }
                     let name = self.string()?;
                     self.ws();
                     if self.bytes.get(self.pos) != Some(&b':') {
-                        return Err(Fail::Syntax);
+                        return Err(self.unexpected());
                     }
                     self.pos += 1;
                     self.sm.field_start(&name)?;
@@ -189,7 +194,7 @@ impl Parser<'_, '_> {
                             self.pos += 1;
                             return Ok(self.sm.object_end()?);
                         }
-                        _ => return Err(Fail::Syntax),
+                        _ => return Err(self.unexpected()),
                     }
                 }
             }
@@ -210,7 +215,7 @@ impl Parser<'_, '_> {
                             self.pos += 1;
                             return Ok(self.sm.array_end()?);
                         }
-                        _ => return Err(Fail::Syntax),
+                        _ => return Err(self.unexpected()),
                     }
                 }
             }
@@ -222,7 +227,17 @@ impl Parser<'_, '_> {
                 let token = self.bare()?;
                 Ok(self.sm.scalar(token)?)
             }
-            None => Err(Fail::Syntax),
+            None => Err(Fail::Eof),
+        }
+    }
+
+    /// The failure for a byte that is not what the grammar wants here: the end of
+    /// the input, or a syntax error.
+    fn unexpected(&self) -> Fail {
+        if self.pos >= self.bytes.len() {
+            Fail::Eof
+        } else {
+            Fail::Syntax
         }
     }
 
@@ -249,14 +264,14 @@ impl Parser<'_, '_> {
         let mut out: Vec<u8> = Vec::new();
         loop {
             let Some(&c) = self.bytes.get(self.pos) else {
-                return Err(Fail::Syntax);
+                return Err(Fail::Eof);
             };
             self.pos += 1;
             match c {
                 b'"' => break,
                 b'\\' => {
                     let Some(&e) = self.bytes.get(self.pos) else {
-                        return Err(Fail::Syntax);
+                        return Err(Fail::Eof);
                     };
                     self.pos += 1;
                     match e {
@@ -504,9 +519,13 @@ impl Machine {
     fn scalar(&mut self, token: String) -> Result<(), String> {
         match self.state {
             State::VersionValue => {
-                self.out.version = match token.as_str() {
-                    "1" => 1,
-                    "2" => 2,
+                // As PostgreSQL 17+: C's strtol read into an int, any text after the
+                // number refused, then only 1 and 2 accepted.
+                let version = c_strtoint(&token)
+                    .ok_or_else(|| parse_failure("manifest version not an integer"))?;
+                self.out.version = match version {
+                    1 => 1,
+                    2 => 2,
                     _ => return Self::fail("unexpected manifest version"),
                 };
                 self.state = State::TopField;
@@ -626,6 +645,49 @@ impl Machine {
     }
 }
 
+/// PostgreSQL's `strtoint(token, &ep, 10)` followed by an `*ep` check: leading white
+/// space and a sign allowed, digits up to the end; the value clamped to 64 bits as
+/// `strtol` does, then cut to an `int` as the C cast does. An empty token reads as 0
+/// (strtol leaves `ep` at its terminating NUL). `None` when text is left over.
+fn c_strtoint(token: &str) -> Option<i32> {
+    let bytes = token.as_bytes();
+    let mut i = 0;
+    while bytes
+        .get(i)
+        .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r'))
+    {
+        i += 1;
+    }
+    let negative = match bytes.get(i) {
+        Some(b'-') => {
+            i += 1;
+            true
+        }
+        Some(b'+') => {
+            i += 1;
+            false
+        }
+        _ => false,
+    };
+    let digits_start = i;
+    let mut value: i64 = 0;
+    while let Some(d) = bytes.get(i).filter(|b| b.is_ascii_digit()) {
+        let digit = i64::from(d - b'0');
+        value = if negative {
+            value.saturating_mul(10).saturating_sub(digit)
+        } else {
+            value.saturating_mul(10).saturating_add(digit)
+        };
+        i += 1;
+    }
+    if i == digits_start {
+        // No number: strtol leaves ep at the start of the text.
+        return token.is_empty().then_some(0);
+    }
+    // The C cast keeps the low 32 bits.
+    (i == bytes.len()).then_some(value as i32)
+}
+
 fn parse_unsigned(s: &str) -> Option<u64> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -676,10 +738,15 @@ mod tests {
     #[test]
     fn postgres_messages() {
         let cases: &[(&str, &str)] = &[
-            ("{\n", "could not parse backup manifest: parsing failed"),
+            ("{\n", "could not parse backup manifest: The input string ended unexpectedly."),
+            ("", "could not parse backup manifest: The input string ended unexpectedly."),
+            ("{\"a\": [1,\n", "could not parse backup manifest: expected version indicator"),
+            ("{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [\n", "could not parse backup manifest: The input string ended unexpectedly."),
+            ("{\"PostgreSQL-Backup-Manifest-Version\": 1 x}\n", "could not parse backup manifest: parsing failed"),
             ("{}\n", "could not parse backup manifest: unexpected object end"),
             ("[]\n", "could not parse backup manifest: unexpected array start"),
-            ("{\"PostgreSQL-Backup-Manifest-Version\": \"phooey\"}\n", "could not parse backup manifest: unexpected manifest version"),
+            ("{\"PostgreSQL-Backup-Manifest-Version\": \"phooey\"}\n", "could not parse backup manifest: manifest version not an integer"),
+            ("{\"PostgreSQL-Backup-Manifest-Version\": 9876599}\n", "could not parse backup manifest: unexpected manifest version"),
             ("{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": true}\n", "could not parse backup manifest: unexpected scalar"),
             ("{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [{\"Path\": \"x\", \"Encoded-Path\": \"1234\"}]}\n", "could not parse backup manifest: both path name and encoded path name"),
             ("{\"PostgreSQL-Backup-Manifest-Version\": 1, \"Files\": [{\"Path\": \"x\", \"Size\": 0}, {\"Path\": \"x\", \"Size\": 0}]}\n", "duplicate path name in backup manifest: \"x\""),
@@ -692,6 +759,28 @@ mod tests {
         ];
         for (input, want) in cases {
             assert_eq!(parse(input.as_bytes()).unwrap_err(), *want, "{input}");
+        }
+    }
+
+    #[test]
+    fn versions_are_read_as_strtoint_reads_them() {
+        for (token, value) in [
+            ("1", Some(1)),
+            (" 2", Some(2)),
+            ("+1", Some(1)),
+            ("-1", Some(-1)),
+            ("", Some(0)),
+            ("4294967297", Some(1)),
+            ("99999999999999999999", Some(-1)),
+            ("-99999999999999999999", Some(0)),
+            ("1.5", None),
+            ("2x", None),
+            (" ", None),
+            ("-", None),
+            ("true", None),
+            ("1 ", None),
+        ] {
+            assert_eq!(c_strtoint(token), value, "{token:?}");
         }
     }
 

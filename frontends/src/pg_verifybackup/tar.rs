@@ -79,11 +79,20 @@ impl Verifier<'_> {
                 continue;
             }
             let path = dir.join(&name);
-            if path.is_dir() {
-                self.problem(format_args!(
-                    "file \"{name}\" is not expected in a tar format backup"
-                ))?;
-                continue;
+            // As PostgreSQL 18's precheck: stat (following links), then only plain files.
+            match std::fs::metadata(&path) {
+                Err(e) => {
+                    self.problem(format_args!(
+                        "could not stat file or directory \"{name}\": {}",
+                        strerror(&e)
+                    ))?;
+                    continue;
+                }
+                Ok(meta) if !meta.is_file() => {
+                    self.problem(format_args!("file \"{name}\" is not a regular file"))?;
+                    continue;
+                }
+                Ok(_) => {}
             }
             match classify(&name) {
                 None => self.problem(format_args!(

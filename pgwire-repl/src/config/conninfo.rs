@@ -114,6 +114,15 @@ impl Config {
         if let Some(idle) = self.keepalives_idle {
             out.push("keepalives_idle", &whole_seconds(idle).to_string());
         }
+        if let Some(interval) = self.keepalives_interval {
+            out.push("keepalives_interval", &whole_seconds(interval).to_string());
+        }
+        if let Some(count) = self.keepalives_count {
+            out.push("keepalives_count", &count.to_string());
+        }
+        if let Some(timeout) = self.tcp_user_timeout {
+            out.push("tcp_user_timeout", &whole_millis(timeout).to_string());
+        }
         out.finish()
     }
 }
@@ -247,8 +256,18 @@ pub(super) fn host_text(host: &Host) -> String {
     }
 }
 
+/// Milliseconds, rounded up so that a non-zero duration stays non-zero.
+pub(crate) fn whole_millis(duration: Duration) -> u64 {
+    let millis = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+    if duration.subsec_nanos() % 1_000_000 > 0 {
+        millis.saturating_add(1)
+    } else {
+        millis
+    }
+}
+
 /// Whole seconds, rounded up so that a non-zero duration stays non-zero.
-fn whole_seconds(duration: Duration) -> u64 {
+pub(crate) fn whole_seconds(duration: Duration) -> u64 {
     let seconds = duration.as_secs();
     if duration.subsec_nanos() > 0 {
         seconds.saturating_add(1)
@@ -335,8 +354,26 @@ mod tests {
                 c.keepalives = false;
                 c.keepalives_idle = Some(Duration::from_secs(30));
             }),
-            ("keepalives=7 keepalives_idle=0", |_| {}),
-            ("keepalives_idle=-3", |_| {}),
+            // As libpq: any non-zero integer turns keepalives on, and a negative
+            // value counts as 0 (which the kernel then refuses, as libpq's does).
+            ("keepalives=7 keepalives_idle=0", |c| {
+                c.keepalives_idle = Some(Duration::ZERO)
+            }),
+            ("keepalives_idle=-3", |c| {
+                c.keepalives_idle = Some(Duration::ZERO)
+            }),
+            (
+                "keepalives_interval=' 5 ' keepalives_count=+4 tcp_user_timeout=1500",
+                |c| {
+                    c.keepalives_interval = Some(Duration::from_secs(5));
+                    c.keepalives_count = Some(4);
+                    c.tcp_user_timeout = Some(Duration::from_millis(1500));
+                },
+            ),
+            ("keepalives_count=-1 tcp_user_timeout=-9", |c| {
+                c.keepalives_count = Some(0);
+                c.tcp_user_timeout = Some(Duration::ZERO);
+            }),
             // Duplicates: the last one wins, and only the last one is checked.
             ("host=a host=b", |c| c.hosts = vec![tcp("b")]),
             ("sslmode=bogus sslmode=require", |c| {
@@ -447,6 +484,7 @@ mod tests {
             "hostaddr=10.0.0.1,10.0.0.2",
             "application_name='x y' fallback_application_name=z options='-c a=b'",
             "connect_timeout=1 keepalives=0 keepalives_idle=15",
+            "keepalives_idle=0 keepalives_interval=3 keepalives_count=2 tcp_user_timeout=250",
             "sslmode=verify-full sslrootcert=/r sslcert=/c sslkey=/k sslnegotiation=direct channel_binding=require",
             "sslmode=disable channel_binding=disable replication=true",
             "replication=database passfile=/p",

@@ -81,6 +81,9 @@ impl Config {
             Keyword::Replication => self.replication == ReplicationMode::default(),
             Keyword::Keepalives => self.keepalives,
             Keyword::KeepalivesIdle => self.keepalives_idle.is_none(),
+            Keyword::KeepalivesInterval => self.keepalives_interval.is_none(),
+            Keyword::KeepalivesCount => self.keepalives_count.is_none(),
+            Keyword::TcpUserTimeout => self.tcp_user_timeout.is_none(),
             Keyword::Service => self.service.is_none(),
             Keyword::TargetSessionAttrs => self.target_session_attrs == TargetSessionAttrs::Any,
             Keyword::LoadBalanceHosts => self.load_balance_hosts == LoadBalanceHosts::Disable,
@@ -183,10 +186,23 @@ impl Config {
                 }
             }
             Keyword::Keepalives => self.keepalives = parse_int_option(key, value, source)? != 0,
+            // libpq reads these as integers and turns a negative value into 0 (which
+            // the socket layer then hands to setsockopt, as libpq does). An empty
+            // value is not an integer to libpq either.
             Keyword::KeepalivesIdle => {
-                let seconds = parse_int_option(key, value, source)?;
-                self.keepalives_idle = (seconds > 0)
-                    .then(|| Duration::from_secs(u64::from(seconds.unsigned_abs())));
+                self.keepalives_idle = Some(Duration::from_secs(non_negative(key, value, source)?));
+            }
+            Keyword::KeepalivesInterval => {
+                self.keepalives_interval =
+                    Some(Duration::from_secs(non_negative(key, value, source)?));
+            }
+            Keyword::KeepalivesCount => {
+                let count = non_negative(key, value, source)?;
+                self.keepalives_count = Some(u32::try_from(count).unwrap_or(u32::MAX));
+            }
+            Keyword::TcpUserTimeout => {
+                self.tcp_user_timeout =
+                    Some(Duration::from_millis(non_negative(key, value, source)?));
             }
             // This client always asks for UTF-8 and decodes UTF-8: another encoding is
             // refused rather than ignored.
@@ -224,11 +240,6 @@ impl Config {
                     )
                 })?;
                 self.require_auth = Some(policy);
-            }
-            Keyword::KeepalivesInterval | Keyword::KeepalivesCount | Keyword::TcpUserTimeout => {
-                if !value.is_empty() {
-                    parse_int_option(key, value, source)?;
-                }
             }
             Keyword::SslMinProtocolVersion | Keyword::SslMaxProtocolVersion => {
                 // Case-insensitive, as libpq's sslVerifyProtocolVersion().
@@ -576,6 +587,13 @@ fn parse_int_option(key: Keyword, value: &str, source: Source<'_>) -> Result<i32
     })
 }
 
+/// An integer option that libpq clamps at 0 (`keepalives_*`, `tcp_user_timeout`).
+fn non_negative(key: Keyword, value: &str, source: Source<'_>) -> Result<u64> {
+    Ok(u64::from(
+        parse_int_option(key, value, source)?.max(0).unsigned_abs(),
+    ))
+}
+
 /// PostgreSQL's `parse_bool`: case-insensitive, unique prefixes allowed.
 fn parse_pg_bool(value: &str) -> Option<bool> {
     let lower = value.to_ascii_lowercase();
@@ -708,7 +726,20 @@ mod tests {
             ("connect_timeout=99999999999", &["connect_timeout"]),
             ("keepalives=yes", &["keepalives"]),
             ("keepalives_idle=1.5", &["keepalives_idle"]),
-            ("keepalives_count=x", &["keepalives_count"]),
+            (
+                "keepalives_count=x",
+                &["invalid integer value \"x\" for connection option \"keepalives_count\""],
+            ),
+            // libpq reads an empty value as a bad integer too.
+            (
+                "keepalives_interval=",
+                &["invalid integer value \"\" for connection option \"keepalives_interval\""],
+            ),
+            (
+                "tcp_user_timeout=10ms",
+                &["invalid integer value \"10ms\" for connection option \"tcp_user_timeout\""],
+            ),
+            ("keepalives_idle=2147483648", &["keepalives_idle"]),
             ("port=0", &["invalid port number", "port"]),
             ("port=65536", &["invalid port number"]),
             ("port=-1", &["invalid port number"]),
@@ -747,8 +778,7 @@ mod tests {
         let ignored = "client_encoding=utf-8 target_session_attrs=any gssencmode=disable \
             gssencmode=prefer krbsrvname=postgres sslcompression=0 sslcrl='' sslcrldir='' \
             sslsni=1 sslpassword='' ssl_min_protocol_version=TLSv1.2 \
-            ssl_max_protocol_version='' keepalives_interval=10 keepalives_count=3 \
-            tcp_user_timeout=0 requirepeer='' load_balance_hosts=disable \
+            ssl_max_protocol_version='' requirepeer='' load_balance_hosts=disable \
             sslcertmode=allow gssdelegation=0";
         assert_eq!(Config::parse(ignored).unwrap(), Config::default());
 
@@ -764,6 +794,93 @@ mod tests {
             config.passfile,
             Some(PathBuf::from("/var/lib/postgresql/.pgpass"))
         );
+    }
+
+    #[test]
+    fn tcp_options_read_integers_as_libpq_does() {
+        // pqParseIntParam: white space around, a sign, 32 bits; negatives count as 0.
+        for (text, value) in [
+            ("0", 0),
+            ("7", 7),
+            (" 7\t", 7),
+            ("+7", 7),
+            ("-7", 0),
+            ("2147483647", 2_147_483_647u64),
+        ] {
+            let c = Config::parse(&format!(
+                "keepalives_idle='{text}' keepalives_interval='{text}' keepalives_count='{text}' tcp_user_timeout='{text}'"
+            ))
+            .unwrap();
+            assert_eq!(
+                c.keepalives_idle,
+                Some(Duration::from_secs(value)),
+                "{text:?}"
+            );
+            assert_eq!(
+                c.keepalives_interval,
+                Some(Duration::from_secs(value)),
+                "{text:?}"
+            );
+            assert_eq!(
+                c.keepalives_count,
+                Some(u32::try_from(value).unwrap()),
+                "{text:?}"
+            );
+            assert_eq!(
+                c.tcp_user_timeout,
+                Some(Duration::from_millis(value)),
+                "{text:?}"
+            );
+        }
+        for (text, on) in [
+            ("1", true),
+            ("0", false),
+            ("-1", true),
+            (" 0 ", false),
+            ("42", true),
+        ] {
+            assert_eq!(
+                Config::parse(&format!("keepalives='{text}'"))
+                    .unwrap()
+                    .keepalives,
+                on,
+                "{text:?}"
+            );
+        }
+        // Unset means the system's defaults, and keepalives on.
+        let c = Config::parse("").unwrap();
+        assert!(c.keepalives);
+        assert_eq!(
+            (
+                c.keepalives_idle,
+                c.keepalives_interval,
+                c.keepalives_count,
+                c.tcp_user_timeout
+            ),
+            (None, None, None, None)
+        );
+        // libpq has no environment variable for them; a service file may set them.
+        let c =
+            Config::parse_with_getenv("", &env(&[("PGKEEPALIVES", "0"), ("HOME", "/h")])).unwrap();
+        assert!(c.keepalives);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_int_is_read_like_strtol(n in proptest::prelude::any::<i32>(), pad in "[ \t]{0,2}") {
+            let c = Config::parse(&format!("keepalives_count='{pad}{n}{pad}' tcp_user_timeout={n}")).unwrap();
+            proptest::prop_assert_eq!(c.keepalives_count, Some(n.max(0).unsigned_abs()));
+            proptest::prop_assert_eq!(c.tcp_user_timeout, Some(Duration::from_millis(u64::from(n.max(0).unsigned_abs()))));
+            let text = c.to_conninfo_string();
+            proptest::prop_assert_eq!(Config::parse(&text).unwrap(), c);
+        }
+
+        #[test]
+        fn anything_else_is_refused(text in "[0-9a-z.+-]{0,12}") {
+            let libpq_accepts = text.trim_matches(' ').parse::<i32>().is_ok();
+            let parsed = Config::parse(&format!("keepalives_interval='{text}'"));
+            proptest::prop_assert_eq!(parsed.is_ok(), libpq_accepts, "{:?}", text);
+        }
     }
 
     #[test]

@@ -28,6 +28,7 @@ mod test_util;
 mod uri;
 
 use conninfo::{host_text, parse_key_value, quote_for_display};
+pub(crate) use conninfo::{whole_millis, whole_seconds};
 pub(crate) use keywords::ssl_mode_name;
 use keywords::{KeySet, Keyword, Source};
 pub use require_auth::RequireAuth;
@@ -276,10 +277,30 @@ pub struct Config {
     pub load_balance_hosts: LoadBalanceHosts,
     /// `require_auth`: the authentication methods the server may ask for.
     pub require_auth: Option<RequireAuth>,
-    /// TCP keepalives (`keepalives`, default on).
+    /// TCP keepalives (`keepalives`, default on; libpq's `keepalives=0`, any integer
+    /// that is 0, turns them off).
+    ///
+    /// This and the four options below are applied as libpq applies them: to TCP
+    /// sockets only (over a Unix socket they are ignored), before the socket connects,
+    /// and with libpq's quirks: `tcp_user_timeout` is not applied when keepalives are
+    /// off, a negative value counts as 0, and a value the operating system refuses
+    /// (Linux refuses 0 for the three `keepalives_*` settings) fails that address as
+    /// `setsockopt(…) failed: …`, and the next address or host is tried. Unset options
+    /// leave the system's defaults (`net.ipv4.tcp_keepalive_*`).
     pub keepalives: bool,
-    /// `keepalives_idle`, when set.
+    /// `keepalives_idle`, in whole seconds: how long the connection is idle before the
+    /// first probe (`TCP_KEEPIDLE`). A fraction of a second counts as a whole one.
     pub keepalives_idle: Option<Duration>,
+    /// `keepalives_interval`, in whole seconds: the time between unanswered probes
+    /// (`TCP_KEEPINTVL`).
+    pub keepalives_interval: Option<Duration>,
+    /// `keepalives_count`: how many unanswered probes make the connection dead
+    /// (`TCP_KEEPCNT`).
+    pub keepalives_count: Option<u32>,
+    /// `tcp_user_timeout`, in whole milliseconds: how long sent data may stay
+    /// unacknowledged before the connection is dead (`TCP_USER_TIMEOUT`; 0 means the
+    /// system default).
+    pub tcp_user_timeout: Option<Duration>,
     /// Which options were given explicitly (in the string or the environment), so that
     /// [`Config::apply_env`] does not override them, as libpq does.
     explicitly_set: KeySet,
@@ -321,6 +342,9 @@ impl PartialEq for Config {
             && self.require_auth == other.require_auth
             && self.keepalives == other.keepalives
             && self.keepalives_idle == other.keepalives_idle
+            && self.keepalives_interval == other.keepalives_interval
+            && self.keepalives_count == other.keepalives_count
+            && self.tcp_user_timeout == other.tcp_user_timeout
     }
 }
 
@@ -365,6 +389,9 @@ impl std::fmt::Debug for Config {
             .field("require_auth", &self.require_auth)
             .field("keepalives", &self.keepalives)
             .field("keepalives_idle", &self.keepalives_idle)
+            .field("keepalives_interval", &self.keepalives_interval)
+            .field("keepalives_count", &self.keepalives_count)
+            .field("tcp_user_timeout", &self.tcp_user_timeout)
             .finish()
     }
 }
@@ -404,6 +431,9 @@ impl Default for Config {
             require_auth: None,
             keepalives: true,
             keepalives_idle: None,
+            keepalives_interval: None,
+            keepalives_count: None,
+            tcp_user_timeout: None,
             explicitly_set: KeySet::default(),
             service_applied: false,
         }

@@ -43,6 +43,7 @@ pub(super) async fn connect_hosts(
                 *port,
                 wanted,
                 shuffler.as_mut(),
+                &mut failures,
             )
             .await;
             match result {
@@ -91,7 +92,9 @@ impl Attempt {
     }
 }
 
-/// Tries every address of one host, as libpq does for one `connhost` entry.
+/// Tries every address of one host, as libpq does for one `connhost` entry. Every
+/// unreachable address but the last is added to `failures` (libpq reports each
+/// address); the last one is the host's own result.
 #[allow(clippy::too_many_arguments)]
 async fn connect_target(
     config: &Config,
@@ -102,6 +105,7 @@ async fn connect_target(
     port: u16,
     wanted: TargetSessionAttrs,
     shuffler: Option<&mut Shuffler>,
+    failures: &mut Vec<Failure>,
 ) -> std::result::Result<Connection, Attempt> {
     let target = describe(host, port);
     let mut addresses = socket::resolve(host, host_addr, port)
@@ -131,7 +135,13 @@ async fn connect_target(
             }
             Err(AddressAttempt::Unreachable(error)) => {
                 tracing::debug!(target = %target, address = ?address, error = %error, "address unreachable");
-                last_error = Some(error);
+                if let Some(earlier) = last_error.replace(error) {
+                    failures.push(Failure {
+                        target: target.clone(),
+                        error: earlier,
+                        wrong_kind: false,
+                    });
+                }
             }
             Err(AddressAttempt::Host(attempt)) => return Err(attempt),
         }
@@ -263,7 +273,7 @@ pub(super) async fn check_session(
     Err(Attempt::WrongKind(Error::config(
         format!("{target}: {reason}"),
         format!(
-            "target_session_attrs={} skips this server; list a host that qualifies, or change target_session_attrs",
+            "target_session_attrs={} skips a server of this kind; list a host that qualifies, or change target_session_attrs",
             wanted.as_str()
         ),
     )))
@@ -342,7 +352,9 @@ struct Failure {
     wrong_kind: bool,
 }
 
-/// Puts the failures of several hosts into one error, as libpq lists every host's.
+/// Puts the failures of several hosts into one error, as libpq lists every host's:
+/// one line per failed host (and per address of a host), each with its own error, and
+/// the advice of every kind of failure with the hosts it applies to.
 fn combine_failures(config: &Config, mut failures: Vec<Failure>, last: Option<Error>) -> Error {
     if let Some(last) = last {
         if failures.is_empty() {
@@ -363,15 +375,11 @@ fn combine_failures(config: &Config, mut failures: Vec<Failure>, last: Option<Er
     let lines: Vec<String> = failures
         .iter()
         .map(|failure| {
-            let error = &failure.error;
-            let text = match error.db_error() {
-                Some(db) => format!("{}: {db}", error.message()),
-                None => error.message().to_string(),
-            };
+            let text = failure.error.without_advice();
             if failure.target.is_empty() || text.contains(failure.target.as_str()) {
-                text
+                format!("  {text}")
             } else {
-                format!("{}: {text}", failure.target)
+                format!("  {}: {text}", failure.target)
             }
         })
         .collect();
@@ -379,21 +387,19 @@ fn combine_failures(config: &Config, mut failures: Vec<Failure>, last: Option<Er
         TargetSessionAttrs::Any => String::new(),
         other => format!(" with target_session_attrs={}", other.as_str()),
     };
-    // The advice of the last real failure; if every server worked but was of the wrong
-    // kind, say so.
-    // The kind, advice, SQLSTATE and retryability of the last real failure; if every
-    // server worked but was of the wrong kind, say so.
-    let decisive = failures.iter().rev().find(|failure| !failure.wrong_kind);
     let message = format!(
-        "could not connect to any host{attrs} ({} attempts): {}",
+        "could not connect to any host{attrs} ({} attempts):\n{}",
         failures.len(),
-        lines.join("; ")
+        lines.join("\n")
     );
+    // The kind, SQLSTATE and retryability of the last real failure; if every server
+    // worked but was of the wrong kind, say so.
+    let decisive = failures.iter().rev().find(|failure| !failure.wrong_kind);
     match decisive {
         Some(failure) => Error::from_parts(
             failure.error.kind(),
             message,
-            failure.error.advice().map(str::to_string),
+            Some(combined_advice(&failures)),
         )
         .with_db_of(&failure.error),
         None => Error::from_parts(
@@ -405,6 +411,41 @@ fn combine_failures(config: &Config, mut failures: Vec<Failure>, last: Option<Er
             )),
         ),
     }
+}
+
+/// The advice of each failure, once per distinct advice, naming the hosts it is for
+/// (a down server and a standby skipped for `target_session_attrs` need different
+/// fixes, and the first one alone would hide the second).
+fn combined_advice(failures: &[Failure]) -> String {
+    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    for failure in failures {
+        let Some(advice) = failure.error.advice() else {
+            continue;
+        };
+        let target = failure.target.as_str();
+        match groups.iter_mut().find(|(text, _)| *text == advice) {
+            Some((_, targets)) => {
+                if !target.is_empty() && !targets.contains(&target) {
+                    targets.push(target);
+                }
+            }
+            None => groups.push((
+                advice,
+                [target].into_iter().filter(|t| !t.is_empty()).collect(),
+            )),
+        }
+    }
+    if let [(advice, _)] = groups.as_slice() {
+        return advice.to_string();
+    }
+    groups
+        .iter()
+        .map(|(advice, targets)| match targets.as_slice() {
+            [] => advice.to_string(),
+            targets => format!("for {}: {advice}", targets.join(", ")),
+        })
+        .collect::<Vec<_>>()
+        .join("\n  ")
 }
 
 /// A small pseudo-random generator for `load_balance_hosts=random` (libpq uses its own
