@@ -1070,3 +1070,19 @@ fn build_bin_dir(opts: &PatroniOptions, bin_dir: &Path, user: Option<&ServerUser
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "run scripts/install-test-tools.sh")]
+    fn a_missing_program_names_the_install_script() {
+        program("PGREPL_TEST_UNSET_PROGRAM", "/nonexistent/pgrepl/etcd");
+    }
+
+    #[test]
+    fn yaml_strings_are_quoted() {
+        assert_eq!(yaml_str("it's: a"), "'it''s: a'");
+    }
+}

@@ -410,6 +410,40 @@ async fn follow(
     result
 }
 
+/// A time of day (UTC) as the servers' logs print it, for reading the excerpts.
+fn clock(epoch: f64) -> String {
+    let day = epoch.rem_euclid(86400.0);
+    format!(
+        "{:02}:{:02}:{:06.3}",
+        (day / 3600.0) as u32,
+        (day % 3600.0 / 60.0) as u32,
+        day % 60.0
+    )
+}
+
+/// The lines of a new leader's log since `offset` that tell when it was promoted and
+/// when each receiver tried it, and with what result.
+fn leader_excerpt(log: &str, offset: usize) -> Vec<String> {
+    log.get(offset..)
+        .unwrap_or("")
+        .lines()
+        .filter(|l| {
+            let receiver = [REPO, DIR, CONTROL].iter().any(|r| {
+                l.contains(&format!("application_name={r}")) || l.contains(&format!(" {r} "))
+            });
+            l.contains("promoted self to leader")
+                || l.contains("selected new timeline ID")
+                || l.contains("database system is ready to accept connections")
+                || (receiver
+                    && (l.contains("connection authorized")
+                        || l.contains("ERROR:")
+                        || l.contains("LOG:  received replication command: START_REPLICATION")))
+        })
+        .take(40)
+        .map(String::from)
+        .collect()
+}
+
 /// The wall clock in seconds since the epoch (the servers run on this host: their
 /// `clock_timestamp()` is the same clock).
 fn epoch() -> f64 {
@@ -700,6 +734,7 @@ async fn patroni_replicas_receivers_switchover_and_failover() {
     // ---------------------------------------------------------------- switchover
     let candidate = wait_sync_standby(&ha, Duration::from_secs(30)).await;
     let switch_epoch = epoch();
+    let offsets: Vec<usize> = ha.nodes().iter().map(|n| n.log().len()).collect();
     let out = ha.switchover(candidate);
     say(
         &mut report,
@@ -724,6 +759,7 @@ async fn patroni_replicas_receivers_switchover_and_failover() {
         Duration::from_secs(40),
     )
     .await;
+    let switch_excerpt = leader_excerpt(&ha.node(leader2).log(), offsets[leader2]);
     ha.wait_streaming(leader1, Duration::from_secs(90)).await;
 
     // ---------------------------------------------------------------- hard failover
@@ -731,6 +767,7 @@ async fn patroni_replicas_receivers_switchover_and_failover() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let killed_at = Instant::now();
     let kill_epoch = epoch();
+    let offsets: Vec<usize> = ha.nodes().iter().map(|n| n.log().len()).collect();
     ha.kill_hard(leader2);
     let leader3 = wait_new_leader(&ha, leader2, Duration::from_secs(90)).await;
     let promoted_after = killed_at.elapsed().as_secs_f64();
@@ -753,13 +790,22 @@ async fn patroni_replicas_receivers_switchover_and_failover() {
             ha.node(candidate).name()
         ),
     );
+    let fail_excerpt = leader_excerpt(&ha.node(leader3).log(), offsets[leader3]);
     ha.restart_node(leader2);
     ha.wait_streaming(leader2, Duration::from_secs(120)).await;
 
-    for (what, phase, f) in [
-        ("switchover", "switchover", &switch_follow),
-        ("hard failover", "failover", &fail_follow),
+    for (what, phase, f, excerpt) in [
+        ("switchover", "switchover", &switch_follow, &switch_excerpt),
+        ("hard failover", "failover", &fail_follow, &fail_excerpt),
     ] {
+        say(
+            &mut report,
+            format!(
+                "{what}: the new leader's first write at {}; its log:\n    {}",
+                f.first_write.map_or("never".to_string(), clock),
+                excerpt.join("\n    ")
+            ),
+        );
         for receiver in [REPO, DIR, CONTROL] {
             let delay = f.delay(receiver);
             let restarts = receivers
@@ -846,7 +892,7 @@ async fn patroni_replicas_receivers_switchover_and_failover() {
             value.map_or("unknown (not connected, or nothing held)".to_string(), |v| format!("{:.2} MiB", v as f64 / 1048576.0)),
             pids[name]
         ));
-        if name != CONTROL && !value.is_some_and(|v| v <= SEGMENT.bytes() as i64) {
+        if name != CONTROL && value.is_none_or(|v| v > SEGMENT.bytes() as i64) {
             failures.push(format!(
                 "slot {name}: not within one segment of what the receiver holds within {} s while connected (lag {value:?} bytes, holds {:?})",
                 SLOT_BOUND.as_secs(),
