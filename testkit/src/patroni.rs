@@ -611,7 +611,7 @@ impl PatroniCluster {
             })
             .and_then(|()| env::give_to(self.user.as_ref(), &node.config_path))
             .unwrap_or_else(|e| panic!("testkit: writing {}: {e}", node.config_path.display()));
-        self.spawn_patroni(&mut node);
+        node.child = Some(spawn_patroni(self.user.as_ref(), &node));
         self.nodes.push(node);
         index
     }
@@ -750,52 +750,17 @@ impl PatroniCluster {
         y
     }
 
-    fn spawn_patroni(&self, node: &mut PatroniNode) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log_path)
-            .unwrap_or_else(|e| panic!("testkit: {}: {e}", node.log_path.display()));
-        let log2 = log.try_clone().expect("clone a file handle");
-        let mut cmd = env::server_command(self.user.as_ref(), &patroni_bin());
-        cmd.arg(&node.config_path)
-            .env("PYTHONUNBUFFERED", "1")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            // Its own process group, so that killing it reaches its helpers too (the
-            // postmaster makes its own session).
-            .process_group(0);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("testkit: could not run patroni: {e}; {INSTALL_HINT}"));
-        node.child = Some(child);
-    }
-
     /// Starts a node's Patroni again after [`PatroniCluster::kill_hard`] (same
     /// configuration and data directory). Panics if it runs.
     pub fn restart_node(&mut self, index: usize) {
-        let mut node = std::mem::replace(
-            &mut self.nodes[index],
-            PatroniNode {
-                name: String::new(),
-                dir: PathBuf::new(),
-                data_dir: PathBuf::new(),
-                config_path: PathBuf::new(),
-                log_path: PathBuf::new(),
-                pg_port: 0,
-                api_port: 0,
-                child: None,
-            },
-        );
-        if node.patroni_running() {
+        if self.nodes[index].patroni_running() {
             panic!(
                 "testkit: restart_node({index}): {}'s Patroni still runs",
-                node.name
+                self.nodes[index].name
             );
         }
-        self.spawn_patroni(&mut node);
-        self.nodes[index] = node;
+        let child = spawn_patroni(self.user.as_ref(), &self.nodes[index]);
+        self.nodes[index].child = Some(child);
     }
 
     /// The members as the REST API of the first node that answers reports them (empty
@@ -1028,6 +993,26 @@ impl Drop for PatroniCluster {
             );
         }
     }
+}
+
+/// Starts a node's Patroni in a process group of its own, so that killing the group
+/// reaches its helpers too (the postmaster makes its own session).
+fn spawn_patroni(user: Option<&ServerUser>, node: &PatroniNode) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&node.log_path)
+        .unwrap_or_else(|e| panic!("testkit: {}: {e}", node.log_path.display()));
+    let log2 = log.try_clone().expect("clone a file handle");
+    let mut cmd = env::server_command(user, &patroni_bin());
+    cmd.arg(&node.config_path)
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0);
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("testkit: could not run patroni: {e}; {INSTALL_HINT}"))
 }
 
 /// Builds Patroni's `bin_dir`: a link to every program of the server's binary directory,

@@ -516,7 +516,12 @@ async fn patroni_replicas_receivers_switchover_and_failover() {
             .permanent_slot(REPO)
             .permanent_slot(DIR)
             .permanent_slot(CONTROL)
-            .synchronous_mode(true),
+            .synchronous_mode(true)
+            // ttl 20 s (Patroni's default is 30): a crashed leader's lock expires 19-20 s
+            // after the crash, so the receivers have been retrying for a while when the
+            // new leader appears, as in production; with 10 s a backoff that doubles
+            // happens to retry just after the promotion.
+            .timing(20, 1, 4),
     );
     let first = ha.add_node(&[ReplicaMethod::Basebackup]);
     assert_eq!(ha.wait_for_leader(Duration::from_secs(90)).await, first);
@@ -565,16 +570,18 @@ async fn patroni_replicas_receivers_switchover_and_failover() {
         .lines()
         .filter(|l| l.contains("pg_basebackup"))
         .collect();
-    assert_eq!(
-        temp_slots.len(),
-        1,
-        "one pg_basebackup temporary slot on the leader (node 2's clone): {temp_slots:?}\n{}",
+    // Patroni's basebackup method tries twice: one slot per attempt, all by our tool.
+    assert!(
+        !temp_slots.is_empty(),
+        "no pg_basebackup temporary slot on the leader (node 2's clone):\n{}",
         basebackup_lines.join("\n")
     );
-    assert_ne!(
-        temp_slots[0].0, temp_slots[0].1,
-        "the temporary slot is named after the walsender's pid: PostgreSQL's pg_basebackup made node 2"
-    );
+    for (walsender, number) in &temp_slots {
+        assert_ne!(
+            walsender, number,
+            "the temporary slot is named after the walsender's pid: PostgreSQL's pg_basebackup made node 2"
+        );
+    }
     let label2 = std::fs::read_to_string(ha.node(n2).data_dir().join("backup_label.old"))
         .unwrap_or_default();
     assert!(
@@ -587,6 +594,10 @@ async fn patroni_replicas_receivers_switchover_and_failover() {
         log3.contains("patroni-clone-standby: cloning")
             && log3.contains("replica has been created using clone_standby"),
         "node 3 was not made by the clone_standby method:\n{log3}"
+    );
+    assert!(
+        !log3.contains("patroni-clone-standby: ignoring"),
+        "the wrapper ignored some of Patroni's arguments:\n{log3}"
     );
     let label3 = std::fs::read_to_string(ha.node(n3).data_dir().join("backup_label.old"))
         .unwrap_or_default();
