@@ -27,6 +27,17 @@
 #                        postgresql-client-15 (/usr/lib/postgresql/15/lib/pgxs).
 #                        scripts/pg-tap.sh runs the suites.
 #
+#   Patroni and etcd (issue 22)
+#                        Debian's patroni (3.0.2), etcd-server (3.4) and python3-etcd
+#                        (the etcd client Patroni's etcd3 module uses), for
+#                        examples/clone-standby/tests/patroni.rs (testkit::patroni).
+#                        The packages' maintainer scripts enable and would start a
+#                        system etcd (127.0.0.1:2379) and a system Patroni; the tests
+#                        run their own on free ports, so the install runs with a
+#                        policy-rc.d that denies service starts (unless the machine
+#                        already has one) and then disables both units, stopping them
+#                        if they run.
+#
 # Cache directory: the one install-postgres.sh uses ($PGREPL_CACHE_DIR if set, else
 # /var/cache/pgrepl for root, else ${XDG_CACHE_HOME:-$HOME/.cache}/pgrepl).
 #
@@ -166,7 +177,67 @@ EOF
   log "TAP suites of $TAP_DEB_SOURCE=$TAP_DEB_VERSION: extracted into $TAP_DIR"
 }
 
+# ---------------------------------------------------------------- Patroni and etcd
+
+readonly HA_PACKAGES=(patroni etcd-server python3-etcd)
+readonly HA_SERVICES=(etcd.service patroni.service)
+
+check_patroni() {
+  local version
+  version=$(etcd --version 2>&1) || die "etcd does not run: $version"
+  version=${version%%$'\n'*}
+  [[ $version == "etcd Version: 3."* ]] || die "etcd --version reports '$version', expected 3.x"
+  local etcd_version=$version
+  version=$(patroni --version 2>&1) || die "patroni does not run: $version"
+  [[ $version == "patroni 3."* ]] || die "patroni --version reports '$version', expected 3.x"
+  # Debian's python3 (the one patroni's #! names), not another python3 first in PATH.
+  /usr/bin/python3 -c 'import etcd' 2>/dev/null || die "/usr/bin/python3 cannot import etcd: install python3-etcd"
+  log "Patroni ready: $version; etcd: ${etcd_version#etcd Version: }"
+}
+
+install_patroni() {
+  local need=() p
+  for p in "${HA_PACKAGES[@]}"; do
+    [[ $(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null) == ii* ]] || need+=("$p")
+  done
+  if [[ ${#need[@]} -eq 0 ]]; then
+    check_patroni
+    return 0
+  fi
+  log "installing ${need[*]} (Debian) for the Patroni test"
+  # Keep the packages from starting their services (a system etcd on 127.0.0.1:2379
+  # and Patroni): invoke-rc.d asks policy-rc.d, and 101 means "not allowed".
+  local policy=/usr/sbin/policy-rc.d ours=0
+  if [[ ! -e $policy ]]; then
+    as_root sh -c 'printf "#!/bin/sh\n# written by install-test-tools.sh, removed after its apt-get install\nexit 101\n" >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d' ||
+      die "could not write $policy"
+    ours=1
+  fi
+  local ok=1
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" ||
+    { as_root apt-get update -qq &&
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"; } ||
+    ok=0
+  if [[ $ours -eq 1 ]]; then
+    as_root rm -f -- "$policy"
+  fi
+  [[ $ok -eq 1 ]] || die "apt-get install ${need[*]} failed"
+  # Enabled units would start at the next boot; running ones would hold the default
+  # ports.  The tests never use the system services.
+  if command -v systemctl >/dev/null 2>&1; then
+    local unit
+    for unit in "${HA_SERVICES[@]}"; do
+      if [[ -d /run/systemd/system ]] && systemctl is-active --quiet "$unit" 2>/dev/null; then
+        as_root systemctl stop "$unit" || die "could not stop $unit"
+      fi
+      as_root systemctl disable --quiet "$unit" 2>/dev/null || true
+    done
+  fi
+  check_patroni
+}
+
 install_pg_tap
+install_patroni
 
 if [[ -f $DEST/$STAMP && $(cat "$DEST/$STAMP") == "$WHEEL_NAME==$WHEEL_VERSION" ]]; then
   check_psql

@@ -25,6 +25,10 @@
 //! - `PGREPL_GARAGE`: the Garage binary [`Garage`] runs (default
 //!   `<cache>/garage/bin/garage`, then `garage` on `PATH`).
 //!
+//! [`patroni::PatroniCluster`] runs an etcd and Patroni nodes (Debian's packages, from
+//! `scripts/install-test-tools.sh`) for the tests of replicas and receivers inside an
+//! HA stack.
+//!
 //! [`Garage`] runs a throwaway Garage S3-compatible object store (one node or a small
 //! replicated cluster) for the object-storage tests; its binary comes from
 //! `scripts/install-garage.sh` (see [`garage`]).
@@ -42,6 +46,7 @@ mod env;
 pub mod fake;
 pub mod garage;
 pub mod oracle;
+pub mod patroni;
 pub mod proxy;
 mod standby;
 mod template;
