@@ -30,7 +30,7 @@
 #   Patroni and etcd (issue 22)
 #                        Debian's patroni (3.0.2), etcd-server (3.4) and python3-etcd
 #                        (the etcd client Patroni's etcd3 module uses), for
-#                        examples/clone-standby/tests/patroni.rs (testkit::patroni).
+#                        examples/clone-standby/tests/ha/patroni.rs (testkit::patroni).
 #                        The packages' maintainer scripts enable and would start a
 #                        system etcd (127.0.0.1:2379) and a system Patroni; the tests
 #                        run their own on free ports, so the install runs with a

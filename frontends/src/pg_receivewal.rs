@@ -474,6 +474,7 @@ async fn run(prog: &str, o: Options) -> i32 {
     options.reconnect = walstream::ReconnectPolicy::default()
         .first_delay(Duration::from_secs(RECONNECT_SLEEP))
         .interval(Duration::from_secs(RECONNECT_SLEEP))
+        .slot_wait(Duration::from_secs(RECONNECT_SLEEP))
         .retry_forever();
     {
         let prog = prog.to_string();

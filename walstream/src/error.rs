@@ -314,6 +314,14 @@ impl Error {
         self.0.missing_slot || self.sqlstate() == Some("42704")
     }
 
+    /// True when the replication slot streamed from is in use by another connection
+    /// (SQLSTATE 55006, "replication slot … is active for PID …"). Right after a lost
+    /// connection that is usually this receiver's previous walsender, which the server
+    /// has not yet seen go, so [`receive_wal_into`](crate::receive_wal_into) retries.
+    pub fn is_slot_in_use(&self) -> bool {
+        self.sqlstate() == Some("55006")
+    }
+
     /// True when a new connection may succeed where this one failed.
     ///
     /// A connection error answers with [`pgwire_repl::Error::is_retryable`], the one

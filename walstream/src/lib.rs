@@ -56,7 +56,8 @@ pub use pgwire_repl::{Lsn, SystemId, TimelineId, WalSegmentSize};
 pub use protocol::StreamEvent;
 pub use receive::{receive_wal, receive_wal_into, EndReason, ReceiveOptions, ReceiveSummary};
 pub use reconnect::{
-    EventHandler, ReceiverEvent, ReconnectPolicy, DEFAULT_GIVE_UP_AFTER, DEFAULT_RECONNECT_INTERVAL,
+    EventHandler, ReceiverEvent, ReconnectPolicy, DEFAULT_GIVE_UP_AFTER,
+    DEFAULT_RECONNECT_INTERVAL, DEFAULT_SLOT_WAIT,
 };
 pub use stream::{
     EventStream, Feedback, StopHandle, StreamOptions, WalStream, DEFAULT_IDLE_TIMEOUT,

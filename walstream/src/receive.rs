@@ -238,8 +238,9 @@ pub struct ReceiveSummary {
 /// position, or e.g. `async { tokio::signal::ctrl_c().await.ok(); }`.
 ///
 /// Retryable failures ([`crate::Error::is_retryable`]: a lost connection, a dead peer, a
-/// server shutting down) and a missing slot ([`crate::Error::is_missing_slot`], which an
-/// HA manager recreates on a new leader) lead to a new connection as
+/// server shutting down), a missing slot ([`crate::Error::is_missing_slot`], which an
+/// HA manager recreates on a new leader) and a slot still held by the previous
+/// connection ([`crate::Error::is_slot_in_use`]) lead to a new connection as
 /// `options.reconnect` says (at once, then every 5 s, by default), resuming from the
 /// directory without a gap; each step is reported to `options.events`. Other failures
 /// (a refused certificate or password, other server errors, verification errors, local
@@ -343,8 +344,12 @@ pub async fn receive_wal_into<D: WalDestination>(
                 return Ok(receiver.summary);
             }
             // A missing slot is transient in an HA stack: the manager creates its
-            // permanent slots on a new leader a moment after promoting it.
-            Err(err) if !options.no_loop && (err.is_retryable() || err.is_missing_slot()) => {
+            // permanent slots on a new leader a moment after promoting it. A slot in use
+            // is usually held by our previous walsender, not yet gone.
+            Err(err)
+                if !options.no_loop
+                    && (err.is_retryable() || err.is_missing_slot() || err.is_slot_in_use()) =>
+            {
                 Some(err)
             }
             Err(err) => return Err(err),
@@ -375,10 +380,20 @@ pub async fn receive_wal_into<D: WalDestination>(
             }
             other => other,
         };
-        let delay = policy.delay_before(attempt);
+        let slot_wait = error
+            .as_ref()
+            .is_some_and(|err| err.is_missing_slot() || err.is_slot_in_use());
+        let delay = if slot_wait {
+            policy.slot_delay_before(attempt)
+        } else {
+            policy.delay_before(attempt)
+        };
         let waiting_for = match (&error, &options.slot) {
             (Some(err), Some(slot)) if err.is_missing_slot() => Some(format!(
                 "replication slot \"{slot}\" to exist (an HA manager creates permanent slots on a new leader)"
+            )),
+            (Some(err), Some(slot)) if err.is_slot_in_use() => Some(format!(
+                "replication slot \"{slot}\" to be released (by the previous connection, or another receiver using the same slot)"
             )),
             _ => None,
         };

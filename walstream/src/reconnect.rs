@@ -23,6 +23,12 @@ use crate::error::Error;
 /// default); every further attempt waits [`interval`](Self::interval) (5 s by default,
 /// as pg_receivewal). The count starts again once a connection streams.
 ///
+/// When the server was reached but its slot is missing or still held by the previous
+/// connection, the receiver tries again after [`slot_wait`](Self::slot_wait) (1 s by
+/// default) instead: that is a matter of seconds on a live server (an HA manager creates
+/// its permanent slots 1–3 s after promoting a new leader), and the archive's loss bound
+/// does not hold while the receiver waits.
+///
 /// By default the receiver gives up when no connection has streamed for 5 minutes,
 /// returning the last error: a library does not retry forever unless asked to.
 /// [`retry_forever`](Self::retry_forever) is what a long-running archiver wants (every
@@ -36,6 +42,7 @@ use crate::error::Error;
 /// assert_eq!(policy.delay_before(1), Duration::ZERO);
 /// assert_eq!(policy.delay_before(2), Duration::from_secs(5));
 /// assert_eq!(policy.give_up_after_time(), Some(Duration::from_secs(300)));
+/// assert_eq!(policy.slot_delay_before(2), Duration::from_secs(1));
 ///
 /// let forever = ReconnectPolicy::default()
 ///     .interval(Duration::from_secs(2))
@@ -47,6 +54,7 @@ use crate::error::Error;
 pub struct ReconnectPolicy {
     first_delay: Duration,
     interval: Duration,
+    slot_wait: Duration,
     give_up_after: Option<Duration>,
 }
 
@@ -56,11 +64,15 @@ pub const DEFAULT_RECONNECT_INTERVAL: Duration = Duration::from_secs(5);
 /// How long, by default, a receiver goes on trying without a streaming connection.
 pub const DEFAULT_GIVE_UP_AFTER: Duration = Duration::from_secs(300);
 
+/// How often, by default, a receiver tries again while its slot is missing or in use.
+pub const DEFAULT_SLOT_WAIT: Duration = Duration::from_secs(1);
+
 impl Default for ReconnectPolicy {
     fn default() -> Self {
         ReconnectPolicy {
             first_delay: Duration::ZERO,
             interval: DEFAULT_RECONNECT_INTERVAL,
+            slot_wait: DEFAULT_SLOT_WAIT,
             give_up_after: Some(DEFAULT_GIVE_UP_AFTER),
         }
     }
@@ -77,6 +89,19 @@ impl ReconnectPolicy {
     pub fn interval(mut self, interval: Duration) -> Self {
         self.interval = interval;
         self
+    }
+
+    /// The wait before another attempt when the server was reached but its slot is
+    /// missing or in use (default 1 s; never longer than [`interval`](Self::interval)).
+    pub fn slot_wait(mut self, wait: Duration) -> Self {
+        self.slot_wait = wait;
+        self
+    }
+
+    /// The wait before attempt `attempt` after a failure that was the slot's (missing
+    /// or in use) rather than the connection's.
+    pub fn slot_delay_before(&self, attempt: u32) -> Duration {
+        self.delay_before(attempt).min(self.slot_wait)
     }
 
     /// Gives up when no connection has streamed for this long (default 5 minutes),

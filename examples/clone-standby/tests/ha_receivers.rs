@@ -13,9 +13,14 @@
 //!   completes that segment and writes nothing after it.
 //!
 //! The slow scenarios run on one server version (15, the one Patroni's test uses);
-//! the slot scenario on 15 and 18.
+//! the slot scenario on 15 and 18. The Patroni scenario (`ha/patroni.rs`) is part of
+//! this test binary.
 
 mod common;
+/// The Patroni scenario, in this binary so that it runs beside the idle-primary scenario
+/// (both mostly wait) instead of after it.
+#[path = "ha/patroni.rs"]
+mod patroni;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
