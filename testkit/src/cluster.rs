@@ -174,6 +174,21 @@ pub(crate) fn base_tmp_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/tmp"))
 }
 
+/// A fresh temporary directory named `<prefix>…` under [`base_tmp_dir`]; panics
+/// with the reason when it cannot be made.
+pub(crate) fn scratch_dir(prefix: &str) -> tempfile::TempDir {
+    let base = base_tmp_dir();
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&base)
+        .unwrap_or_else(|e| {
+            panic!(
+                "testkit: could not create a directory in {}: {e}",
+                base.display()
+            )
+        })
+}
+
 fn quote(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
 }
@@ -199,16 +214,7 @@ impl Cluster {
         let user = env::server_user();
         let user_ref = user.as_ref();
 
-        let base = base_tmp_dir();
-        let root = tempfile::Builder::new()
-            .prefix("pgrepl-")
-            .tempdir_in(&base)
-            .unwrap_or_else(|e| {
-                panic!(
-                    "testkit: could not create a directory in {}: {e}",
-                    base.display()
-                )
-            });
+        let root = scratch_dir("pgrepl-");
         let root_path = root.path().to_path_buf();
         // sun_path holds 108 bytes; leave room for "/sock/.s.PGSQL.65535.lock".
         if root_path.as_os_str().len() > 70 {

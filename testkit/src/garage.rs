@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::cluster::{base_tmp_dir, free_port};
+use crate::cluster::free_port;
 
 const INSTALL_HINT: &str = "run scripts/install-garage.sh";
 
@@ -213,16 +213,7 @@ impl Garage {
         let bin = bin_from_env();
         let version = garage_version(&bin);
 
-        let base = base_tmp_dir();
-        let root = tempfile::Builder::new()
-            .prefix("pgrepl-garage-")
-            .tempdir_in(&base)
-            .unwrap_or_else(|e| {
-                panic!(
-                    "testkit: could not create a directory in {}: {e}",
-                    base.display()
-                )
-            });
+        let root = crate::cluster::scratch_dir("pgrepl-garage-");
         let root_path = root.path().to_path_buf();
 
         let mut node_list = Vec::with_capacity(nodes);

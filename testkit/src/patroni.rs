@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::cluster::{base_tmp_dir, free_port};
+use crate::cluster::free_port;
 use crate::env::{self, ServerUser};
 
 /// What to run when a Patroni program is missing.
@@ -407,16 +407,7 @@ impl PatroniCluster {
         patronictl_bin();
         env::ensure_binaries(&opts.pg_bin_dir, None);
         let user = env::server_user();
-        let base = base_tmp_dir();
-        let root = tempfile::Builder::new()
-            .prefix("pgrepl-ha-")
-            .tempdir_in(&base)
-            .unwrap_or_else(|e| {
-                panic!(
-                    "testkit: could not create a directory in {}: {e}",
-                    base.display()
-                )
-            });
+        let root = crate::cluster::scratch_dir("pgrepl-ha-");
         let root_path = root.path().to_path_buf();
         if root_path.as_os_str().len() > 70 {
             panic!(

@@ -45,16 +45,7 @@ impl Cluster {
         env::ensure_binaries(&bin_dir, Some(major));
         let user = env::server_user();
         let user_ref = user.as_ref();
-        let base = base_tmp_dir();
-        let root = tempfile::Builder::new()
-            .prefix("pgrepl-r-")
-            .tempdir_in(&base)
-            .unwrap_or_else(|e| {
-                panic!(
-                    "testkit: could not create a directory in {}: {e}",
-                    base.display()
-                )
-            });
+        let root = crate::cluster::scratch_dir("pgrepl-r-");
         let root_path = root.path().to_path_buf();
         let result = fs::set_permissions(&root_path, fs::Permissions::from_mode(0o755))
             .and_then(|()| env::give_to(user_ref, &root_path))

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use common::scratch;
 use pgrepo::walarchive::wal_inventory;
-use pgrepo::{Repository, StoreOptions};
+use pgrepo::Repository;
 use pgwire_repl::{Lsn, TimelineId, WalSegmentSize};
 use testkit::{Cluster, ClusterOptions, Garage};
 
@@ -137,6 +137,10 @@ impl Drop for Receiver {
     }
 }
 
+fn strings(words: &[&str]) -> Vec<String> {
+    words.iter().map(|w| w.to_string()).collect()
+}
+
 fn conninfo(primary: &Cluster, app: &str) -> String {
     format!(
         "{} application_name={app}",
@@ -223,15 +227,7 @@ async fn repository_holds(repo: &Repository) -> Lsn {
 }
 
 fn repository(garage: &Garage, prefix: &str) -> Repository {
-    let options = StoreOptions {
-        access_key_id: Some(garage.access_key_id().to_string()),
-        secret_access_key: Some(pgrepo::Secret::new(garage.secret_access_key())),
-        region: Some(garage.region().to_string()),
-        endpoint: Some(garage.endpoint()),
-        allow_http: Some(true),
-        ..StoreOptions::default()
-    };
-    Repository::open(&garage.url(prefix), &options).unwrap()
+    common::repo::garage_repository(garage, &garage.url(prefix))
 }
 
 /// The three receivers on slots `dir_slot`, `pgrw_slot`, `repo_slot` (application
@@ -254,33 +250,33 @@ async fn start_receivers(
         create_slot(primary, slot).await;
     }
     let start = current_lsn(primary).await.to_string();
-    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    // clone-standby receive-wal into `mode` (--directory or --repo) `target`.
+    let receive_wal = |slot: &str, mode: &str, target: &str| {
+        let mut args = strings(&[
+            "receive-wal",
+            "--source",
+            &conninfo(primary, slot),
+            mode,
+            target,
+            "--slot",
+            slot,
+            "--start-lsn",
+            &start,
+        ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
     let dir = scratch.join("directory");
-    let mut args: Vec<String> = [
-        "receive-wal",
-        "--source",
-        &conninfo(primary, "dir_slot"),
-        "--directory",
-        dir.to_str().unwrap(),
-        "--slot",
-        "dir_slot",
-        "--start-lsn",
-        &start,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().cloned());
     let directory = Receiver::spawn(
         "receive-wal --directory",
         Path::new(common::bin()),
-        &args,
+        &receive_wal("dir_slot", "--directory", dir.to_str().unwrap()),
         &[],
     );
 
     let pgrw_dir = scratch.join("pg_receivewal");
     std::fs::create_dir_all(&pgrw_dir).unwrap();
-    let args: Vec<String> = [
+    let args: Vec<String> = strings(&[
         "-d",
         &conninfo(primary, "pgrw_slot"),
         "-D",
@@ -288,32 +284,13 @@ async fn start_receivers(
         "-S",
         "pgrw_slot",
         "-v",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     let pg_receivewal = Receiver::spawn("pg_receivewal", &pg_receivewal(), &args, &[]);
 
-    let url = garage.url("ha");
-    let mut args: Vec<String> = [
-        "receive-wal",
-        "--source",
-        &conninfo(primary, "repo_slot"),
-        "--repo",
-        &url,
-        "--slot",
-        "repo_slot",
-        "--start-lsn",
-        &start,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().cloned());
     let repo = Receiver::spawn(
         "receive-wal --repo",
         Path::new(common::bin()),
-        &args,
+        &receive_wal("repo_slot", "--repo", &garage.url("ha")),
         &garage.env(),
     );
     Receivers {
@@ -522,7 +499,7 @@ async fn a_frozen_server_is_noticed_within_the_bound_and_streaming_resumes_when_
     create_slot(&primary, "frozen").await;
     let start = current_lsn(&primary).await.to_string();
     let wal = dir.path().join("wal");
-    let args: Vec<String> = [
+    let args: Vec<String> = strings(&[
         "receive-wal",
         "--source",
         &conninfo(&primary, "frozen"),
@@ -534,10 +511,7 @@ async fn a_frozen_server_is_noticed_within_the_bound_and_streaming_resumes_when_
         &start,
         "--wal-receiver-timeout",
         "6",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     let mut receiver = Receiver::spawn("receive-wal", Path::new(common::bin()), &args, &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let (first_pid, _) = loop {
@@ -629,7 +603,7 @@ async fn a_missing_slot_is_waited_for_and_streamed_from_once_it_exists() {
     let dir = scratch();
     let wal = dir.path().join("wal");
     let start = current_lsn(&primary).await.to_string();
-    let args: Vec<String> = [
+    let args: Vec<String> = strings(&[
         "receive-wal",
         "--source",
         &conninfo(&primary, "late"),
@@ -641,10 +615,7 @@ async fn a_missing_slot_is_waited_for_and_streamed_from_once_it_exists() {
         &start,
         "--reconnect-interval",
         "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     let mut receiver = Receiver::spawn("receive-wal", Path::new(common::bin()), &args, &[]);
     let since = Instant::now() - Duration::from_secs(1);
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::repo::{run_with, Store};
 use common::{free_port, scratch, standby_config, table_digest, text, StandbyGuard};
-use pgrepo::{Repository, StoreOptions};
+use pgrepo::Repository;
 use testkit::{Cluster, ClusterOptions, Garage};
 
 /// The tables compared between the primary and the restored chain.
@@ -23,15 +23,7 @@ const TABLES: [&str; 6] = ["big", "small", "trunc", "shrink", "later", "spaced"]
 
 /// The repository through the library, with the store's credentials.
 fn repository(garage: &Garage, prefix: &str) -> Repository {
-    let options = StoreOptions {
-        access_key_id: Some(garage.access_key_id().to_string()),
-        secret_access_key: Some(pgrepo::Secret::new(garage.secret_access_key())),
-        region: Some(garage.region().to_string()),
-        endpoint: Some(garage.endpoint()),
-        allow_http: Some(true),
-        ..StoreOptions::default()
-    };
-    Repository::open(&garage.url(prefix), &options).unwrap()
+    common::repo::garage_repository(garage, &garage.url(prefix))
 }
 
 /// Every regular file below `dir` (relative path → bytes), links followed.

@@ -9,6 +9,19 @@ use super::{free_port, scratch, standby_config, table_digest, text, StandbyGuard
 use pgwire_repl::SqlClient;
 use testkit::{Cluster, ClusterOptions};
 
+/// The repository at `url` through the library, with a Garage store's credentials.
+pub fn garage_repository(garage: &testkit::Garage, url: &str) -> pgrepo::Repository {
+    let options = pgrepo::StoreOptions {
+        access_key_id: Some(garage.access_key_id().to_string()),
+        secret_access_key: Some(pgrepo::Secret::new(garage.secret_access_key())),
+        region: Some(garage.region().to_string()),
+        endpoint: Some(garage.endpoint()),
+        allow_http: Some(true),
+        ..pgrepo::StoreOptions::default()
+    };
+    pgrepo::Repository::open(url, &options).unwrap()
+}
+
 /// Where a test's repository lives, and the environment that reaches it.
 pub struct Store {
     pub url: String,

@@ -37,7 +37,6 @@ use std::time::{Duration, Instant};
 
 use common::{scratch, text};
 use pgrepo::walarchive::{wal_inventory, WalInventory};
-use pgrepo::{Repository, StoreOptions};
 use pgwire_repl::{Lsn, SqlClient, TimelineId, WalSegmentSize};
 use testkit::patroni::{PatroniCluster, PatroniOptions, ReplicaMethod, SUPERUSER};
 use testkit::{Cluster, ClusterOptions, Garage};
@@ -338,17 +337,7 @@ fn repo_held(inventory: &WalInventory, timeline: u32) -> Option<Lsn> {
     end
 }
 
-fn repository(garage: &Garage, url: &str) -> Repository {
-    let options = StoreOptions {
-        access_key_id: Some(garage.access_key_id().to_string()),
-        secret_access_key: Some(pgrepo::Secret::new(garage.secret_access_key())),
-        region: Some(garage.region().to_string()),
-        endpoint: Some(garage.endpoint()),
-        allow_http: Some(true),
-        ..StoreOptions::default()
-    };
-    Repository::open(url, &options).unwrap()
-}
+use common::repo::garage_repository as repository;
 
 /// How one failover was followed.
 #[derive(Debug, Default)]
